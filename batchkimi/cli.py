@@ -1,0 +1,162 @@
+"""``batchkimi``: thin click glue over the library.
+
+Exit codes: 0 every row ok; 1 a job-level error; 2 usage; 3 finished with failed rows;
+130 interrupted (run the same command to resume).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import load_job
+from .errors import JobError
+
+EXIT_OK, EXIT_JOB_ERROR, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class _Fail(click.ClickException):
+    exit_code = EXIT_JOB_ERROR
+
+
+@click.group()
+@click.version_option(package_name="batchkimi")
+def cli() -> None:
+    """Run large batches of Kimi chat completions on Tencent Cloud TokenHub."""
+
+
+@cli.command()
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--input", "input_", help="JSONL, JSONL.gz, Parquet (file or folder) or OpenAI batch file.")
+@click.option("--output", help="Output directory (Parquet parts + _manifest.json).")
+@click.option("--base-url", help="OpenAI-compatible base URL, or 'simulator' for the built-in one.")
+@click.option("--model", help="kimi-k2.6 (default) or kimi-k2.5, or a TokenHub service id.")
+@click.option("--prompt-template", help="Template over each row, e.g. 'Classify: {text}'.")
+@click.option("--system", help="A system prompt for every row.")
+@click.option("--stream/--no-stream", default=None, help="Stream answers (default: when thinking is on).")
+@click.option("--thinking/--no-thinking", default=None, help="Kimi's thinking mode (server default: on).")
+@click.option("--max-tokens", type=int, help="Answer budget; 32768 with thinking when unset.")
+@click.option("--concurrency", type=int, help="Requests in flight at most.")
+@click.option("--rpm", type=float, help="Requests per minute (your account's limit).")
+@click.option("--tpm", type=float, help="Tokens per minute (your account's limit).")
+@click.option("--limit", type=int, help="Only the first N rows.")
+@click.option("--id-column", help="The id column (default 'id'; none: ids from row positions).")
+@click.option("--keep-columns", help="Input columns to copy to the output, comma-separated.")
+@click.option("--api-key-env", help="Environment variable holding the API key (default TOKENHUB_API_KEY).")
+@click.option("--api-key-file", help="A file holding the API key.")
+@click.option("--max-attempts", type=int, help="Attempts per row at most.")
+@click.option("--retry-errors/--no-retry-errors", default=None, help="On resume, retry rows that failed.")
+@click.option("--overwrite", is_flag=True, help="Delete the output directory first and start fresh.")
+@click.option("--dry-run", is_flag=True, help="Check every row, show the first request; send nothing.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json-summary", is_flag=True, help="Print the summary as JSON on stdout.")
+def run(job_file: Path | None, input_: str | None, dry_run: bool, quiet: bool, overwrite: bool,
+        json_summary: bool, **flags: Any) -> None:
+    """Run JOB_FILE (a TOML job), with any key overridden by a flag; or flags alone."""
+    flags["input"] = input_
+    if flags.get("thinking") is not None:
+        flags["thinking"] = "enabled" if flags["thinking"] else "disabled"
+    try:
+        job = load_job(job_file, flags)
+    except JobError as exc:
+        raise click.UsageError(str(exc)) from None
+    from . import engine
+
+    if dry_run:
+        try:
+            report = engine.dry_run(job)
+        except JobError as exc:
+            raise _Fail(str(exc)) from None
+        for line in report.lines():
+            click.echo(line)
+        if report.first_request is not None:
+            click.echo("first request:")
+            click.echo(json.dumps(report.first_request, indent=2, ensure_ascii=False))
+        return
+
+    from .progress import ProgressBar
+
+    bar = ProgressBar(job.rpm, job.tpm, enabled=not quiet)
+    try:
+        summary = engine.run(job, hook=bar, overwrite=overwrite, install_signal_handlers=True)
+    except JobError as exc:
+        bar.close()
+        raise _Fail(str(exc)) from None
+    except KeyboardInterrupt:
+        bar.close()
+        click.echo("interrupted; run the same command to resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    bar.close()
+    if json_summary:
+        click.echo(json.dumps(summary.as_dict()))
+    for line in summary.lines():
+        click.echo(line, err=json_summary)
+    if summary.fatal:
+        click.echo(f"stopped early: {summary.fatal}. Nothing done is lost: fix this and run the same command to resume.", err=True)
+    elif summary.interrupted:
+        click.echo("interrupted: run the same command to resume.", err=True)
+    elif summary.exit_code == EXIT_FAILED_ROWS:
+        click.echo("some rows failed: run the same command to retry them (the output keeps one row per input row).", err=True)
+    sys.exit(summary.exit_code)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--rpm", type=int, default=0, help="Requests per minute per key (0: none).")
+@click.option("--tpm", type=int, default=0, help="Tokens per minute per key (0: none).")
+@click.option("--concurrency", type=int, default=0, help="Requests in flight per key (0: none).")
+@click.option("--latency-ms", type=float, default=0.0, help="Time to the answer (to the first chunk when streaming).")
+@click.option("--tokens-per-s", type=float, default=0.0, help="Streaming pace (0: as fast as possible).")
+@click.option("--fail-rate", type=float, default=0.0, help="Share of requests given a random fault.")
+@click.option("--overload-rate", type=float, default=0.0, help="Share of admitted requests refused as engine_overloaded.")
+@click.option("--bad-tool-args-rate", type=float, default=0.0, help="Share of tool calls whose arguments break the schema.")
+@click.option("--accuracy", type=float, default=0.9, help="Share of arithmetic answers that are right.")
+@click.option("--seed", type=int, default=0)
+@click.option("--error-style", type=click.Choice(["tokenhub", "moonshot"]), default="tokenhub")
+@click.option("--retry-after", type=click.Choice(["seconds", "date", "none"]), default="seconds", help="Retry-After on 429s.")
+@click.option("--rate-limit-style", type=click.Choice(["tokenhub", "moonshot"]), default="tokenhub")
+@click.option("--accept-key", "accept_keys", multiple=True, help="Accept only these keys (repeatable; default: any).")
+def simulate(host: str, port: int, accept_keys: tuple[str, ...], **options: Any) -> None:
+    """Serve a TokenHub/Kimi simulator until Ctrl-C: POST /v1/chat/completions, GET /v1/models, GET /stats."""
+    from .simulator import SimConfig, serve
+
+    cfg = SimConfig.from_mapping({"host": host, "port": port, **options, "api_keys": accept_keys or None})
+
+    def ready(bound: int) -> None:
+        click.echo(f"TokenHub simulator on http://{host}:{bound}/v1 (stats at /stats); Ctrl-C stops it", err=True)
+
+    serve(cfg, on_ready=ready)
+
+
+@cli.command()
+@click.argument("output", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--head", type=int, default=5, show_default=True, help="Rows to show.")
+def show(output: Path, head: int) -> None:
+    """Counts by status and the first rows of a run's OUTPUT directory."""
+    from .sink import read_results
+
+    df = read_results(output)
+    click.echo(f"{len(df)} rows")
+    if len(df):
+        click.echo(df["status"].value_counts().to_string())
+        cols = [c for c in ("id", "status", "content", "error_type", "total_tokens") if c in df.columns]
+        with __import__("pandas").option_context("display.max_colwidth", 60, "display.width", 160):
+            click.echo(df[cols].head(head).to_string(index=False))
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(EXIT_INTERRUPTED)
+    except click.UsageError as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)

@@ -1,0 +1,177 @@
+"""The transport: one HTTP attempt at one chat completion. The only client module that
+imports aiohttp, and the one place its exceptions become :class:`~batchkimi.errors.APIError`.
+
+Timeouts (seconds, see :class:`Timeouts`): ``connect`` for the TCP/TLS connection;
+``first_byte`` until a stream's first chunk; ``idle`` for the longest gap between two
+stream chunks; ``attempt`` for the whole attempt (for a non-streaming request, the answer
+is the first byte, so only ``attempt`` applies). One deadline is moved forward as chunks
+arrive, so a stalled stream is cut within ``idle`` seconds however long it has run.
+
+The stream is read with ``iter_any()`` and split by :class:`~batchkimi.sse.SSEDecoder`:
+``resp.content`` line iteration raises on lines over 128 KiB, and Kimi's get that long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+
+from . import __version__
+from .errors import APIError, ResponseError, TransportError
+from .response import Answer, StreamAssembler, error_from_response, parse_completion
+from .retry import parse_retry_after
+from .sse import SSEDecoder
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect_s: float = 15.0
+    first_byte_s: float = 180.0
+    idle_s: float = 90.0
+    attempt_s: float = 1800.0
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A complete answer and what the response said about the server's limits."""
+
+    answer: Answer
+    http_status: int
+    request_id: str | None
+    ratelimit_reset_s: float | None  # set when X-RateLimit-Remaining said 0
+
+
+_REQUEST_ID_HEADERS = ("x-request-id", "msh-request-id", "x-tc-requestid", "request-id")
+
+
+def _request_id(headers: aiohttp.typedefs.LooseHeaders) -> str | None:
+    for name in _REQUEST_ID_HEADERS:
+        value = headers.get(name)  # type: ignore[union-attr]
+        if value:
+            return str(value)
+    return None
+
+
+def _ratelimit_reset_s(headers: aiohttp.typedefs.LooseHeaders) -> float | None:
+    """When X-RateLimit-Remaining(-Requests) is 0: seconds until X-RateLimit-Reset."""
+    remaining = headers.get("x-ratelimit-remaining-requests") or headers.get("x-ratelimit-remaining")  # type: ignore[union-attr]
+    if remaining is None or str(remaining).strip() not in ("0", "0.0"):
+        return None
+    reset = headers.get("x-ratelimit-reset-requests") or headers.get("x-ratelimit-reset")  # type: ignore[union-attr]
+    if reset is None:
+        return None
+    text = str(reset).strip().rstrip("s")
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    # Either seconds from now or an epoch time.
+    return max(0.0, value - time.time()) if value > 1e9 else max(0.0, value)
+
+
+class Transport:
+    """POSTs chat completions to ``{base_url}/chat/completions``. Use as an async context manager."""
+
+    def __init__(self, base_url: str, api_key: str, timeouts: Timeouts = Timeouts()) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self._api_key = api_key
+        self.timeouts = timeouts
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:  # never show the key
+        return f"Transport({self.url!r})"
+
+    async def __aenter__(self) -> Transport:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect_s),
+            headers={
+                "Authorization": f"Bearer {self._api_key}",
+                "Content-Type": "application/json",
+                "User-Agent": f"batchkimi/{__version__}",
+            },
+            raise_for_status=False,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def complete(self, body: dict, *, stream: bool) -> Reply:
+        """One attempt. Raises an :class:`APIError` subclass for anything but a complete answer."""
+        assert self._session is not None, "use Transport as an async context manager"
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + self.timeouts.attempt_s
+        phase = "connect"
+        first = min(deadline, start + (self.timeouts.first_byte_s if stream else self.timeouts.attempt_s))
+        try:
+            async with asyncio.timeout_at(first) as guard:
+                async with self._session.post(self.url, data=orjson.dumps(body)) as resp:
+                    phase = "first_byte"
+                    status = resp.status
+                    headers = resp.headers
+                    ctype = headers.get("Content-Type", "")
+                    request_id = _request_id(headers)
+                    if status >= 300:
+                        raw = await resp.read()
+                        error = error_from_response(status, raw, ctype)
+                        error.request_id = error.request_id or request_id
+                        after = parse_retry_after(headers.get("Retry-After"), time.time())
+                        if after is not None:
+                            error.retry_after_s = after
+                        raise error
+                    if "text/event-stream" in ctype:
+                        decoder = SSEDecoder()
+                        asm = StreamAssembler()
+                        ttft: float | None = None
+                        got_first = False
+                        async for chunk in resp.content.iter_any():
+                            if not got_first:
+                                got_first, phase = True, "idle"
+                            guard.reschedule(min(deadline, loop.time() + self.timeouts.idle_s))
+                            for data in decoder.feed(chunk):
+                                if asm.add(data):
+                                    break
+                                if ttft is None and (asm.content or asm.reasoning or asm.tools):
+                                    ttft = loop.time() - start
+                            if asm.done:
+                                break
+                        if not asm.done:
+                            for data in decoder.close():
+                                asm.add(data)
+                        answer = asm.finish(ttft)
+                    else:
+                        raw = await resp.read()
+                        answer = parse_completion(raw)
+                    return Reply(answer, status, request_id or answer.response_id, _ratelimit_reset_s(headers))
+        except APIError:
+            raise
+        except TimeoutError:
+            if loop.time() >= deadline - 1e-3:
+                what, name = f"the attempt took longer than {self.timeouts.attempt_s:g}s", "timeout"
+            elif phase == "idle":
+                what, name = f"the stream stalled: no data for {self.timeouts.idle_s:g}s", "stream_stalled"
+            elif phase == "first_byte" and stream:
+                what, name = f"no first chunk within {self.timeouts.first_byte_s:g}s", "first_byte_timeout"
+            else:
+                what, name = f"no answer within {first - start:g}s", "timeout"
+            raise TransportError(what, error_type=name, retryable=True) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise TransportError(f"cannot connect to {self.url}: {exc.os_error}", error_type="connect_error", retryable=True) from exc
+        except aiohttp.ClientPayloadError as exc:
+            raise ResponseError(f"the response was cut: {exc}", error_type="stream_cut", retryable=True) from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError) as exc:
+            kind = "stream_cut" if phase == "idle" else "connection_error"
+            raise TransportError(f"the connection was lost: {exc!r}", error_type=kind, retryable=True) from exc
+        except aiohttp.InvalidURL as exc:
+            raise TransportError(f"invalid URL {self.url}", error_type="invalid_url", fatal=True) from exc
+        except aiohttp.ClientError as exc:
+            raise TransportError(f"HTTP client error: {exc!r}", error_type="client_error", retryable=True) from exc

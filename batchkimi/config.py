@@ -1,0 +1,346 @@
+"""The job: what to read, what to send, where to write, how fast.
+
+A job comes from a TOML file (``jobs/*.toml``), command-line flags, or both. Precedence,
+highest first::
+
+    command-line flag  >  job file key  >  environment (BATCHKIMI_BASE_URL)  >  default
+
+Every flag has a job key of the same name (``--max-tokens`` is ``max_tokens``). Paths in a
+job file are relative to the job file's folder; paths given as flags are relative to the
+current directory. The job names the *environment variable* (``api_key_env``) or the *file*
+(``api_key_file``) that holds the key, never the key: this module is the only one that reads
+the environment, and the key never enters a :class:`Job`.
+
+Example::
+
+    job = load_job(Path("jobs/demo.toml"), {"limit": 20})
+    key = resolve_api_key(job)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, MissingKeyError
+
+DEFAULT_BASE_URL = "https://tokenhub-intl.tencentcloudmaas.com/v1"
+SIMULATOR = "simulator"
+THINKING_DEFAULT_MAX_TOKENS = 32768
+CONTEXT_LIMIT_TOKENS = 262144
+
+# USD per 1M tokens: (input cache miss, input cache hit, output). tokenhub-api.md §9;
+# TokenHub's own prices for Kimi are not published, so a job can override them.
+DEFAULT_PRICES: dict[str, tuple[float, float, float]] = {
+    "kimi-k2.5": (0.60, 0.10, 3.00),
+    "kimi-k2.6": (0.95, 0.16, 4.00),
+}
+
+# Kimi's fixed sampling parameters (tokenhub-api.md §3.1, §3.2): any other value is a 400.
+FIXED_PARAMS: dict[str, float] = {"top_p": 0.95, "n": 1, "presence_penalty": 0, "frequency_penalty": 0}
+
+
+@dataclass(frozen=True)
+class Job:
+    """A resolved job. Every field has the name of its job key and command-line flag."""
+
+    # input
+    input: str | None = None
+    input_format: str = "auto"  # auto | jsonl | parquet | openai_batch
+    id_column: str = "id"
+    prompt_column: str = "prompt"
+    system_column: str = "system"
+    messages_column: str = "messages"
+    keep_columns: tuple[str, ...] = ()
+    limit: int | None = None
+    # output
+    output: str | None = None
+    # endpoint
+    base_url: str = DEFAULT_BASE_URL
+    api_key_env: str = "TOKENHUB_API_KEY"
+    api_key_file: str | None = None
+    # request
+    model: str = "kimi-k2.6"
+    prompt_template: str | None = None
+    system: str | None = None
+    thinking: str | None = None  # enabled | disabled | None (server default: enabled)
+    thinking_keep: str | None = None  # "all" passes historical reasoning back to the model
+    stream: bool | None = None  # None: stream when thinking is on
+    include_usage: bool = False  # send stream_options.include_usage
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    tools: tuple[Any, ...] | None = None
+    tool_choice: Any = None
+    response_format: Any = None
+    stop: Any = None
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+    kimi_rules: bool | None = None  # None: on when the model name contains "kimi"
+    # limits
+    concurrency: int = 32
+    rpm: float = 0  # requests per minute; 0 = no client-side cap (adapt to 429s)
+    tpm: float = 0  # tokens per minute; 0 = no client-side cap
+    max_attempts: int = 6
+    max_retry_time_s: float = 1800.0
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    max_retry_after_s: float = 3600.0
+    # timeouts
+    connect_timeout_s: float = 15.0
+    first_byte_timeout_s: float = 180.0  # streaming: until the first chunk
+    idle_timeout_s: float = 90.0  # streaming: longest gap between chunks
+    attempt_timeout_s: float = 1800.0  # one attempt, whole
+    # run
+    retry_errors: bool = True
+    grace_s: float = 15.0
+    rows_per_part: int = 20000
+    flush_interval_s: float = 30.0
+    prices: Mapping[str, tuple[float, float, float]] = field(default_factory=lambda: dict(DEFAULT_PRICES))
+    simulator: Mapping[str, Any] = field(default_factory=dict)
+
+    # ---- derived -------------------------------------------------------------------
+    @property
+    def thinking_on(self) -> bool:
+        return self.thinking != "disabled"
+
+    @property
+    def streaming(self) -> bool:
+        return self.thinking_on if self.stream is None else self.stream
+
+    @property
+    def effective_max_tokens(self) -> int | None:
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return THINKING_DEFAULT_MAX_TOKENS if self.thinking_on and self.applies_kimi_rules else None
+
+    @property
+    def applies_kimi_rules(self) -> bool:
+        return ("kimi" in self.model.lower()) if self.kimi_rules is None else self.kimi_rules
+
+    @property
+    def uses_simulator(self) -> bool:
+        return self.base_url == SIMULATOR
+
+    def replace(self, **changes: Any) -> Job:
+        return dataclasses.replace(self, **changes)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved job as plain data, for the manifest and --dry-run. Holds no secret."""
+        out = dataclasses.asdict(self)
+        out["keep_columns"] = list(self.keep_columns)
+        out["tools"] = list(self.tools) if self.tools is not None else None
+        out["prices"] = {k: list(v) for k, v in self.prices.items()}
+        return out
+
+    def request_settings(self) -> dict[str, Any]:
+        """What decides the bytes sent for a row: a change here makes old results stale."""
+        keys = (
+            "input_format id_column prompt_column system_column messages_column model "
+            "prompt_template system thinking thinking_keep max_tokens temperature top_p n "
+            "presence_penalty frequency_penalty tools tool_choice response_format stop "
+            "extra_body include_usage"
+        ).split()
+        d = self.public_dict()
+        return {k: d[k] for k in keys}
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Job)}
+_PATH_KEYS = ("input", "output", "api_key_file")
+_INT_KEYS = {"limit", "max_tokens", "n", "concurrency", "max_attempts", "rows_per_part"}
+_FLOAT_KEYS = {
+    "temperature", "top_p", "presence_penalty", "frequency_penalty", "rpm", "tpm",
+    "max_retry_time_s", "backoff_base_s", "backoff_max_s", "max_retry_after_s",
+    "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "attempt_timeout_s",
+    "grace_s", "flush_interval_s",
+}
+_BOOL_KEYS = {"stream", "include_usage", "retry_errors", "kimi_rules"}
+_STR_KEYS = {
+    "input", "input_format", "id_column", "prompt_column", "system_column", "messages_column",
+    "output", "base_url", "api_key_env", "api_key_file", "model", "prompt_template", "system",
+    "thinking", "thinking_keep",
+}
+
+
+def load_job(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Job:
+    """Read a job file (optional), apply ``overrides`` (flags; None values are ignored), check it."""
+    values: dict[str, Any] = {}
+    where = "the command line"
+    if path is not None:
+        where = str(path)
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"job file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"job file {path} is not valid TOML: {exc}") from None
+        base = Path(path).resolve().parent
+        for key, value in raw.items():
+            values[key] = _coerce(key, value, where)
+        for key in _PATH_KEYS:
+            if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
+                values[key] = os.path.normpath(base / values[key])
+    env_base = os.environ.get("BATCHKIMI_BASE_URL")
+    if env_base and "base_url" not in values:
+        values["base_url"] = env_base
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, value, "the command line")
+    job = Job(**values)
+    check_job(job)
+    return job
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    if key not in _FIELDS:
+        hint = difflib.get_close_matches(key, _FIELDS, n=1)
+        extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(f"unknown job key '{key}' in {where}{extra}")
+
+    def bad(kind: str) -> ConfigError:
+        return ConfigError(f"job key '{key}' in {where} must be {kind}, got {value!r}")
+
+    if key in _INT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            raise bad("a whole number")
+        return int(value)
+    if key in _FLOAT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise bad("a number")
+        return float(value)
+    if key in _BOOL_KEYS:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if key in _STR_KEYS:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if key == "keep_columns":
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of column names")
+        return tuple(value)
+    if key == "tools":
+        if not isinstance(value, list | tuple) or not all(isinstance(t, dict) for t in value):
+            raise bad("a list of tool objects")
+        return tuple(value)
+    if key in ("extra_body", "simulator"):
+        if not isinstance(value, dict):
+            raise bad("a table")
+        return dict(value)
+    if key == "prices":
+        if not isinstance(value, dict):
+            raise bad("a table of model = [input_miss, input_hit, output] USD per 1M tokens")
+        prices = dict(DEFAULT_PRICES)
+        for model, triple in value.items():
+            if not (isinstance(triple, list) and len(triple) == 3 and all(isinstance(x, int | float) for x in triple)):
+                raise ConfigError(f"job key 'prices.{model}' in {where} must be [input_miss, input_hit, output]")
+            prices[model] = (float(triple[0]), float(triple[1]), float(triple[2]))
+        return prices
+    return value  # tool_choice, response_format, stop: checked in check_job
+
+
+def check_job(job: Job) -> None:
+    """Refuse, before anything is read or sent, a job that cannot work or that Kimi would reject."""
+    if job.input_format not in ("auto", "jsonl", "parquet", "openai_batch"):
+        raise ConfigError(f"input_format must be auto, jsonl, parquet or openai_batch, got {job.input_format!r}")
+    if job.thinking not in (None, "enabled", "disabled"):
+        raise ConfigError(f"thinking must be 'enabled' or 'disabled', got {job.thinking!r}")
+    if job.thinking_keep not in (None, "all"):
+        raise ConfigError(f"thinking_keep must be 'all' or unset, got {job.thinking_keep!r}")
+    for key in ("concurrency", "max_attempts", "rows_per_part"):
+        if getattr(job, key) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {getattr(job, key)}")
+    for key in ("rpm", "tpm"):
+        if getattr(job, key) < 0:
+            raise ConfigError(f"{key} must be 0 (no cap) or more, got {getattr(job, key)}")
+    if job.limit is not None and job.limit < 0:
+        raise ConfigError(f"limit must be 0 or more, got {job.limit}")
+    if job.max_tokens is not None and not 1 <= job.max_tokens <= CONTEXT_LIMIT_TOKENS:
+        raise ConfigError(f"max_tokens must be between 1 and {CONTEXT_LIMIT_TOKENS}, got {job.max_tokens}")
+    for key in ("connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "attempt_timeout_s"):
+        if getattr(job, key) <= 0:
+            raise ConfigError(f"{key} must be more than 0 seconds")
+    if not job.base_url.startswith(("http://", "https://")) and not job.uses_simulator:
+        raise ConfigError(f"base_url must start with http:// or https://, or be 'simulator'; got {job.base_url!r}")
+    if job.response_format is not None and not (
+        isinstance(job.response_format, dict) and isinstance(job.response_format.get("type"), str)
+    ):
+        raise ConfigError('response_format must be a table such as {type = "json_object"}')
+    if job.stop is not None and not (
+        isinstance(job.stop, str) or (isinstance(job.stop, list) and all(isinstance(s, str) for s in job.stop))
+    ):
+        raise ConfigError("stop must be a string or a list of strings")
+    if job.tool_choice is not None and not isinstance(job.tool_choice, str | dict):
+        raise ConfigError("tool_choice must be 'none', 'auto', 'required' or a function table")
+    if job.applies_kimi_rules:
+        _check_kimi_rules(job)
+
+
+def _check_kimi_rules(job: Job) -> None:
+    # The rules and their wording: tokenhub-api.md §3.2 (Kimi answers these with a 400).
+    if job.temperature is not None:
+        allowed = 1.0 if job.thinking_on else 0.6
+        if job.temperature != allowed:
+            mode = "thinking" if job.thinking_on else "non-thinking"
+            raise ConfigError(
+                f"temperature = {job.temperature} would be refused by Kimi in {mode} mode: "
+                f"'invalid temperature: only {allowed:g} is allowed for this model'. Leave temperature unset."
+            )
+    for key, allowed in FIXED_PARAMS.items():
+        value = getattr(job, key)
+        if value is not None and value != allowed:
+            raise ConfigError(
+                f"{key} = {value} would be refused by Kimi: 'invalid {key}: only {allowed:g} is "
+                f"allowed for this model'. Leave {key} unset."
+            )
+    if job.thinking_on and job.tool_choice is not None:
+        if job.tool_choice == "required":
+            raise ConfigError(
+                "tool_choice = 'required' would be refused by Kimi: \"tool_choice 'required' is "
+                "incompatible with thinking enabled\". Use 'auto', or set thinking = 'disabled'."
+            )
+        if isinstance(job.tool_choice, dict):
+            raise ConfigError(
+                "a named tool_choice would be refused by Kimi: \"tool_choice 'specified' is "
+                "incompatible with thinking enabled\". Use 'auto', or set thinking = 'disabled'."
+            )
+    if isinstance(job.stop, list) and len(job.stop) > 5:
+        raise ConfigError(f"stop has {len(job.stop)} strings; Kimi takes at most 5")
+
+
+def resolve_api_key(job: Job) -> str:
+    """The API key, from ``api_key_file`` if the job names one, else from ``api_key_env``.
+
+    Raises :class:`MissingKeyError` naming the variable or file to set. The simulator needs
+    no key: a run against it uses the one from the environment if set, else a local one.
+    """
+    if job.api_key_file:
+        path = Path(job.api_key_file).expanduser()
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise MissingKeyError(f"cannot read the API key file {path}: {exc.strerror}") from None
+        if not key:
+            raise MissingKeyError(f"the API key file {path} is empty")
+        return key
+    key = os.environ.get(job.api_key_env, "").strip()
+    if key:
+        return key
+    if job.uses_simulator:
+        return "sim-local-key"
+    raise MissingKeyError(
+        f"no API key: set the environment variable {job.api_key_env} (export {job.api_key_env}=...), "
+        "or name a file holding it with api_key_file"
+    )

@@ -1,0 +1,210 @@
+"""One rate limiter for every worker: concurrency, requests per minute, tokens per minute.
+
+No polling: a waiter computes when the capacity it needs will be there and sleeps until
+then. The clock is injected (:class:`Clock`), so the limiter is tested without real sleeps.
+
+- **Requests** come from a token bucket filled at ``rpm / 60`` per second, holding at most
+  one second's worth (at least one request): the rate holds over any one-minute window and
+  there is no burst at second zero. It starts nearly empty (a smooth start).
+- **Tokens** come from a second bucket filled at ``tpm / 60`` per second. A request reserves
+  an *estimate* (its prompt estimate plus the mean completion seen so far, see
+  :class:`CompletionEstimate`), and :meth:`RateLimiter.release` reconciles it with the real
+  usage: an overrun becomes debt that later requests wait out.
+- **429s** pause every worker together (:meth:`RateLimiter.cool_down`), and cut the rate
+  and concurrency by ``decrease_factor`` (at most once per cool-down); the share then climbs
+  back linearly, ``recovery_per_s`` of the configured rate each second (AIMD).
+- The configured rates are multiplied by ``headroom`` (0.99): a server counting a sliding
+  minute sees a little network jitter as a burst.
+
+``rpm = 0`` or ``tpm = 0`` means no client-side cap on that dimension; 429s still adapt the
+concurrency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class MonotonicClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+@dataclass(frozen=True)
+class LimiterSnapshot:
+    in_flight: int
+    concurrency_cap: int
+    rate_share: float
+    cooling_down_s: float
+
+
+class CompletionEstimate:
+    """The expected completion length: the mean of what was seen, before that a prior.
+
+    The prior is ``min(max_tokens, prior_tokens)``: reserving the worst case (``max_tokens``,
+    32k with thinking) would leave most of a TPM quota idle.
+    """
+
+    def __init__(self, max_tokens: int | None, prior_tokens: int = 1024, window: int = 200) -> None:
+        self.max_tokens = max_tokens
+        self.value = float(min(max_tokens or prior_tokens, prior_tokens))
+        self._n = 0
+        self._window = window
+
+    def observe(self, completion_tokens: int) -> None:
+        self._n += 1
+        weight = 1.0 / min(self._n, self._window)  # plain mean first, then a moving one
+        self.value += (completion_tokens - self.value) * weight
+
+    def tokens(self) -> int:
+        v = int(self.value + 0.5)
+        return min(v, self.max_tokens) if self.max_tokens else v
+
+
+class Permit:
+    __slots__ = ("reserved_tokens", "released")
+
+    def __init__(self, reserved_tokens: int) -> None:
+        self.reserved_tokens = reserved_tokens
+        self.released = False
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        *,
+        concurrency: int,
+        rpm: float = 0,
+        tpm: float = 0,
+        clock: Clock | None = None,
+        headroom: float = 0.99,
+        decrease_factor: float = 0.7,
+        min_share: float = 0.05,
+        recovery_per_s: float = 1 / 60,
+    ) -> None:
+        self.clock = clock or MonotonicClock()
+        self.concurrency = concurrency
+        self.rpm = rpm
+        self.tpm = tpm
+        self.headroom = headroom
+        self.decrease_factor = decrease_factor
+        self.min_share = min_share
+        self.recovery_per_s = recovery_per_s
+        self.share = 1.0  # AIMD share of the configured rates and concurrency
+        now = self.clock.now()
+        self._last = now
+        self._req_level = min(1.0, self._req_capacity)  # one request may go at once
+        self._tok_level = 0.0  # tokens start empty: no burst at second zero
+        self._cool_until = now
+        self._last_decrease = -1e18
+        self.in_flight = 0
+        self._lock = asyncio.Lock()
+        self._released = asyncio.Event()
+        self.rate_limited = 0
+
+    # ---- rates ---------------------------------------------------------------------
+    @property
+    def _req_rate(self) -> float:  # per second
+        return self.rpm / 60 * self.headroom * self.share
+
+    @property
+    def _req_capacity(self) -> float:
+        return max(1.0, self.rpm / 60 * self.headroom)
+
+    @property
+    def _tok_rate(self) -> float:
+        return self.tpm / 60 * self.headroom * self.share
+
+    @property
+    def concurrency_cap(self) -> int:
+        return max(1, int(self.concurrency * self.share))
+
+    def _refill(self, now: float) -> None:
+        dt = now - self._last
+        if dt <= 0:
+            return
+        self._last = now
+        if now > self._cool_until and self.share < 1.0:
+            # additive increase, counted from the end of the cool-down
+            grow_from = max(self._cool_until, now - dt)
+            self.share = min(1.0, self.share + (now - grow_from) * self.recovery_per_s)
+        if self.rpm:
+            self._req_level = min(self._req_capacity, self._req_level + dt * self._req_rate)
+        if self.tpm:
+            cap = self.tpm / 60 * self.headroom
+            self._tok_level = min(cap, self._tok_level + dt * self._tok_rate)
+
+    # ---- acquire / release -----------------------------------------------------------
+    async def acquire(self, tokens: int = 0) -> Permit:
+        """Wait for a slot, a request and ``tokens`` of quota; the permit must be released."""
+        async with self._lock:
+            while True:
+                now = self.clock.now()
+                self._refill(now)
+                if now < self._cool_until:
+                    await self.clock.sleep(self._cool_until - now)
+                    continue
+                if self.in_flight >= self.concurrency_cap:
+                    self._released.clear()
+                    await self._released.wait()
+                    continue
+                wait = 0.0
+                if self.rpm and self._req_level < 1.0:
+                    wait = (1.0 - self._req_level) / self._req_rate
+                if self.tpm and tokens:
+                    need = min(float(tokens), self.tpm / 60 * self.headroom)
+                    if self._tok_level < need:
+                        wait = max(wait, (need - self._tok_level) / self._tok_rate)
+                if wait > 0:
+                    await self.clock.sleep(wait)
+                    continue
+                if self.rpm:
+                    self._req_level -= 1.0
+                if self.tpm:
+                    self._tok_level -= tokens
+                self.in_flight += 1
+                return Permit(tokens)
+
+    def release(self, permit: Permit, actual_tokens: int | None = None) -> None:
+        """Give the slot back; reconcile the tokens reserved with those used (None: keep the estimate)."""
+        if permit.released:
+            return
+        permit.released = True
+        self.in_flight -= 1
+        if self.tpm and actual_tokens is not None:
+            self._refill(self.clock.now())
+            self._tok_level -= actual_tokens - permit.reserved_tokens
+        self._released.set()
+
+    # ---- adapting ----------------------------------------------------------------------
+    def cool_down(self, delay_s: float) -> None:
+        """A 429: every worker waits ``delay_s``; rates and concurrency drop (once per cool-down)."""
+        now = self.clock.now()
+        self._refill(now)
+        self.rate_limited += 1
+        self._cool_until = max(self._cool_until, now + delay_s)
+        if now - self._last_decrease >= max(1.0, delay_s):
+            self._last_decrease = now
+            self.share = max(self.min_share, self.share * self.decrease_factor)
+            self._req_level = min(self._req_level, 0.0)
+            self._tok_level = min(self._tok_level, 0.0)
+
+    def pause(self, delay_s: float) -> None:
+        """Wait ``delay_s`` without cutting the rate (a server said its window is spent)."""
+        self._cool_until = max(self._cool_until, self.clock.now() + delay_s)
+
+    def snapshot(self) -> LimiterSnapshot:
+        now = self.clock.now()
+        return LimiterSnapshot(self.in_flight, self.concurrency_cap, self.share, max(0.0, self._cool_until - now))

@@ -1,0 +1,175 @@
+"""Row in, request body out. Pure: no I/O.
+
+A row gives its conversation in one of three ways, first match wins:
+
+1. an OpenAI Batch API line: ``{"custom_id", "method", "url", "body": {...}}``;
+2. a ``messages`` column: an OpenAI chat ``messages`` list, multi-turn, with assistant turns
+   carrying ``reasoning_content`` and ``tool_calls``;
+3. a ``prompt`` column, or the job's ``prompt_template`` with ``{column}`` placeholders
+   (``{{`` and ``}}`` for literal braces; other braces are left alone, so JSON examples in a
+   template need no escaping), plus an optional ``system`` column or job ``system``.
+
+A row that cannot make a request raises :class:`RowInvalid`, naming the column to fix.
+Images and videos enter through :func:`media_parts`, the one place the user turn's content
+becomes a list of parts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .config import FIXED_PARAMS, Job
+from .tokens import estimate_messages_tokens
+
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ROLES = {"system", "user", "assistant", "tool", "developer"}
+# Request keys a row (an OpenAI batch body) may set; the job sets model and stream itself.
+_ROW_BODY_KEYS = {
+    "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "presence_penalty",
+    "frequency_penalty", "tools", "tool_choice", "response_format", "stop", "thinking",
+    "prompt_cache_key", "safety_identifier", "seed", "user",
+}
+
+
+class RowInvalid(Exception):
+    """This row cannot become a request; the message names the column or key to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    body: dict[str, Any]
+    prompt_tokens_estimate: int
+
+
+def render_template(template: str, row: dict[str, Any]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        token = m.group(0)
+        if token == "{{":
+            return "{"
+        if token == "}}":
+            return "}"
+        name = m.group(1)
+        if name not in row:
+            have = ", ".join(sorted(row)) or "none"
+            raise RowInvalid(f"the prompt_template names column '{name}', which this row does not have (it has: {have})")
+        value = row[name]
+        if value is None:
+            raise RowInvalid(f"column '{name}' is null, and the prompt_template needs it")
+        return value if isinstance(value, str) else str(value)
+
+    return _PLACEHOLDER.sub(sub, template)
+
+
+def media_parts(row: dict[str, Any], job: Job) -> list[dict[str, Any]]:
+    """Image and video parts for the user turn. None yet: the media issue fills this in."""
+    return []
+
+
+def _check_messages(messages: Any, job: Job, column: str) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not messages:
+        raise RowInvalid(f"column '{column}' must be a non-empty list of chat messages")
+    clean: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RowInvalid(f"{column}[{i}] is not an object")
+        # Parquet structs give every field of every message: drop the empty ones.
+        m = {k: v for k, v in m.items() if v is not None}
+        role = m.get("role")
+        if role not in _ROLES:
+            raise RowInvalid(f"{column}[{i}].role is {role!r}; expected system, user, assistant or tool")
+        if role == "assistant" and m.get("tool_calls"):
+            if job.thinking_on and job.applies_kimi_rules and "reasoning_content" not in m:
+                raise RowInvalid(
+                    f"{column}[{i}] is an assistant tool-call turn without reasoning_content; with "
+                    "thinking on Kimi refuses it ('thinking is enabled but reasoning_content is missing "
+                    f"in assistant tool call message at index {i}'): write the reasoning back"
+                )
+        elif role == "tool":
+            if "tool_call_id" not in m:
+                raise RowInvalid(f"{column}[{i}] is a tool turn without tool_call_id")
+        elif m.get("content") in (None, "", []):
+            raise RowInvalid(f"{column}[{i}].content is empty; Kimi requires content")
+        clean.append(m)
+    return clean
+
+
+def build_request(row: dict[str, Any], job: Job, *, batch_line: bool = False) -> Prepared:
+    """The chat-completion body for one row."""
+    overrides: dict[str, Any] = {}
+    if batch_line:
+        body = row.get("body")
+        if not isinstance(body, dict):
+            raise RowInvalid("key 'body' must be an object (OpenAI batch format)")
+        messages = _check_messages(body.get("messages"), job, "body.messages")
+        for key, value in body.items():
+            if key in _ROW_BODY_KEYS:
+                overrides[key] = value
+        unknown = set(body) - _ROW_BODY_KEYS - {"messages", "model", "stream", "stream_options"}
+        if unknown:
+            raise RowInvalid(f"body has keys batchkimi does not send: {', '.join(sorted(unknown))}")
+    elif row.get(job.messages_column) is not None:
+        messages = _check_messages(row[job.messages_column], job, job.messages_column)
+    else:
+        if job.prompt_template is not None:
+            prompt = render_template(job.prompt_template, row)
+        else:
+            prompt = row.get(job.prompt_column)
+            if prompt is None:
+                raise RowInvalid(
+                    f"no '{job.prompt_column}' column and no prompt_template: give each row a "
+                    f"'{job.prompt_column}' or '{job.messages_column}', or set prompt_template"
+                )
+            if not isinstance(prompt, str):
+                prompt = str(prompt)
+        if not prompt.strip():
+            raise RowInvalid("the prompt is empty")
+        system = row.get(job.system_column) or job.system
+        parts = media_parts(row, job)
+        content: Any = [{"type": "text", "text": prompt}, *parts] if parts else prompt
+        messages = []
+        if system:
+            messages.append({"role": "system", "content": str(system)})
+        messages.append({"role": "user", "content": content})
+
+    body: dict[str, Any] = {"model": job.model, "messages": messages}
+    if job.thinking is not None or job.applies_kimi_rules:
+        thinking: dict[str, Any] = {"type": "enabled" if job.thinking_on else "disabled"}
+        if job.thinking_keep:
+            thinking["keep"] = job.thinking_keep
+        body["thinking"] = thinking
+    max_tokens = job.effective_max_tokens
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    for key in ("temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "tool_choice", "response_format", "stop"):
+        value = getattr(job, key)
+        if value is not None:
+            body[key] = value
+    if job.tools is not None:
+        body["tools"] = list(job.tools)
+    body.update(job.extra_body)
+    if overrides:
+        _check_row_overrides(overrides, job)
+        body.update(overrides)
+    if job.streaming:
+        body["stream"] = True
+        if job.include_usage:
+            body["stream_options"] = {"include_usage": True}
+    return Prepared(body, estimate_messages_tokens(messages))
+
+
+def _check_row_overrides(overrides: dict[str, Any], job: Job) -> None:
+    if not job.applies_kimi_rules:
+        return
+    thinking = overrides.get("thinking")
+    thinking_on = job.thinking_on if not isinstance(thinking, dict) else thinking.get("type") != "disabled"
+    temp = overrides.get("temperature")
+    if temp is not None and temp != (1.0 if thinking_on else 0.6):
+        allowed = "1" if thinking_on else "0.6"
+        raise RowInvalid(f"body.temperature = {temp}: Kimi allows only {allowed} here; remove it from the batch line")
+    for key, allowed_value in FIXED_PARAMS.items():
+        if overrides.get(key) is not None and overrides[key] != allowed_value:
+            raise RowInvalid(f"body.{key} = {overrides[key]}: Kimi allows only {allowed_value:g}; remove it from the batch line")
+    if thinking_on and (overrides.get("tool_choice") == "required" or isinstance(overrides.get("tool_choice"), dict)):
+        raise RowInvalid("body.tool_choice forces a tool, which Kimi refuses with thinking on; use 'auto'")

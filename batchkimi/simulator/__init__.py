@@ -1,0 +1,97 @@
+"""batchkimi's TokenHub simulator: a free rehearsal of a job. See :mod:`.server`."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from .server import FAULTS, SimConfig, Simulator
+
+__all__ = ["FAULTS", "SimConfig", "SimHandle", "Simulator", "serve", "start_in_thread"]
+
+
+@dataclass
+class SimHandle:
+    """A simulator running in a thread of this process."""
+
+    base_url: str  # http://127.0.0.1:PORT/v1
+    port: int
+    simulator: Simulator
+    _loop: asyncio.AbstractEventLoop
+    _thread: threading.Thread
+    _runner: web.AppRunner
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+        try:
+            fut.result(timeout=10)
+        except Exception:  # noqa: BLE001 - shutting down: nothing to report to anyone
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+async def _start(sim: Simulator, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(sim.app(), access_log=None, handle_signals=False, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+    await site.start()
+    sockets = site._server.sockets  # type: ignore[union-attr]
+    return runner, sockets[0].getsockname()[1]
+
+
+def start_in_thread(options: dict[str, Any] | SimConfig | None = None, api_keys: Any = None) -> SimHandle:
+    """Start a simulator on a free loopback port in a background thread (for ``base_url = "simulator"``)."""
+    cfg = options if isinstance(options, SimConfig) else SimConfig.from_mapping(dict(options or {}))
+    if api_keys is not None:
+        cfg.api_keys = tuple(api_keys)
+    sim = Simulator(cfg)
+    loop = asyncio.new_event_loop()
+    ready: dict[str, Any] = {}
+    started = threading.Event()
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            ready["runner"], ready["port"] = loop.run_until_complete(_start(sim, cfg.host, cfg.port))
+        except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
+            ready["error"] = exc
+            started.set()
+            return
+        started.set()
+        loop.run_forever()
+        loop.close()
+
+    thread = threading.Thread(target=main, name="batchkimi-simulator", daemon=True)
+    thread.start()
+    started.wait(30)
+    if "error" in ready:
+        raise ready["error"]
+    port = ready["port"]
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+    return SimHandle(f"http://{host}:{port}/v1", port, sim, loop, thread, ready["runner"])
+
+
+def serve(cfg: SimConfig, on_ready: Any = None) -> None:
+    """Serve in the foreground until Ctrl-C (``batchkimi simulate``)."""
+
+    async def main() -> None:
+        sim = Simulator(cfg)
+        runner, port = await _start(sim, cfg.host, cfg.port)
+        if on_ready:
+            on_ready(port)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,339 @@
+"""The output directory: one writer owns it.
+
+Layout::
+
+    OUTPUT/part-000001.parquet ...   results, readable as one table
+    OUTPUT/_manifest.json            the resolved job (no secrets), input fingerprint, counts
+    OUTPUT/_journal/seg-000007.jsonl results not yet in a part
+
+Every result is appended to the journal the moment it arrives (a write to the OS, so a
+SIGKILL loses nothing; fsync'ed every second for power loss). Every ``rows_per_part`` rows
+or ``flush_interval_s`` seconds the segment becomes ``part-<seq>.parquet``: written under a
+temporary name, fsync'ed, renamed, and only then is the segment deleted. On opening, a
+segment left by a killed run becomes its part (a torn last line is dropped).
+
+Each row carries its input position (``row``); when a row is retried in a later run, the
+newer part supersedes the older. :meth:`Sink.compact` rewrites the older parts without
+the superseded rows, so the directory holds exactly one row per input row. It runs when a
+run opens and when it closes; :func:`read_results` also keeps only the newest row, so a
+directory read in the middle of a run is right too.
+
+Files starting with ``_`` or ``.`` are ignored by ``pandas.read_parquet(OUTPUT)`` and by
+DuckDB's ``'OUTPUT/*.parquet'``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import OutputError
+
+RESULT_FIELDS: list[tuple[str, pa.DataType]] = [
+    ("id", pa.string()),
+    ("row", pa.int64()),
+    ("status", pa.string()),
+    ("content", pa.string()),
+    ("reasoning_content", pa.string()),
+    ("tool_calls", pa.string()),
+    ("finish_reason", pa.string()),
+    ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
+    ("total_tokens", pa.int64()),
+    ("cached_tokens", pa.int64()),
+    ("cost_usd", pa.float64()),
+    ("model", pa.string()),
+    ("attempts", pa.int32()),
+    ("latency_s", pa.float64()),
+    ("ttft_s", pa.float64()),
+    ("http_status", pa.int32()),
+    ("error_type", pa.string()),
+    ("error_message", pa.string()),
+    ("request_id", pa.string()),
+    ("finished_at", pa.timestamp("ms", tz="UTC")),
+]
+RESULT_COLUMNS = [name for name, _ in RESULT_FIELDS]
+DONE_STATUSES = frozenset({"ok", "invalid"})
+MANIFEST = "_manifest.json"
+_PART = re.compile(r"^part-(\d{6,})\.parquet$")
+_SEG = re.compile(r"^seg-(\d{6,})\.jsonl$")
+
+
+def kept_column_name(column: str) -> str:
+    """Kept input columns keep their name, unless it is a result column's: then ``input_<name>``."""
+    return f"input_{column}" if column in RESULT_COLUMNS else column
+
+
+def result_schema(keep_columns: Iterable[str] = ()) -> pa.Schema:
+    fields = [pa.field(n, t) for n, t in RESULT_FIELDS]
+    fields += [pa.field(kept_column_name(c), pa.string()) for c in keep_columns]
+    return pa.schema(fields)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        pq.write_table(table, fh, compression="zstd")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@dataclass
+class ResumeState:
+    """What earlier runs left: which input positions are finished, and prior counts."""
+
+    done: np.ndarray  # bool per input position
+    prior_status: dict[str, int] = field(default_factory=dict)
+    prior_rows: int = 0
+
+    def first_pending(self) -> int:
+        pending = np.flatnonzero(~self.done)
+        return int(pending[0]) if pending.size else len(self.done)
+
+
+class Sink:
+    def __init__(self, out_dir: Path, keep_columns: Iterable[str] = (), rows_per_part: int = 20000) -> None:
+        self.dir = Path(out_dir)
+        self.journal_dir = self.dir / "_journal"
+        self.keep_columns = tuple(keep_columns)
+        self.schema = result_schema(self.keep_columns)
+        self.rows_per_part = rows_per_part
+        self._seq = 0
+        self._seg_fh: Any = None
+        self._seg_rows = 0
+        self._last_fsync = 0.0
+        self._dirty = False
+
+    # ---- manifest ----------------------------------------------------------------------
+    def read_manifest(self) -> dict[str, Any] | None:
+        path = self.dir / MANIFEST
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"{path} is unreadable ({exc}); move the output away or use --overwrite") from None
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        path = self.dir / MANIFEST
+        tmp = path.with_name(f".{MANIFEST}.tmp")
+        try:
+            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise self._os_error(exc, "write the manifest") from exc
+
+    # ---- opening -----------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Create the directory, check it is writable, and turn a killed run's journal into parts."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.journal_dir.mkdir(exist_ok=True)
+            probe = self.dir / ".write-probe"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise self._os_error(exc, "create the output directory") from exc
+        for stale in self.dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        parts = {int(m.group(1)) for p in self.dir.iterdir() if (m := _PART.match(p.name))}
+        for seg in sorted(self.journal_dir.iterdir()):
+            m = _SEG.match(seg.name)
+            if not m:
+                continue
+            seq = int(m.group(1))
+            if seq not in parts:
+                self._segment_to_part(seg, seq)
+                parts.add(seq)
+            seg.unlink()
+        self._seq = max(parts, default=0)
+
+    def part_paths(self) -> list[Path]:
+        return sorted(p for p in self.dir.iterdir() if _PART.match(p.name))
+
+    def compact(self, total_rows: int | None = None, *, rewrite: bool = True) -> ResumeState:
+        """Drop rows superseded by a newer part (unless ``rewrite`` is False: a read-only look);
+        return which positions are finished."""
+        parts = self.part_paths() if self.dir.is_dir() else []
+        tables = []
+        for path in parts:
+            seq = int(_PART.match(path.name).group(1))  # type: ignore[union-attr]
+            t = pq.read_table(path, columns=["row", "status"])
+            tables.append(t.append_column("seq", pa.array(np.full(t.num_rows, seq, dtype=np.int64))))
+        size = total_rows or 0
+        if not tables:
+            return ResumeState(np.zeros(size, dtype=bool))
+        allrows = pa.concat_tables(tables)
+        rows = allrows.column("row").to_numpy()
+        seqs = allrows.column("seq").to_numpy()
+        status = np.asarray(allrows.column("status").to_pylist(), dtype=object)
+        # newest first per row: sort by (row, -seq) and keep the first of each row
+        order = np.lexsort((-seqs, rows))
+        rows_s, seqs_s = rows[order], seqs[order]
+        first = np.ones(len(rows_s), dtype=bool)
+        first[1:] = rows_s[1:] != rows_s[:-1]
+        stale_parts = set(seqs_s[~first].tolist())
+        keep_seq_by_row = dict(zip(rows_s[first].tolist(), seqs_s[first].tolist(), strict=True))
+        for path in parts if rewrite else []:
+            seq = int(_PART.match(path.name).group(1))  # type: ignore[union-attr]
+            if seq not in stale_parts:
+                continue
+            table = pq.read_table(path)
+            mask = [keep_seq_by_row.get(r) == seq for r in table.column("row").to_pylist()]
+            try:
+                if any(mask):
+                    write_table_atomic(table.filter(pa.array(mask)), path)
+                else:
+                    path.unlink()
+            except OSError as exc:
+                raise self._os_error(exc, f"compact {path.name}") from exc
+        latest_rows = rows_s[first]
+        latest_status = status[order][first]
+        size = max(size, int(latest_rows.max()) + 1 if latest_rows.size else 0)
+        done = np.zeros(size, dtype=bool)
+        finished = np.isin(latest_status, list(DONE_STATUSES))
+        done[latest_rows[finished]] = True
+        counts: dict[str, int] = {}
+        for s in latest_status.tolist():
+            counts[s] = counts.get(s, 0) + 1
+        return ResumeState(done, counts, int(latest_rows.size))
+
+    def positions_with_status(self, statuses: Iterable[str]) -> np.ndarray:
+        wanted = list(statuses)
+        out = []
+        for path in self.part_paths():
+            t = pq.read_table(path, columns=["row", "status"])
+            s = np.asarray(t.column("status").to_pylist(), dtype=object)
+            out.append(t.column("row").to_numpy()[np.isin(s, wanted)])
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    # ---- writing -----------------------------------------------------------------------
+    def _open_segment(self) -> None:
+        self._seq += 1
+        path = self.journal_dir / f"seg-{self._seq:06d}.jsonl"
+        try:
+            self._seg_fh = open(path, "ab", buffering=0)
+        except OSError as exc:
+            raise self._os_error(exc, "open the journal") from exc
+        self._seg_rows = 0
+
+    def append(self, rows: list[dict[str, Any]]) -> bool:
+        """Journal ``rows`` (one write); True when the segment is full and should become a part."""
+        if not rows:
+            return False
+        if self._seg_fh is None:
+            self._open_segment()
+        data = b"".join(orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n" for r in rows)
+        try:
+            self._seg_fh.write(data)
+        except OSError as exc:
+            raise self._os_error(exc, "write results to the journal") from exc
+        self._seg_rows += len(rows)
+        self._dirty = True
+        return self._seg_rows >= self.rows_per_part
+
+    def sync(self) -> None:
+        """fsync the journal (for power loss; a SIGKILL already loses nothing)."""
+        if self._seg_fh is not None and self._dirty:
+            try:
+                os.fsync(self._seg_fh.fileno())
+            except OSError as exc:
+                raise self._os_error(exc, "sync the journal") from exc
+            self._dirty = False
+            self._last_fsync = time.monotonic()
+
+    def roll(self) -> None:
+        """Turn the current segment into a part (call from a worker thread: it does I/O and CPU)."""
+        if self._seg_fh is None:
+            return
+        fh, seq = self._seg_fh, self._seq
+        self._seg_fh = None
+        fh.close()
+        seg = self.journal_dir / f"seg-{seq:06d}.jsonl"
+        if self._seg_rows:
+            self._segment_to_part(seg, seq)
+        seg.unlink(missing_ok=True)
+        self._seg_rows = 0
+
+    def close(self) -> None:
+        self.roll()
+
+    def _segment_to_part(self, seg: Path, seq: int) -> None:
+        rows = []
+        with open(seg, "rb") as fh:
+            for line in fh:
+                try:
+                    rows.append(orjson.loads(line))
+                except orjson.JSONDecodeError:
+                    continue  # a line torn by a crash: that row is simply sent again
+        if not rows:
+            return
+        try:
+            write_table_atomic(self.rows_to_table(rows), self.dir / f"part-{seq:06d}.parquet")
+        except OSError as exc:
+            raise self._os_error(exc, f"write part-{seq:06d}.parquet") from exc
+
+    def rows_to_table(self, rows: list[dict[str, Any]]) -> pa.Table:
+        columns = {}
+        for f in self.schema:
+            values = [r.get(f.name) for r in rows]
+            if f.name == "finished_at":
+                values = [None if v is None else int(v * 1000) for v in values]
+            columns[f.name] = pa.array(values, type=f.type)
+        return pa.table(columns, schema=self.schema)
+
+    def _os_error(self, exc: OSError, doing: str) -> OutputError:
+        if exc.errno == errno.ENOSPC:
+            why = "the disk is full"
+        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            why = "it is not writable"
+        else:
+            why = exc.strerror or str(exc)
+        return OutputError(
+            f"cannot {doing} in {self.dir}: {why}. Results already written stay valid; "
+            "fix this and run the same command to resume."
+        )
+
+
+def read_results(output: str | os.PathLike[str], *, columns: list[str] | None = None) -> Any:
+    """The results of a run as a pandas DataFrame: one row per input row, the newest attempt,
+    ordered by input position. Correct even while the run is still writing."""
+    import pandas as pd
+
+    path = Path(output)
+    parts = sorted(p for p in path.glob("part-*.parquet") if _PART.match(p.name)) if path.is_dir() else []
+    if not parts:
+        return pd.DataFrame({name: pd.Series(dtype=object) for name in (columns or RESULT_COLUMNS)})
+    frames = []
+    for p in parts:
+        df = pq.read_table(p, columns=None if columns is None else sorted(set(columns) | {"row"})).to_pandas()
+        df["_seq"] = int(_PART.match(p.name).group(1))  # type: ignore[union-attr]
+        frames.append(df)
+    df = pd.concat(frames, ignore_index=True)
+    df = df.sort_values(["row", "_seq"]).drop_duplicates("row", keep="last").drop(columns="_seq")
+    df = df.reset_index(drop=True)
+    return df[columns] if columns is not None else df

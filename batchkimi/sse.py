@@ -1,0 +1,80 @@
+"""An incremental Server-Sent Events decoder: bytes in, ``data`` payloads out. No I/O.
+
+Feed it whatever the socket gave, in any cut; it returns the complete events' data.
+It follows the SSE spec where real servers do, and tolerates what they do instead:
+
+- lines end in LF, CR or CRLF, and a CRLF may be split across two reads;
+- ``data:value`` and ``data: value`` (one leading space is dropped, as the spec says);
+- comment lines (``: keep-alive``) and ``event:``/``id:``/``retry:`` fields are skipped;
+- several ``data:`` lines in one event are joined with ``\\n``;
+- a line of any length (real Kimi chunks pass 128 KiB; aiohttp's readline would raise);
+- a last event not followed by a blank line is returned by :meth:`close`.
+
+Example::
+
+    dec = SSEDecoder()
+    dec.feed(b'data: {"a":1}\\n\\nda')   # -> ['{"a":1}']
+    dec.feed(b'ta: [DONE]\\n\\n')        # -> ['[DONE]']
+"""
+
+from __future__ import annotations
+
+
+class SSEDecoder:
+    __slots__ = ("_buf", "_data", "_pending_cr")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._data: list[bytes] | None = None
+        self._pending_cr = False
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """Add bytes; return the data of every event they completed."""
+        if self._pending_cr:
+            # The previous read ended in CR: a LF now is the rest of that CRLF.
+            self._pending_cr = False
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            if chunk.endswith(b"\r"):
+                self._pending_cr = True
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buf = self._buf + chunk if self._buf else chunk
+        if b"\n" not in buf:
+            self._buf = buf
+            return []
+        lines = buf.split(b"\n")
+        self._buf = lines.pop()
+        out: list[str] = []
+        for line in lines:
+            self._line(line, out)
+        return out
+
+    def close(self) -> list[str]:
+        """End of input: return an event that was complete but for its blank line."""
+        out: list[str] = []
+        if self._buf:
+            self._line(self._buf, out)
+            self._buf = b""
+        self._line(b"", out)
+        return out
+
+    def _line(self, line: bytes, out: list[str]) -> None:
+        if not line:
+            if self._data is not None:
+                out.append(b"\n".join(self._data).decode("utf-8", errors="replace"))
+                self._data = None
+            return
+        if line.startswith(b"data"):
+            rest = line[4:]
+            if not rest:
+                value = b""
+            elif rest[:1] == b":":
+                value = rest[2:] if rest[1:2] == b" " else rest[1:]
+            else:
+                return  # a field named e.g. "dataset": not ours
+            if self._data is None:
+                self._data = [value]
+            else:
+                self._data.append(value)
+        # ":" comments, event:, id:, retry: and unknown fields are ignored.

@@ -1,0 +1,129 @@
+"""What a run reports: :class:`Summary` (after a run) and :class:`DryRunReport` (after --dry-run)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+FAILED_STATUSES = ("error", "invalid", "truncated")
+
+
+def cost_usd(prices: Any, model: str | None, prompt: int | None, completion: int | None, cached: int | None) -> float | None:
+    """(prompt - cached)·miss + cached·hit + completion·out, in USD; None for an unknown model."""
+    triple = prices.get(model or "")
+    if triple is None or prompt is None:
+        return None
+    miss, hit, out = triple
+    cached = cached or 0
+    return ((prompt - cached) * miss + cached * hit + (completion or 0) * out) / 1e6
+
+
+@dataclass
+class Summary:
+    output: str
+    total_rows: int
+    already_done: int
+    sent_rows: int = 0
+    run_status: Counter[str] = field(default_factory=Counter)  # rows finished in this run
+    final_status: dict[str, int] = field(default_factory=dict)  # the whole output after this run
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: float = 0.0
+    wall_s: float = 0.0
+    errors: Counter[str] = field(default_factory=Counter)
+    interrupted: bool = False
+    stop_reason: str | None = None
+    fatal: str | None = None
+
+    @property
+    def pending_rows(self) -> int:
+        return max(0, self.total_rows - sum(self.final_status.values()))
+
+    @property
+    def failed_rows(self) -> int:
+        return sum(self.final_status.get(s, 0) for s in FAILED_STATUSES)
+
+    @property
+    def exit_code(self) -> int:
+        """0 all rows ok; 1 job-level error; 3 finished with failed rows; 130 interrupted."""
+        if self.fatal:
+            return 1
+        if self.interrupted:
+            return 130
+        if self.failed_rows or self.pending_rows:
+            return 3
+        return 0
+
+    def lines(self) -> list[str]:
+        out = []
+        final = ", ".join(f"{k} {v}" for k, v in sorted(self.final_status.items())) or "none"
+        run = ", ".join(f"{k} {v}" for k, v in sorted(self.run_status.items())) or "nothing"
+        out.append(f"output: {self.output}  ({self.total_rows} input rows: {final}; pending {self.pending_rows})")
+        out.append(f"this run: {run} in {self.wall_s:.1f}s; {self.already_done} rows were already done")
+        out.append(
+            f"requests {self.requests}, retries {self.retries}, 429s {self.rate_limited}; tokens: prompt "
+            f"{self.prompt_tokens} (cached {self.cached_tokens}), completion {self.completion_tokens}; "
+            f"cost ${self.cost_usd:.4f}"
+        )
+        if self.errors:
+            top = "; ".join(f"{n}x {e}" for e, n in self.errors.most_common(5))
+            out.append(f"top errors: {top}")
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total_rows": self.total_rows,
+            "already_done": self.already_done,
+            "run_status": dict(self.run_status),
+            "final_status": dict(self.final_status),
+            "requests": self.requests,
+            "retries": self.retries,
+            "rate_limited": self.rate_limited,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+            "cost_usd": round(self.cost_usd, 6),
+            "wall_s": round(self.wall_s, 3),
+            "interrupted": self.interrupted,
+            "fatal": self.fatal,
+        }
+
+
+@dataclass
+class DryRunReport:
+    total_rows: int
+    already_done: int
+    status: Counter[str]
+    invalid_examples: list[str]
+    first_request: dict[str, Any] | None
+    prompt_tokens_estimate: int
+    expected_completion_tokens: int
+    max_completion_tokens: int | None
+    prices: Any
+    model: str
+
+    @property
+    def to_send(self) -> int:
+        return self.status.get("to_send", 0)
+
+    def lines(self) -> list[str]:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(self.status.items()))
+        out = [f"{self.total_rows} rows: {counts}; {self.already_done} already done in the output"]
+        for example in self.invalid_examples:
+            out.append(f"  invalid: {example}")
+        low = cost_usd(self.prices, self.model, self.prompt_tokens_estimate, self.expected_completion_tokens * self.to_send, 0)
+        if low is not None:
+            line = (
+                f"cost estimate for {self.to_send} requests: ${low:.2f} (about {self.prompt_tokens_estimate} prompt "
+                f"tokens, {self.expected_completion_tokens} completion tokens each)"
+            )
+            if self.max_completion_tokens:
+                high = cost_usd(self.prices, self.model, self.prompt_tokens_estimate, self.max_completion_tokens * self.to_send, 0)
+                line += f"; at most ${high:.2f} if every answer used max_tokens"
+            out.append(line)
+        return out
