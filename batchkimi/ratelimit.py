@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
+_EPS = 1e-6  # refills land a hair short of whole units in floating point
+
+
 class Clock(Protocol):
     def now(self) -> float: ...
 
@@ -161,14 +164,14 @@ class RateLimiter:
                     await self._released.wait()
                     continue
                 wait = 0.0
-                if self.rpm and self._req_level < 1.0:
+                if self.rpm and self._req_level < 1.0 - _EPS:
                     wait = (1.0 - self._req_level) / self._req_rate
                 if self.tpm and tokens:
                     need = min(float(tokens), self.tpm / 60 * self.headroom)
-                    if self._tok_level < need:
+                    if self._tok_level < need - _EPS * need:
                         wait = max(wait, (need - self._tok_level) / self._tok_rate)
                 if wait > 0:
-                    await self.clock.sleep(wait)
+                    await self.clock.sleep(max(wait, 1e-4))
                     continue
                 if self.rpm:
                     self._req_level -= 1.0

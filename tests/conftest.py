@@ -1,0 +1,141 @@
+"""Shared fixtures: servers on 127.0.0.1:0 in their own threads (the engine runs its own
+event loop, so a server cannot share the test's), and small dataset writers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from batchkimi.config import Job
+from batchkimi.simulator import SimHandle, start_in_thread
+
+TEST_KEY = "sk-test-0123456789abcdef-SECRET"
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENHUB_API_KEY", TEST_KEY)
+    monkeypatch.delenv("BATCHKIMI_BASE_URL", raising=False)
+
+
+@pytest.fixture
+def simulator() -> Iterator[Callable[..., SimHandle]]:
+    """start(**settings) -> a running simulator; every one is stopped after the test."""
+    handles: list[SimHandle] = []
+
+    def start(**settings: Any) -> SimHandle:
+        h = start_in_thread(settings)
+        handles.append(h)
+        return h
+
+    yield start
+    for h in handles:
+        h.stop()
+
+
+class RawServer:
+    """An aiohttp server whose handler the test writes: real HTTP, bytes chosen by the test."""
+
+    def __init__(self, handler: Callable[[web.Request], Any]) -> None:
+        self.handler = handler
+        self.requests: list[dict[str, Any]] = []
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=self._main, daemon=True)
+        self.thread.start()
+        self._ready.wait(10)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.requests.append({"headers": dict(request.headers), "body": json.loads(body) if body else None})
+        return await self.handler(request)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def start() -> None:
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", self._handle)
+            self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+        self.loop.run_until_complete(start())
+        self._ready.set()
+        self.loop.run_forever()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stop(self) -> None:
+        fut = asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop)
+        try:
+            fut.result(5)
+        except Exception:  # noqa: BLE001
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[[Callable[[web.Request], Any]], RawServer]]:
+    servers: list[RawServer] = []
+
+    def start(handler: Callable[[web.Request], Any]) -> RawServer:
+        s = RawServer(handler)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def fast_job(tmp_path: Path, base_url: str, **kw: Any) -> Job:
+    """A job tuned for tests: tiny backoffs, quick flushes."""
+    defaults: dict[str, Any] = dict(
+        output=str(tmp_path / "out"),
+        base_url=base_url,
+        backoff_base_s=0.01,
+        backoff_max_s=0.05,
+        concurrency=8,
+        idle_timeout_s=2.0,
+        first_byte_timeout_s=5.0,
+        attempt_timeout_s=20.0,
+        grace_s=2.0,
+    )
+    defaults.update(kw)
+    return Job(**defaults)
+
+
+def sse(*events: Any, done: bool = True, sep: bytes = b"\n\n", prefix: bytes = b"data: ") -> bytes:
+    out = b""
+    for e in events:
+        out += prefix + (e if isinstance(e, bytes) else json.dumps(e).encode()) + sep
+    if done:
+        out += prefix + b"[DONE]" + sep
+    return out
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+    if usage is not None:
+        choice["usage"] = usage
+    return {"id": "chatcmpl-x", "object": "chat.completion.chunk", "model": "kimi-k2.6", "choices": [choice], **top}
