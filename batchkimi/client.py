@@ -110,12 +110,11 @@ class Transport:
         loop = asyncio.get_running_loop()
         start = loop.time()
         deadline = start + self.timeouts.attempt_s
-        phase = "connect"
+        phase = "first_byte"  # aiohttp raises its own error for a slow connect (sock_connect)
         first = min(deadline, start + (self.timeouts.first_byte_s if stream else self.timeouts.attempt_s))
         try:
             async with asyncio.timeout_at(first) as guard:
                 async with self._session.post(self.url, data=orjson.dumps(body)) as resp:
-                    phase = "first_byte"
                     status = resp.status
                     headers = resp.headers
                     ctype = headers.get("Content-Type", "")
@@ -154,12 +153,14 @@ class Transport:
                     return Reply(answer, status, request_id or answer.response_id, _ratelimit_reset_s(headers))
         except APIError:
             raise
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise TransportError(f"cannot connect to {self.url} within {self.timeouts.connect_s:g}s", error_type="connect_timeout", retryable=True) from exc
         except TimeoutError:
             if loop.time() >= deadline - 1e-3:
                 what, name = f"the attempt took longer than {self.timeouts.attempt_s:g}s", "timeout"
             elif phase == "idle":
                 what, name = f"the stream stalled: no data for {self.timeouts.idle_s:g}s", "stream_stalled"
-            elif phase == "first_byte" and stream:
+            elif stream:
                 what, name = f"no first chunk within {self.timeouts.first_byte_s:g}s", "first_byte_timeout"
             else:
                 what, name = f"no answer within {first - start:g}s", "timeout"
