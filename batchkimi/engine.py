@@ -328,9 +328,13 @@ async def run_async(
     overwrite: bool = False,
     install_signal_handlers: bool = False,
     stop: asyncio.Event | None = None,
+    transport: Any = None,
 ) -> Summary:
     """Run a whole job; see the module docstring. Raises a :class:`~batchkimi.errors.JobError`
-    for a job-level problem; failed rows are rows, not exceptions."""
+    for a job-level problem; failed rows are rows, not exceptions.
+
+    ``transport`` replaces the HTTP transport (anything with ``async complete(body, stream=)``
+    returning a :class:`~batchkimi.client.Reply`): for benchmarks of the engine alone."""
     key = api_key or resolve_api_key(job)  # before the dataset is read
     if not job.output:
         raise ConfigError("no output: set 'output' in the job file or pass --output")
@@ -373,7 +377,7 @@ async def run_async(
 
     sim = None
     base_url = job.base_url
-    if job.uses_simulator:
+    if job.uses_simulator and transport is None:
         from .simulator import start_in_thread
 
         sim = start_in_thread(dict(job.simulator), api_keys=None)
@@ -457,7 +461,8 @@ async def run_async(
     writer = asyncio.create_task(write())
     write_error: BaseException | None = None
     try:
-        async with Transport(base_url, key, timeouts_of(job)) as transport:
+        opened = contextlib.nullcontext(transport) if transport is not None else Transport(base_url, key, timeouts_of(job))
+        async with opened as transport:
             limiter = RateLimiter(concurrency=job.concurrency, rpm=job.rpm, tpm=job.tpm)
             engine = RowEngine(job, transport, limiter, policy_of(job), hook=hook)
             feeder = asyncio.create_task(feed())
@@ -499,28 +504,14 @@ async def run_async(
     if write_error is not None:
         raise write_error
     await asyncio.to_thread(sink.close)
-    final = sink.compact(scan.rows)
-    summary.final_status = {k: v for k, v in final.prior_status.items()}
-    if job.limit is not None:
-        summary.final_status = _status_counts_below(sink, limit)
+    sink.compact(scan.rows)
+    summary.final_status = sink.status_counts(below=limit if job.limit is not None else None)
     summary.wall_s = time.monotonic() - started
     if fatal:
         summary.fatal = str(fatal[0])
     manifest = _manifest(job, path, fmt, scan, manifest, "interrupted" if summary.interrupted else "finished", summary)
     sink.write_manifest(manifest)
     return summary
-
-
-def _status_counts_below(sink: Sink, limit: int) -> dict[str, int]:
-    import pyarrow.parquet as pq
-
-    counts: dict[str, int] = {}
-    for p in sink.part_paths():
-        t = pq.read_table(p, columns=["row", "status"])
-        for r, s in zip(t.column("row").to_pylist(), t.column("status").to_pylist(), strict=True):
-            if r < limit:
-                counts[s] = counts.get(s, 0) + 1
-    return counts
 
 
 def _manifest(

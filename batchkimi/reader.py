@@ -11,6 +11,7 @@ the file's bytes, and finds duplicate ids.
 
 from __future__ import annotations
 
+import array
 import gzip
 import hashlib
 import io
@@ -173,7 +174,7 @@ def scan_input(path: Path, fmt: str, id_column: str, limit: int | None = None) -
                 digest.update(block)
     has_id = _has_id_column(path, fmt, id_column)
     rows = 0
-    hashes: list[int] = []
+    hashes = array.array("q")  # 8 bytes an id, not a Python int each
     for batch in read_rows(path, fmt):
         for row in batch:
             if limit is not None and rows >= limit:
@@ -184,7 +185,7 @@ def scan_input(path: Path, fmt: str, id_column: str, limit: int | None = None) -
                 if rid is not None:
                     hashes.append(hash(rid))
     if hashes:
-        _refuse_duplicates(path, fmt, id_column, has_id, np.asarray(hashes, dtype=np.int64), limit)
+        _refuse_duplicates(path, fmt, id_column, has_id, np.frombuffer(hashes, dtype=np.int64), limit)
     return InputScan(rows, digest.hexdigest()[:32], has_id, size, mtime)
 
 

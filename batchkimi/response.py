@@ -43,6 +43,12 @@ class Answer:
     ttft_s: float | None = None
 
 
+def _num(v: Any) -> int | None:
+    if type(v) is int:
+        return v
+    return int(v) if isinstance(v, float) else None
+
+
 def parse_usage(raw: Any) -> Usage | None:
     if not isinstance(raw, dict):
         return None
@@ -51,13 +57,10 @@ def parse_usage(raw: Any) -> Usage | None:
     if cached is None and isinstance(details, dict):
         cached = details.get("cached_tokens")
 
-    def num(v: Any) -> int | None:
-        return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
-
-    prompt, completion, total = num(raw.get("prompt_tokens")), num(raw.get("completion_tokens")), num(raw.get("total_tokens"))
+    prompt, completion, total = _num(raw.get("prompt_tokens")), _num(raw.get("completion_tokens")), _num(raw.get("total_tokens"))
     if total is None and prompt is not None and completion is not None:
         total = prompt + completion
-    return Usage(prompt, completion, total, num(cached))
+    return Usage(prompt, completion, total, _num(cached))
 
 
 def _text(value: Any) -> str | None:

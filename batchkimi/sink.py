@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import OutputError
@@ -127,6 +128,7 @@ class Sink:
         self._seg_rows = 0
         self._last_fsync = 0.0
         self._dirty = False
+        self.latest: tuple[np.ndarray, np.ndarray, list[str]] = (np.zeros(0, np.int64), np.zeros(0, np.int64), [])
 
     # ---- manifest ----------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any] | None:
@@ -190,46 +192,57 @@ class Sink:
         allrows = pa.concat_tables(tables)
         rows = allrows.column("row").to_numpy()
         seqs = allrows.column("seq").to_numpy()
-        status = np.asarray(allrows.column("status").to_pylist(), dtype=object)
+        # status as small integer codes: no Python object per row
+        status_dict = pc.dictionary_encode(allrows.column("status")).combine_chunks()
+        codes = status_dict.indices.to_numpy(zero_copy_only=False)
+        names = status_dict.dictionary.to_pylist()
+        del allrows, tables
         # newest first per row: sort by (row, -seq) and keep the first of each row
         order = np.lexsort((-seqs, rows))
         rows_s, seqs_s = rows[order], seqs[order]
         first = np.ones(len(rows_s), dtype=bool)
         first[1:] = rows_s[1:] != rows_s[:-1]
-        stale_parts = set(seqs_s[~first].tolist())
-        keep_seq_by_row = dict(zip(rows_s[first].tolist(), seqs_s[first].tolist(), strict=True))
-        for path in parts if rewrite else []:
-            seq = int(_PART.match(path.name).group(1))  # type: ignore[union-attr]
-            if seq not in stale_parts:
-                continue
-            table = pq.read_table(path)
-            mask = [keep_seq_by_row.get(r) == seq for r in table.column("row").to_pylist()]
-            try:
-                if any(mask):
-                    write_table_atomic(table.filter(pa.array(mask)), path)
-                else:
-                    path.unlink()
-            except OSError as exc:
-                raise self._os_error(exc, f"compact {path.name}") from exc
+        stale_parts = set(np.unique(seqs_s[~first]).tolist())
+        if rewrite and stale_parts:
+            keep_rows, keep_seqs = rows_s[first], seqs_s[first]
+            for path in parts:
+                seq = int(_PART.match(path.name).group(1))  # type: ignore[union-attr]
+                if seq not in stale_parts:
+                    continue
+                table = pq.read_table(path)
+                part_rows = table.column("row").to_numpy()
+                idx = np.searchsorted(keep_rows, part_rows)
+                mask = keep_seqs[np.minimum(idx, len(keep_seqs) - 1)] == seq
+                try:
+                    if mask.any():
+                        write_table_atomic(table.filter(pa.array(mask)), path)
+                    else:
+                        path.unlink()
+                except OSError as exc:
+                    raise self._os_error(exc, f"compact {path.name}") from exc
         latest_rows = rows_s[first]
-        latest_status = status[order][first]
+        latest_codes = codes[order][first]
         size = max(size, int(latest_rows.max()) + 1 if latest_rows.size else 0)
         done = np.zeros(size, dtype=bool)
-        finished = np.isin(latest_status, list(DONE_STATUSES))
-        done[latest_rows[finished]] = True
-        counts: dict[str, int] = {}
-        for s in latest_status.tolist():
-            counts[s] = counts.get(s, 0) + 1
+        done_codes = [i for i, n in enumerate(names) if n in DONE_STATUSES]
+        done[latest_rows[np.isin(latest_codes, done_codes)]] = True
+        counts = {names[i]: int(n) for i, n in enumerate(np.bincount(latest_codes, minlength=len(names))) if n}
+        self.latest = (latest_rows, latest_codes, names)
         return ResumeState(done, counts, int(latest_rows.size))
 
-    def positions_with_status(self, statuses: Iterable[str]) -> np.ndarray:
-        wanted = list(statuses)
-        out = []
-        for path in self.part_paths():
-            t = pq.read_table(path, columns=["row", "status"])
-            s = np.asarray(t.column("status").to_pylist(), dtype=object)
-            out.append(t.column("row").to_numpy()[np.isin(s, wanted)])
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    def positions_with_status(self, statuses: Iterable[str], below: int | None = None) -> np.ndarray:
+        """Input positions whose latest row has one of ``statuses`` (after :meth:`compact`)."""
+        rows, codes, names = self.latest
+        wanted = [i for i, n in enumerate(names) if n in set(statuses)]
+        picked = rows[np.isin(codes, wanted)]
+        return picked[picked < below] if below is not None else picked
+
+    def status_counts(self, below: int | None = None) -> dict[str, int]:
+        """Counts of the latest status of each row (after :meth:`compact`), rows < ``below`` only if given."""
+        rows, codes, names = self.latest
+        if below is not None:
+            codes = codes[rows < below]
+        return {names[i]: int(n) for i, n in enumerate(np.bincount(codes, minlength=len(names))) if n}
 
     # ---- writing -----------------------------------------------------------------------
     def _open_segment(self) -> None:
