@@ -103,7 +103,7 @@ class Job:
     # run
     retry_errors: bool = True
     grace_s: float = 15.0
-    rows_per_part: int = 20000
+    rows_per_part: int = 10000
     flush_interval_s: float = 30.0
     prices: Mapping[str, tuple[float, float, float]] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     simulator: Mapping[str, Any] = field(default_factory=dict)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 import datetime
 import shutil
 import signal
@@ -44,8 +45,8 @@ from .summary import DryRunReport, Summary, cost_usd
 Transporter = Callable[..., Any]
 
 
-def _now_epoch() -> float:
-    return time.time()
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def invalid_row(rid: str | None, pos: int, message: str) -> dict[str, Any]:
@@ -56,7 +57,7 @@ def invalid_row(rid: str | None, pos: int, message: str) -> dict[str, Any]:
         "attempts": 0,
         "error_type": "invalid_row",
         "error_message": message,
-        "finished_at": _now_epoch(),
+        "finished_at": _now_ms(),
     }
 
 
@@ -176,7 +177,7 @@ class RowEngine:
                 "error_type": error_type,
                 "error_message": message,
                 "request_id": reply.request_id,
-                "finished_at": _now_epoch(),
+                "finished_at": _now_ms(),
             }
 
     def _error_row(self, rid: str, pos: int, exc: APIError, attempts: int, latency: float) -> dict[str, Any]:
@@ -191,7 +192,7 @@ class RowEngine:
             "error_type": exc.error_type,
             "error_message": exc.message[:2000],
             "request_id": exc.request_id,
-            "finished_at": _now_epoch(),
+            "finished_at": _now_ms(),
         }
 
 
@@ -383,11 +384,12 @@ async def run_async(
         sim = start_in_thread(dict(job.simulator), api_keys=None)
         base_url = sim.base_url
 
-    results: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    # Bounded: when the writer is busy turning a segment into a part, workers wait (flat memory).
+    results: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=max(4 * job.concurrency, 4096))
     work: asyncio.Queue[tuple[int, str, Prepared, dict[str, Any]] | None] = asyncio.Queue(maxsize=max(2 * job.concurrency, 64))
     n_workers = max(1, min(job.concurrency, limit - already))
 
-    def finish(row: dict[str, Any]) -> None:
+    async def finish(row: dict[str, Any]) -> None:
         status = row["status"]
         summary.run_status[status] += 1
         summary.prompt_tokens += row.get("prompt_tokens") or 0
@@ -397,7 +399,7 @@ async def run_async(
         if status != "ok":
             summary.errors[f"{row.get('error_type')}: {(row.get('error_message') or '')[:100]}"] += 1
         hook(RowFinished(status, row.get("total_tokens") or 0, row.get("attempts") or 0))
-        results.put_nowait(row)
+        await results.put(row)
 
     async def feed() -> None:
         skip = state.first_pending() if len(done) else 0
@@ -412,7 +414,7 @@ async def run_async(
                     if isinstance(prepared, str):
                         inv = invalid_row(rid, row.pos, prepared)
                         inv.update(_kept(row, job))
-                        finish(inv)
+                        await finish(inv)
                         continue
                     await work.put((row.pos, rid, prepared, _kept(row, job)))
                     summary.sent_rows += 1
@@ -436,7 +438,7 @@ async def run_async(
                 stop.set()
                 return
             row.update(kept)
-            finish(row)
+            await finish(row)
 
     async def write() -> None:
         last_roll = last_sync = time.monotonic()
@@ -494,7 +496,7 @@ async def run_async(
         for sig in installed:
             loop.remove_signal_handler(sig)
         if not writer.done():
-            results.put_nowait(None)
+            await results.put(None)
             with contextlib.suppress(Exception):
                 await writer
         if write_error is None and writer.done() and not writer.cancelled() and writer.exception():
@@ -504,8 +506,16 @@ async def run_async(
     if write_error is not None:
         raise write_error
     await asyncio.to_thread(sink.close)
-    sink.compact(scan.rows)
-    summary.final_status = sink.status_counts(below=limit if job.limit is not None else None)
+    below = limit if job.limit is not None else None
+    if summary.run_status and len(sink.latest[0]):
+        # Rows written before this run may now be superseded: rewrite those parts.
+        sink.compact(scan.rows)
+        summary.final_status = sink.status_counts(below=below)
+    else:
+        # Nothing older to supersede (a fresh run, or one that sent nothing): no need to re-read.
+        final = Counter(sink.status_counts(below=below))
+        final.update(summary.run_status)
+        summary.final_status = dict(final)
     summary.wall_s = time.monotonic() - started
     if fatal:
         summary.fatal = str(fatal[0])

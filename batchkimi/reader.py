@@ -186,6 +186,7 @@ def scan_input(path: Path, fmt: str, id_column: str, limit: int | None = None) -
                     hashes.append(hash(rid))
     if hashes:
         _refuse_duplicates(path, fmt, id_column, has_id, np.frombuffer(hashes, dtype=np.int64), limit)
+        del hashes
     return InputScan(rows, digest.hexdigest()[:32], has_id, size, mtime)
 
 
@@ -202,7 +203,8 @@ def _has_id_column(path: Path, fmt: str, id_column: str) -> bool:
 
 
 def _refuse_duplicates(path: Path, fmt: str, id_column: str, has_id: bool, hashes: np.ndarray, limit: int | None) -> None:
-    ordered = np.sort(hashes)
+    ordered = hashes
+    ordered.sort()  # in place: the scan's only per-row memory is these 8 bytes
     dup_hashes = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
     if not dup_hashes:
         return

@@ -42,6 +42,8 @@ def test_jsonl_run_writes_one_row_per_input_with_the_fixed_schema(tmp_path: Path
     assert df["reasoning_content"].str.len().min() > 0
     assert (df["total_tokens"] == df["prompt_tokens"] + df["completion_tokens"]).all()
     assert df["ttft_s"].notna().all() and (df["attempts"] == 1).all() and (df["cost_usd"] > 0).all()
+    age = pd.Timestamp.now(tz="UTC") - df["finished_at"]
+    assert (age >= pd.Timedelta(0)).all() and (age < pd.Timedelta(minutes=5)).all()
     assert duckdb.sql(f"select count(*) from '{job.output}/*.parquet'").fetchall()[0][0] == 30
     manifest = json.loads((Path(job.output) / "_manifest.json").read_text())
     assert manifest["input"]["rows"] == 30 and manifest["counts"] == {"ok": 30}

@@ -1,0 +1,65 @@
+"""Rate accuracy (the rate-limit issue): batchkimi against a simulator enforcing a limit, with
+realistic latency, for a few minutes; the server's own counts say what was achieved.
+
+python rate_client.py rpm|tpm LIMIT SECONDS
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+
+import batchkimi
+from common import WORK, SimProcess, emit, write_prompts
+
+
+def main(kind: str, limit: int, seconds: int) -> None:
+    if kind == "rpm":
+        sim_settings = {"rpm": limit, "latency_ms": 1500}
+        per_s = limit / 60
+        rows = int(per_s * seconds)
+        job_limits = {"rpm": limit, "concurrency": 256}
+    else:
+        sim_settings = {"tpm": limit, "latency_ms": 1500}
+        rows = 100000
+        job_limits = {"tpm": limit, "concurrency": 256}
+    data = write_prompts(WORK / f"rate_{rows}.jsonl", rows, "Tell me something interesting about the number {i}.")
+    out = WORK / f"out_rate_{kind}"
+    shutil.rmtree(out, ignore_errors=True)
+    with SimProcess(**sim_settings, reasoning_words=40, answer_words=30) as sim:
+        job = batchkimi.Job(input=str(data), output=str(out), base_url=sim.base_url, max_tokens=4096, stream=False,
+                            thinking="enabled", backoff_base_s=1.0, **job_limits)
+        import asyncio
+
+        async def go() -> batchkimi.Summary:
+            stop = asyncio.Event()
+            asyncio.get_running_loop().call_later(seconds, stop.set)
+            return await batchkimi.run_async(job, stop=stop)
+
+        t0 = time.perf_counter()
+        summary = asyncio.run(go()) if kind == "tpm" else batchkimi.run(job)
+        wall = time.perf_counter() - t0
+        stats = sim.stats()
+    admitted = {int(k): v for k, v in stats["admitted_per_s"].items()}
+    tokens = {int(k): v for k, v in stats["tokens_per_s"].items()}
+    end = max(admitted) if admitted else 0
+    window = [s for s in range(60, end)]  # after the first minute, until the last full second
+    if kind == "rpm":
+        achieved = sum(admitted.get(s, 0) for s in window) / max(1, len(window)) / per_s
+    else:
+        achieved = sum(tokens.get(s, 0) for s in window) / max(1, len(window)) * 60 / limit
+    total = stats["requests"]
+    limited = stats["by_status"].get("429", 0)
+    df = batchkimi.read_results(out)
+    written = len(df)
+    answered = stats["by_status"].get("200", 0)
+    emit({"kind": kind, "limit": limit, "seconds": round(wall, 1), "achieved_share": achieved, "requests": total,
+          "rate_limited": limited, "share_429": limited / max(1, total), "rows_sent": summary.sent_rows,
+          "rows_written": written, "answered_200": answered,
+          "rows_lost": answered - int((df["status"] == "ok").sum()),
+          "ok": summary.final_status.get("ok", 0)})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -1,0 +1,58 @@
+"""Waiting well / streams: batchkimi or the minimal loop against a slow server, timed in-process.
+
+python waiting_client.py batchkimi|baseline BASE_URL N CONCURRENCY stream|plain
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+import time
+
+import aiohttp
+
+from common import WORK, cpu_s, emit, write_prompts
+
+
+async def baseline(base_url: str, n: int, concurrency: int, stream: bool) -> int:
+    counter = iter(range(n))
+    reads = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal reads
+        for i in counter:
+            body = {"model": "kimi-k2.6", "messages": [{"role": "user", "content": f"What is {i} + 1? Reply with the number."}],
+                    "thinking": {"type": "disabled"} if not stream else {"type": "enabled"}, "max_tokens": 4096, "stream": stream}
+            async with session.post(base_url + "/chat/completions", data=json.dumps(body).encode(),
+                                    headers={"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}) as r:
+                async for _ in r.content.iter_any():
+                    reads += 1
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return reads
+
+
+def main(kind: str, base_url: str, n: int, concurrency: int, stream: bool) -> None:
+    c0, t0 = cpu_s(), time.perf_counter()
+    if kind == "baseline":
+        asyncio.run(baseline(base_url, n, concurrency, stream))
+        ok = n
+    else:
+        import batchkimi
+
+        data = write_prompts(WORK / f"prompts_{n}.jsonl", n)
+        out = WORK / f"out_wait_{stream}"
+        shutil.rmtree(out, ignore_errors=True)
+        job = batchkimi.Job(input=str(data), output=str(out), base_url=base_url, thinking="enabled" if stream else "disabled",
+                            stream=stream, max_tokens=4096, concurrency=concurrency)
+        c0, t0 = cpu_s(), time.perf_counter()
+        summary = batchkimi.run(job)
+        ok = summary.final_status.get("ok", 0)
+    emit({"requests": n, "ok": ok, "wall_s": time.perf_counter() - t0, "cpu_s": cpu_s() - c0})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "stream")
