@@ -34,7 +34,7 @@ from . import __version__
 from .client import Timeouts, Transport
 from .config import Job, resolve_api_key
 from .errors import APIError, ConfigError, FatalAPIError, OutputError
-from .events import AttemptFinished, Hook, RowFinished, RunStarted, Stopping, no_hook
+from .events import AttemptFinished, AttemptStarted, Hook, RowFinished, RunStarted, Stopping, no_hook
 from .ratelimit import Clock, CompletionEstimate, MonotonicClock, RateLimiter
 from .reader import InputScan, SourceRow, detect_format, read_rows, row_id, scan_input
 from .request import Prepared, RowInvalid, build_request
@@ -112,6 +112,7 @@ class RowEngine:
             permit = await self.limiter.acquire(estimate if self.limiter.tpm else 0)
             attempts += 1
             self.requests += 1
+            self.hook(AttemptStarted(attempts))
             t0 = self.clock.now()
             try:
                 reply = await self.transport.complete(prepared.body, stream=streaming)
@@ -401,27 +402,29 @@ async def run_async(
         hook(RowFinished(status, row.get("total_tokens") or 0, row.get("attempts") or 0))
         await results.put(row)
 
-    async def feed() -> None:
+    async def feed_rows() -> None:
         skip = state.first_pending() if len(done) else 0
-        try:
-            for batch in read_rows(path, fmt, skip_until=min(skip, limit)):
-                for row in batch:
-                    if row.pos >= limit or stop.is_set():
-                        return
-                    if row.pos < len(done) and done[row.pos]:
-                        continue
-                    rid, prepared = _prepare(row, job, fmt, scan.has_id_column)
-                    if isinstance(prepared, str):
-                        inv = invalid_row(rid, row.pos, prepared)
-                        inv.update(_kept(row, job))
-                        await finish(inv)
-                        continue
-                    await work.put((row.pos, rid, prepared, _kept(row, job)))
-                    summary.sent_rows += 1
-                await asyncio.sleep(0)
-        finally:
-            for _ in range(n_workers):
-                await work.put(None)
+        for batch in read_rows(path, fmt, skip_until=min(skip, limit)):
+            for row in batch:
+                if row.pos >= limit or stop.is_set():
+                    return
+                if row.pos < len(done) and done[row.pos]:
+                    continue
+                rid, prepared = _prepare(row, job, fmt, scan.has_id_column)
+                if isinstance(prepared, str):
+                    inv = invalid_row(rid, row.pos, prepared)
+                    inv.update(_kept(row, job))
+                    await finish(inv)
+                    continue
+                await work.put((row.pos, rid, prepared, _kept(row, job)))
+                summary.sent_rows += 1
+            await asyncio.sleep(0)
+
+    async def feed() -> None:
+        await feed_rows()
+        # Only after a normal end: a cancelled feeder must not wait on a queue nobody reads.
+        for _ in range(n_workers):
+            await work.put(None)
 
     async def worker(engine: RowEngine) -> None:
         while True:

@@ -15,6 +15,13 @@ class RunStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class AttemptStarted:
+    """A request went out (after the limiter let it)."""
+
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class AttemptFinished:
     """One HTTP attempt ended (any outcome). ``retry_in_s`` is set when it will be retried."""
 
@@ -37,7 +44,7 @@ class Stopping:
     reason: str
 
 
-Event = RunStarted | AttemptFinished | RowFinished | Stopping
+Event = RunStarted | AttemptStarted | AttemptFinished | RowFinished | Stopping
 Hook = Callable[[Event], None]
 
 

@@ -12,7 +12,7 @@ from collections import deque
 
 from tqdm import tqdm
 
-from .events import AttemptFinished, Event, RowFinished, RunStarted, Stopping
+from .events import AttemptFinished, AttemptStarted, Event, RowFinished, RunStarted, Stopping
 
 
 class ProgressBar:
@@ -33,7 +33,11 @@ class ProgressBar:
                 self.bar = tqdm(total=event.to_send, unit="row", file=sys.stderr, dynamic_ncols=True,
                                 desc="batchkimi", smoothing=0.05)
             return
+        if isinstance(event, AttemptStarted):
+            self.in_flight += 1
+            return
         if isinstance(event, AttemptFinished):
+            self.in_flight -= 1
             now = time.monotonic()
             self._window.append((now, event.tokens))
             self._tokens += event.tokens
@@ -66,7 +70,8 @@ class ProgressBar:
         rpm_s = f"{rpm:.0f}" + (f"/{self.rpm_limit:.0f}" if self.rpm_limit else "")
         tpm_s = f"{tpm / 1000:.1f}k" + (f"/{self.tpm_limit / 1000:.0f}k" if self.tpm_limit else "")
         self.bar.set_postfix_str(
-            f"ok={self.ok} fail={self.failed} rpm={rpm_s} tpm={tpm_s} retries={self.retries} 429s={self.rate_limited}",
+            f"ok={self.ok} fail={self.failed} rpm={rpm_s} tpm={tpm_s} in-flight={self.in_flight} "
+            f"retries={self.retries} 429s={self.rate_limited}",
             refresh=False,
         )
 

@@ -171,7 +171,7 @@ class RateLimiter:
                     if self._tok_level < need - _EPS * need:
                         wait = max(wait, (need - self._tok_level) / self._tok_rate)
                 if wait > 0:
-                    await self.clock.sleep(max(wait, 1e-4))
+                    await self._sleep_or_wake(max(wait, 1e-4), woken_by_release=bool(self.tpm and tokens))
                     continue
                 if self.rpm:
                     self._req_level -= 1.0
@@ -179,6 +179,20 @@ class RateLimiter:
                     self._tok_level -= tokens
                 self.in_flight += 1
                 return Permit(tokens)
+
+    async def _sleep_or_wake(self, seconds: float, *, woken_by_release: bool) -> None:
+        """Sleep ``seconds``, or less if a release reconciles tokens (an estimate's debt forgiven)."""
+        if not woken_by_release:
+            await self.clock.sleep(seconds)
+            return
+        self._released.clear()
+        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
+        waker = asyncio.ensure_future(self._released.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
 
     def release(self, permit: Permit, actual_tokens: int | None = None) -> None:
         """Give the slot back; reconcile the tokens reserved with those used (None: keep the estimate)."""

@@ -184,3 +184,26 @@ def test_readme_quick_start_matches_ci() -> None:
     ci = (ROOT / ".ci/run").read_text()
     test_cmd = re.search(r"```(?:bash|sh)?\n(pip install -e '\.\[test\]'[^\n]*)\n", readme)
     assert test_cmd and test_cmd.group(1) in ci
+
+
+def test_progress_line_shows_rates_in_flight_retries_and_429s() -> None:
+    """The CLI's hook: live requests and tokens per minute against the limits, in flight, retries, 429s."""
+    import io
+
+    from batchkimi.events import AttemptFinished, AttemptStarted, RowFinished, RunStarted
+    from batchkimi.progress import ProgressBar
+
+    bar = ProgressBar(rpm_limit=600, tpm_limit=100000)
+    bar(RunStarted(10, 0, 10))
+    bar.bar.fp = io.StringIO()  # type: ignore[union-attr]
+    for _ in range(3):
+        bar(AttemptStarted(1))
+    bar(AttemptFinished(False, 429, "rate_limit_error", 0, retry_in_s=1.0))
+    bar(AttemptFinished(True, 200, None, 120))
+    bar(RowFinished("ok", 120, 1))
+    bar._last_draw = 0
+    bar._draw()
+    postfix = bar.bar.postfix  # type: ignore[union-attr]
+    bar.close()
+    assert "ok=1" in postfix and "in-flight=1" in postfix and "retries=1" in postfix and "429s=1" in postfix
+    assert "/600" in postfix and "/100k" in postfix

@@ -178,3 +178,46 @@ def test_parse_retry_after_seconds_and_http_date() -> None:
     assert parse_retry_after("soon", now) is None
     assert parse_retry_after(None, now) is None
     assert parse_retry_after("-5", now) == 0.0
+
+
+class ManualClock:
+    """Time moves only when the test calls advance(); sleepers wake when their time comes."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+        self.sleepers: list[tuple[float, asyncio.Future]] = []
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self.sleepers.append((self.t + seconds, fut))
+        await fut
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+        for when, fut in self.sleepers:
+            if when <= self.t and not fut.done():
+                fut.set_result(None)
+
+
+def test_a_token_waiter_wakes_when_an_estimates_debt_is_forgiven() -> None:
+    """The first request reserves a large prior; when its real usage is small, the next one need not wait it out."""
+    clock = ManualClock()
+
+    async def go() -> float:
+        lim = RateLimiter(concurrency=10, tpm=6000, headroom=1.0, clock=clock)  # 100 tokens/s
+        lim._tok_level = 100.0
+        first = await lim.acquire(1000)  # 900 in debt now
+        waiter = asyncio.ensure_future(lim.acquire(100))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()  # it waits for (100 + 900) / 100 = 10 s of refill
+        lim.release(first, 100)  # it used 100, not 1000: 900 of debt forgiven, the level is 0
+        await asyncio.sleep(0.01)
+        clock.advance(1.0)  # one second refills the 100 it needs
+        p = await asyncio.wait_for(waiter, 1)
+        lim.release(p, 100)
+        return clock.now()
+
+    assert run(go()) == 1.0  # not the 10 s it computed before the debt was forgiven

@@ -296,3 +296,23 @@ def test_library_row_engine_runs_inside_another_schedulers_worker(tmp_path: Path
 
     rows = asyncio.run(actor())
     assert [r["status"] for r in rows] == ["ok"] * 5 and all(r["content"] for r in rows)
+
+
+def test_stop_ends_the_run_while_workers_wait_in_the_limiter(tmp_path: Path, simulator) -> None:
+    """A stop with a full work queue and every worker blocked on the limiter still returns, within the grace."""
+    import asyncio
+    import time
+
+    h = simulator()
+    data = write_jsonl(tmp_path / "in.jsonl", [{"id": str(i), "prompt": "x"} for i in range(500)])
+    job = fast_job(tmp_path, h.base_url, input=str(data), rpm=6, concurrency=4, grace_s=0.5)
+
+    async def go() -> tuple[float, batchkimi.Summary]:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.5, stop.set)
+        t0 = time.monotonic()
+        summary = await asyncio.wait_for(batchkimi.run_async(job, stop=stop), 30)
+        return time.monotonic() - t0, summary
+
+    elapsed, summary = asyncio.run(go())
+    assert elapsed < 10 and summary.final_status.get("ok", 0) >= 1 and summary.pending_rows > 0

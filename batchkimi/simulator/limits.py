@@ -22,8 +22,8 @@ class KeyWindow:
     token_sum: int = 0
     in_flight: int = 0
 
-    def expire(self, now: float) -> None:
-        edge = now - WINDOW_S
+    def expire(self, now: float, window_s: float = WINDOW_S) -> None:
+        edge = now - window_s
         while self.requests and self.requests[0] <= edge:
             self.requests.popleft()
         while self.tokens and self.tokens[0][0] <= edge:
@@ -31,8 +31,9 @@ class KeyWindow:
 
 
 class KeyLimits:
-    def __init__(self, rpm: int = 0, tpm: int = 0, concurrency: int = 0, clock: object = None) -> None:
+    def __init__(self, rpm: int = 0, tpm: int = 0, concurrency: int = 0, clock: object = None, window_s: float = WINDOW_S) -> None:
         self.rpm, self.tpm, self.concurrency = rpm, tpm, concurrency
+        self.window_s = window_s  # 60 s like TokenHub; shorter only to rehearse quickly
         self._now = clock or time.monotonic
         self._keys: dict[str, KeyWindow] = {}
 
@@ -40,13 +41,13 @@ class KeyLimits:
         """None when admitted (the caller must :meth:`done` later), else (dimension, retry_after_s)."""
         now = self._now()  # type: ignore[operator]
         w = self._keys.setdefault(key, KeyWindow())
-        w.expire(now)
+        w.expire(now, self.window_s)
         if self.concurrency and w.in_flight >= self.concurrency:
             return "concurrency", 1.0
         if self.rpm and len(w.requests) >= self.rpm:
-            return "rpm", max(1.0, math.ceil(w.requests[0] + WINDOW_S - now))
+            return "rpm", max(1.0, math.ceil(w.requests[0] + self.window_s - now))
         if self.tpm and w.token_sum + prompt_tokens > self.tpm:
-            wait = w.tokens[0][0] + WINDOW_S - now if w.tokens else 1.0
+            wait = w.tokens[0][0] + self.window_s - now if w.tokens else 1.0
             return "tpm", max(1.0, math.ceil(wait))
         w.requests.append(now)
         if prompt_tokens:

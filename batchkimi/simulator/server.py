@@ -69,6 +69,7 @@ class SimConfig:
     rpm: int = 0
     tpm: int = 0
     concurrency: int = 0
+    window_s: float = 60.0  # the span rpm and tpm are counted over
     retry_after: str = "seconds"  # seconds | date | none
     rate_limit_style: str = "tokenhub"  # tokenhub | moonshot ("please try again after N seconds")
     fail_rate: float = 0.0
@@ -109,7 +110,7 @@ class SimError(Exception):
 class Simulator:
     def __init__(self, config: SimConfig | None = None) -> None:
         self.cfg = config or SimConfig()
-        self.limits = KeyLimits(self.cfg.rpm, self.cfg.tpm, self.cfg.concurrency)
+        self.limits = KeyLimits(self.cfg.rpm, self.cfg.tpm, self.cfg.concurrency, window_s=self.cfg.window_s)
         self.rng = random.Random(self.cfg.seed)
         self.attempts: Counter[str] = Counter()  # request hash -> attempts seen (for NAME*N)
         self.prefix_cache: dict[str, dict[bytes, int]] = defaultdict(dict)
