@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -48,20 +49,20 @@ class Reply:
 _REQUEST_ID_HEADERS = ("x-request-id", "msh-request-id", "x-tc-requestid", "request-id")
 
 
-def _request_id(headers: aiohttp.typedefs.LooseHeaders) -> str | None:
+def _request_id(headers: Mapping[str, str]) -> str | None:
     for name in _REQUEST_ID_HEADERS:
-        value = headers.get(name)  # type: ignore[union-attr]
+        value = headers.get(name)
         if value:
             return str(value)
     return None
 
 
-def _ratelimit_reset_s(headers: aiohttp.typedefs.LooseHeaders) -> float | None:
+def _ratelimit_reset_s(headers: Mapping[str, str]) -> float | None:
     """When X-RateLimit-Remaining(-Requests) is 0: seconds until X-RateLimit-Reset."""
-    remaining = headers.get("x-ratelimit-remaining-requests") or headers.get("x-ratelimit-remaining")  # type: ignore[union-attr]
+    remaining = headers.get("x-ratelimit-remaining-requests") or headers.get("x-ratelimit-remaining")
     if remaining is None or str(remaining).strip() not in ("0", "0.0"):
         return None
-    reset = headers.get("x-ratelimit-reset-requests") or headers.get("x-ratelimit-reset")  # type: ignore[union-attr]
+    reset = headers.get("x-ratelimit-reset-requests") or headers.get("x-ratelimit-reset")
     if reset is None:
         return None
     text = str(reset).strip().rstrip("s")

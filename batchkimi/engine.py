@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
 import datetime
 import shutil
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,15 @@ from . import __version__
 from .client import Timeouts, Transport
 from .config import Job, resolve_api_key
 from .errors import APIError, ConfigError, FatalAPIError, OutputError
-from .events import AttemptFinished, AttemptStarted, Hook, RowFinished, RunStarted, Stopping, no_hook
+from .events import (
+    AttemptFinished,
+    AttemptStarted,
+    Hook,
+    RowFinished,
+    RunStarted,
+    Stopping,
+    no_hook,
+)
 from .ratelimit import Clock, CompletionEstimate, MonotonicClock, RateLimiter
 from .reader import InputScan, SourceRow, detect_format, read_rows, row_id, scan_input
 from .request import Prepared, RowInvalid, build_request
@@ -90,7 +98,6 @@ class RowEngine:
         self.hook = hook
         self.clock = clock or MonotonicClock()
         self.rng = rng or random.random
-        self.completion = CompletionEstimate(job.effective_max_tokens)
         self.requests = 0
         self.retries = 0
 
@@ -99,8 +106,7 @@ class RowEngine:
     async def create(cls, job: Job, api_key: str, *, base_url: str | None = None, hook: Hook = no_hook) -> AsyncIterator[RowEngine]:
         """A RowEngine with its own transport and limiter, for use in another scheduler's worker."""
         async with Transport(base_url or job.base_url, api_key, timeouts_of(job)) as transport:
-            limiter = RateLimiter(concurrency=job.concurrency, rpm=job.rpm, tpm=job.tpm)
-            yield cls(job, transport, limiter, policy_of(job), hook=hook)
+            yield cls(job, transport, limiter_of(job), policy_of(job), hook=hook)
 
     async def process(self, rid: str, pos: int, prepared: Prepared) -> dict[str, Any]:
         """The result row for one request. Raises :class:`FatalAPIError` if the account is refused."""
@@ -108,8 +114,7 @@ class RowEngine:
         first_start = self.clock.now()
         streaming = bool(prepared.body.get("stream"))
         while True:
-            estimate = prepared.prompt_tokens_estimate + self.completion.tokens()
-            permit = await self.limiter.acquire(estimate if self.limiter.tpm else 0)
+            permit = await self.limiter.acquire(prepared.prompt_tokens_estimate)
             attempts += 1
             self.requests += 1
             self.hook(AttemptStarted(attempts))
@@ -136,11 +141,9 @@ class RowEngine:
             latency = self.clock.now() - t0
             answer = reply.answer
             usage = answer.usage
-            self.limiter.release(permit, usage.total_tokens if usage.total_tokens is not None else estimate)
+            self.limiter.release(permit, usage.total_tokens, usage.completion_tokens)
             if reply.ratelimit_reset_s:
                 self.limiter.pause(reply.ratelimit_reset_s)
-            if usage.completion_tokens is not None:
-                self.completion.observe(usage.completion_tokens)
             status, error_type, message = "ok", None, None
             if answer.finish_reason == "length":
                 status = "truncated"
@@ -199,6 +202,11 @@ class RowEngine:
 
 def timeouts_of(job: Job) -> Timeouts:
     return Timeouts(job.connect_timeout_s, job.first_byte_timeout_s, job.idle_timeout_s, job.attempt_timeout_s)
+
+
+def limiter_of(job: Job) -> RateLimiter:
+    return RateLimiter(concurrency=job.concurrency, rpm=job.rpm, tpm=job.tpm,
+                       completion=CompletionEstimate(job.effective_max_tokens))
 
 
 def policy_of(job: Job) -> RetryPolicy:
@@ -416,6 +424,7 @@ async def run_async(
                     inv.update(_kept(row, job))
                     await finish(inv)
                     continue
+                assert rid is not None  # _prepare returns an id with every request
                 await work.put((row.pos, rid, prepared, _kept(row, job)))
                 summary.sent_rows += 1
             await asyncio.sleep(0)
@@ -468,7 +477,7 @@ async def run_async(
     try:
         opened = contextlib.nullcontext(transport) if transport is not None else Transport(base_url, key, timeouts_of(job))
         async with opened as transport:
-            limiter = RateLimiter(concurrency=job.concurrency, rpm=job.rpm, tpm=job.tpm)
+            limiter = limiter_of(job)
             engine = RowEngine(job, transport, limiter, policy_of(job), hook=hook)
             feeder = asyncio.create_task(feed())
             workers = [asyncio.create_task(worker(engine)) for _ in range(n_workers)]

@@ -7,9 +7,11 @@ then. The clock is injected (:class:`Clock`), so the limiter is tested without r
   one second's worth (at least one request): the rate holds over any one-minute window and
   there is no burst at second zero. It starts nearly empty (a smooth start).
 - **Tokens** come from a second bucket filled at ``tpm / 60`` per second. A request reserves
-  an *estimate* (its prompt estimate plus the mean completion seen so far, see
-  :class:`CompletionEstimate`), and :meth:`RateLimiter.release` reconciles it with the real
-  usage: an overrun becomes debt that later requests wait out.
+  an *estimate*: its prompt estimate plus the mean completion seen so far
+  (:class:`CompletionEstimate`), taken at the moment it is admitted, so requests queued before
+  anything was learned do not carry the prior. :meth:`RateLimiter.release` reconciles it with
+  the real usage: an overrun becomes debt that later requests wait out, an underrun is given
+  back and wakes the waiters.
 - **429s** pause every worker together (:meth:`RateLimiter.cool_down`), and cut the rate
   and concurrency by ``decrease_factor`` (at most once per cool-down); the share then climbs
   back linearly, ``recovery_per_s`` of the configured rate each second (AIMD).
@@ -26,7 +28,6 @@ import asyncio
 import time
 from dataclasses import dataclass
 from typing import Protocol
-
 
 _EPS = 1e-6  # refills land a hair short of whole units in floating point
 
@@ -96,8 +97,10 @@ class RateLimiter:
         decrease_factor: float = 0.7,
         min_share: float = 0.05,
         recovery_per_s: float = 1 / 60,
+        completion: CompletionEstimate | None = None,
     ) -> None:
         self.clock = clock or MonotonicClock()
+        self.completion = completion
         self.concurrency = concurrency
         self.rpm = rpm
         self.tpm = tpm
@@ -150,10 +153,12 @@ class RateLimiter:
             self._tok_level = min(cap, self._tok_level + dt * self._tok_rate)
 
     # ---- acquire / release -----------------------------------------------------------
-    async def acquire(self, tokens: int = 0) -> Permit:
-        """Wait for a slot, a request and ``tokens`` of quota; the permit must be released."""
+    async def acquire(self, prompt_tokens: int = 0) -> Permit:
+        """Wait for a slot, a request and the tokens it is expected to use (``prompt_tokens``
+        plus the expected completion); the permit must be released."""
         async with self._lock:
             while True:
+                tokens = prompt_tokens + self.completion.tokens() if self.tpm and self.completion else prompt_tokens
                 now = self.clock.now()
                 self._refill(now)
                 if now < self._cool_until:
@@ -194,12 +199,15 @@ class RateLimiter:
             sleeper.cancel()
             waker.cancel()
 
-    def release(self, permit: Permit, actual_tokens: int | None = None) -> None:
-        """Give the slot back; reconcile the tokens reserved with those used (None: keep the estimate)."""
+    def release(self, permit: Permit, actual_tokens: int | None = None, completion_tokens: int | None = None) -> None:
+        """Give the slot back; reconcile the tokens reserved with those used (None: keep the
+        estimate), and learn the completion length."""
         if permit.released:
             return
         permit.released = True
         self.in_flight -= 1
+        if completion_tokens is not None and self.completion is not None:
+            self.completion.observe(completion_tokens)
         if self.tpm and actual_tokens is not None:
             self._refill(self.clock.now())
             self._tok_level -= actual_tokens - permit.reserved_tokens

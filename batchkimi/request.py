@@ -99,14 +99,14 @@ def build_request(row: dict[str, Any], job: Job, *, batch_line: bool = False) ->
     """The chat-completion body for one row."""
     overrides: dict[str, Any] = {}
     if batch_line:
-        body = row.get("body")
-        if not isinstance(body, dict):
+        line_body = row.get("body")
+        if not isinstance(line_body, dict):
             raise RowInvalid("key 'body' must be an object (OpenAI batch format)")
-        messages = _check_messages(body.get("messages"), job, "body.messages")
-        for key, value in body.items():
+        messages = _check_messages(line_body.get("messages"), job, "body.messages")
+        for key, value in line_body.items():
             if key in _ROW_BODY_KEYS:
                 overrides[key] = value
-        unknown = set(body) - _ROW_BODY_KEYS - {"messages", "model", "stream", "stream_options"}
+        unknown = set(line_body) - _ROW_BODY_KEYS - {"messages", "model", "stream", "stream_options"}
         if unknown:
             raise RowInvalid(f"body has keys batchkimi does not send: {', '.join(sorted(unknown))}")
     elif row.get(job.messages_column) is not None:
@@ -115,14 +115,13 @@ def build_request(row: dict[str, Any], job: Job, *, batch_line: bool = False) ->
         if job.prompt_template is not None:
             prompt = render_template(job.prompt_template, row)
         else:
-            prompt = row.get(job.prompt_column)
-            if prompt is None:
+            value = row.get(job.prompt_column)
+            if value is None:
                 raise RowInvalid(
                     f"no '{job.prompt_column}' column and no prompt_template: give each row a "
                     f"'{job.prompt_column}' or '{job.messages_column}', or set prompt_template"
                 )
-            if not isinstance(prompt, str):
-                prompt = str(prompt)
+            prompt = value if isinstance(value, str) else str(value)
         if not prompt.strip():
             raise RowInvalid("the prompt is empty")
         system = row.get(job.system_column) or job.system

@@ -11,7 +11,6 @@ import sys
 import time
 
 import aiohttp
-
 from common import cpu_s, emit
 
 
@@ -34,7 +33,7 @@ async def main(base_url: str, n: int, concurrency: int, stream: bool) -> None:
             async with session.post(base_url + "/chat/completions", data=json.dumps(body).encode(),
                                     headers={"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}) as r:
                 if stream:
-                    async for c in r.content.iter_any():
+                    async for _chunk in r.content.iter_any():
                         chunks += 1
                 else:
                     await r.read()

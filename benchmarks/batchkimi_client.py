@@ -9,8 +9,9 @@ import shutil
 import sys
 import time
 
-import batchkimi
 from common import cpu_s, emit
+
+import batchkimi
 
 
 def main(base_url: str, data: str, output: str, concurrency: int, stream: bool) -> None:

@@ -10,8 +10,9 @@ import shutil
 import sys
 import time
 
-import batchkimi
 from common import WORK, SimProcess, emit, write_prompts
+
+import batchkimi
 
 
 def main(kind: str, limit: int, seconds: int) -> None:

@@ -14,7 +14,6 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

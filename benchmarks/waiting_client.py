@@ -12,7 +12,6 @@ import sys
 import time
 
 import aiohttp
-
 from common import WORK, cpu_s, emit, write_prompts
 
 

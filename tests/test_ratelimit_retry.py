@@ -221,3 +221,25 @@ def test_a_token_waiter_wakes_when_an_estimates_debt_is_forgiven() -> None:
         return clock.now()
 
     assert run(go()) == 1.0  # not the 10 s it computed before the debt was forgiven
+
+
+def test_the_completion_estimate_is_taken_at_admission_not_when_queued() -> None:
+    """Requests queued behind the first must reserve what was learned from it, not the prior."""
+    clock = ManualClock()
+
+    async def go() -> list[int]:
+        lim = RateLimiter(concurrency=1, tpm=600_000, headroom=1.0, clock=clock, completion=CompletionEstimate(32768))
+        lim._tok_level = 10_000.0
+        first = await lim.acquire(10)
+        assert first.reserved_tokens == 10 + 1024  # the prior
+        waiters = [asyncio.ensure_future(lim.acquire(10)) for _ in range(3)]  # queued behind the slot
+        await asyncio.sleep(0.01)
+        lim.release(first, 60, completion_tokens=50)
+        reserved = []
+        for w in waiters:
+            p = await asyncio.wait_for(w, 1)
+            reserved.append(p.reserved_tokens)
+            lim.release(p, 60, completion_tokens=50)
+        return reserved
+
+    assert run(go()) == [60, 60, 60]
