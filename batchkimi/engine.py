@@ -47,7 +47,7 @@ from .ratelimit import Clock, CompletionEstimate, MonotonicClock, RateLimiter
 from .reader import InputScan, SourceRow, detect_format, read_rows, row_id, scan_input
 from .request import Prepared, RowInvalid, build_request
 from .retry import RetryPolicy
-from .sink import Sink, kept_column_name
+from .sink import MANIFEST, Sink, kept_column_name
 from .summary import DryRunReport, Summary, cost_usd
 
 Transporter = Callable[..., Any]
@@ -263,6 +263,15 @@ def _open_input(job: Job, sink: Sink | None) -> tuple[Path, str, InputScan, dict
     return path, fmt, scan, manifest
 
 
+def _refuse_foreign_output(out: Path) -> None:
+    """Never write into, or delete, a non-empty directory that batchkimi did not make."""
+    if out.is_dir() and not (out / MANIFEST).exists() and any(out.iterdir()):
+        raise OutputError(
+            f"{out} is not empty and holds no {MANIFEST}: it is not a batchkimi output. "
+            "Choose another --output; batchkimi will not write into or delete it."
+        )
+
+
 def _check_resume(manifest: dict[str, Any] | None, job: Job, scan: InputScan, out: Path) -> None:
     if not manifest:
         return
@@ -349,6 +358,7 @@ async def run_async(
     if not job.output:
         raise ConfigError("no output: set 'output' in the job file or pass --output")
     out = Path(job.output)
+    _refuse_foreign_output(out)
     if overwrite and out.exists():
         shutil.rmtree(out)
     sink = Sink(out, job.keep_columns, job.rows_per_part)
@@ -372,11 +382,17 @@ async def run_async(
     loop = asyncio.get_running_loop()
     signals_seen = [0]
 
+    workers: list[asyncio.Task[None]] = []
+
     def on_signal() -> None:
         signals_seen[0] += 1
         summary.interrupted = True
         stop.set()
-        hook(Stopping("interrupted"))
+        if signals_seen[0] == 1:
+            hook(Stopping(f"interrupted: finishing requests in flight for up to {job.grace_s:g}s (again to stop now)"))
+        else:
+            for w in workers:  # a second signal: no grace
+                w.cancel()
 
     installed = []
     if install_signal_handlers and threading.current_thread() is threading.main_thread():
@@ -480,7 +496,7 @@ async def run_async(
             limiter = limiter_of(job)
             engine = RowEngine(job, transport, limiter, policy_of(job), hook=hook)
             feeder = asyncio.create_task(feed())
-            workers = [asyncio.create_task(worker(engine)) for _ in range(n_workers)]
+            workers.extend(asyncio.create_task(worker(engine)) for _ in range(n_workers))
             stopper = asyncio.create_task(stop.wait())
             pending = {feeder, writer, *workers}
             # run until every worker ends, the writer fails, or a stop is asked for

@@ -78,7 +78,14 @@ class RawServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def stop(self) -> None:
-        fut = asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop)
+        async def shutdown() -> None:
+            await self.runner.cleanup()
+            handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in handlers:  # a handler still stalling on purpose
+                t.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
+
+        fut = asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
         try:
             fut.result(5)
         except Exception:  # noqa: BLE001

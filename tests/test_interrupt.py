@@ -105,3 +105,25 @@ def test_sigterm_stops_gracefully_with_exit_130_and_resumes(tmp_path: Path, simu
     assert rerun.returncode == 0, rerun.stderr.decode()
     check_complete(out)
     assert h.simulator.stats["by_status"][200] == ROWS  # a graceful stop pays for nothing twice
+
+
+def test_a_second_sigint_skips_the_grace_period(tmp_path: Path, simulator) -> None:
+    """First Ctrl-C: finish what is in flight; second: stop now. Stalled requests must not hold it."""
+    h = simulator(latency_ms=40, stall_s=600)
+    rows = [{"id": f"id-{i}", "text": f"review {i} [[sim:stall]]" if i >= 30 else f"review {i}"} for i in range(ROWS)]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    job = tmp_path / "job.toml"
+    job.write_text('input = "in.jsonl"\noutput = "out"\nbase_url = "%s"\nprompt_template = "{text}"\n'
+                   "stream = true\nconcurrency = 4\ngrace_s = 300\nidle_timeout_s = 300\nflush_interval_s = 0.2\n" % h.base_url)
+    proc = start(job)
+    wait_for_rows(proc, tmp_path / "out", 30)
+    time.sleep(0.5)  # the stalled rows are in flight now
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert time.monotonic() - t0 < 30  # not the 300 s grace
+    df = pd.read_parquet(tmp_path / "out")
+    assert len(df) >= 30 and df["id"].is_unique

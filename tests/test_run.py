@@ -316,3 +316,17 @@ def test_stop_ends_the_run_while_workers_wait_in_the_limiter(tmp_path: Path, sim
 
     elapsed, summary = asyncio.run(go())
     assert elapsed < 10 and summary.final_status.get("ok", 0) >= 1 and summary.pending_rows > 0
+
+
+def test_a_directory_batchkimi_did_not_make_is_never_written_or_deleted(tmp_path: Path, simulator) -> None:
+    h = simulator()
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    data = write_jsonl(tmp_path / "in.jsonl", reviews(2))
+    job = fast_job(tmp_path, h.base_url, input=str(data), prompt_template=TEMPLATE, output=str(precious))
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="not a batchkimi output"):
+            batchkimi.run(job, overwrite=overwrite)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    assert h.simulator.stats["requests"] == 0
