@@ -4,8 +4,8 @@ No polling: a waiter computes when the capacity it needs will be there and sleep
 then. The clock is injected (:class:`Clock`), so the limiter is tested without real sleeps.
 
 - **Requests** come from a token bucket filled at ``rpm / 60`` per second, holding at most
-  one second's worth (at least one request): the rate holds over any one-minute window and
-  there is no burst at second zero. It starts nearly empty (a smooth start).
+  a quarter second's worth (at least one request): the rate holds over any one-minute window
+  and there is no burst at second zero. It starts nearly empty (a smooth start).
 - **Tokens** come from a second bucket filled at ``tpm / 60`` per second. A request reserves
   an *estimate*: its prompt estimate plus the mean completion seen so far
   (:class:`CompletionEstimate`), taken at the moment it is admitted, so requests queued before
@@ -14,7 +14,9 @@ then. The clock is injected (:class:`Clock`), so the limiter is tested without r
   back and wakes the waiters.
 - **429s** pause every worker together (:meth:`RateLimiter.cool_down`), and cut the rate
   and concurrency by ``decrease_factor`` (at most once per cool-down); the share then climbs
-  back linearly, ``recovery_per_s`` of the configured rate each second (AIMD).
+  back linearly, ``recovery_per_s`` of the configured rate each second (AIMD). The cut is
+  0.9 when the job states its rpm or tpm (the pacing is already near the limit, a 429 means
+  a small overshoot) and 0.7 when it paces blind.
 - The configured rates are multiplied by ``headroom`` (0.99): a server counting a sliding
   minute sees a little network jitter as a burst.
 
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 _EPS = 1e-6  # refills land a hair short of whole units in floating point
+_BURST_S = 0.25  # a bucket holds this many seconds of its rate: bursts stay within the headroom
 
 
 class Clock(Protocol):
@@ -94,7 +97,7 @@ class RateLimiter:
         tpm: float = 0,
         clock: Clock | None = None,
         headroom: float = 0.99,
-        decrease_factor: float = 0.7,
+        decrease_factor: float | None = None,
         min_share: float = 0.05,
         recovery_per_s: float = 1 / 60,
         completion: CompletionEstimate | None = None,
@@ -105,7 +108,7 @@ class RateLimiter:
         self.rpm = rpm
         self.tpm = tpm
         self.headroom = headroom
-        self.decrease_factor = decrease_factor
+        self.decrease_factor = decrease_factor if decrease_factor is not None else (0.9 if rpm or tpm else 0.7)
         self.min_share = min_share
         self.recovery_per_s = recovery_per_s
         self.share = 1.0  # AIMD share of the configured rates and concurrency
@@ -127,11 +130,15 @@ class RateLimiter:
 
     @property
     def _req_capacity(self) -> float:
-        return max(1.0, self.rpm / 60 * self.headroom)
+        return max(1.0, self.rpm / 60 * self.headroom * _BURST_S)
 
     @property
     def _tok_rate(self) -> float:
         return self.tpm / 60 * self.headroom * self.share
+
+    @property
+    def _tok_capacity(self) -> float:
+        return self.tpm / 60 * self.headroom * _BURST_S
 
     @property
     def concurrency_cap(self) -> int:
@@ -149,8 +156,7 @@ class RateLimiter:
         if self.rpm:
             self._req_level = min(self._req_capacity, self._req_level + dt * self._req_rate)
         if self.tpm:
-            cap = self.tpm / 60 * self.headroom
-            self._tok_level = min(cap, self._tok_level + dt * self._tok_rate)
+            self._tok_level = min(self._tok_capacity, self._tok_level + dt * self._tok_rate)
 
     # ---- acquire / release -----------------------------------------------------------
     async def acquire(self, prompt_tokens: int = 0) -> Permit:
@@ -172,7 +178,7 @@ class RateLimiter:
                 if self.rpm and self._req_level < 1.0 - _EPS:
                     wait = (1.0 - self._req_level) / self._req_rate
                 if self.tpm and tokens:
-                    need = min(float(tokens), self.tpm / 60 * self.headroom)
+                    need = min(float(tokens), self._tok_capacity)  # a bigger one goes into debt
                     if self._tok_level < need - _EPS * need:
                         wait = max(wait, (need - self._tok_level) / self._tok_rate)
                 if wait > 0:

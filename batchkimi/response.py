@@ -258,24 +258,15 @@ def error_from_payload(data: dict[str, Any], *, http_status: int, in_stream: boo
     code = err.get("code")
     message = str(err.get("message") or etype)
     request_id = err.get("request_id") or data.get("request_id")
+    status = http_status
     if in_stream:
         # An error event inside a 200 stream: the answer is incomplete. Retry unless it says why not.
-        status = err.get("upstream_status") or err.get("status") or http_status
-        status = int(status) if isinstance(status, int | str) and str(status).isdigit() else http_status
-        retryable, fatal = classify(status if status != 200 else 500, etype, message, code)
-        return ResponseError(
-            f"error event in the stream: {message}",
-            error_type=etype,
-            http_status=http_status,
-            code=None if code is None else str(code),
-            request_id=request_id,
-            retryable=retryable,
-            fatal=fatal,
-            retry_after_s=retry_hint_from_message(message),
-        )
-    retryable, fatal = classify(http_status, etype, message, code)
-    return HTTPStatusError(
-        message,
+        inner = err.get("upstream_status") or err.get("status")
+        status = int(inner) if isinstance(inner, int | str) and str(inner).isdigit() else 500
+    retryable, fatal = classify(status if status != 200 else 500, etype, message, code)
+    cls, text = (ResponseError, f"error event in the stream: {message}") if in_stream else (HTTPStatusError, message)
+    return cls(
+        text,
         error_type=etype,
         http_status=http_status,
         code=None if code is None else str(code),

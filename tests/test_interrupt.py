@@ -47,6 +47,12 @@ def start(job: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def rerun(job: Path) -> subprocess.CompletedProcess:
+    """The same command again, to the end."""
+    return subprocess.run([sys.executable, "-m", "batchkimi", "run", str(job), "--quiet"],
+                          env={**os.environ, "TOKENHUB_API_KEY": TEST_KEY}, capture_output=True, timeout=120)
+
+
 def wait_for_rows(proc: subprocess.Popen, out: Path, at_least: int) -> None:
     deadline = time.monotonic() + 60
     while rows_written(out) < at_least:
@@ -74,10 +80,9 @@ def test_sigkill_mid_run_then_the_same_command_resumes(tmp_path: Path, simulator
     done_at_kill = rows_written(out)
     assert 60 <= done_at_kill < ROWS
 
-    rerun = subprocess.run([sys.executable, "-m", "batchkimi", "run", str(job), "--quiet"],
-                           env={**os.environ, "TOKENHUB_API_KEY": TEST_KEY}, capture_output=True, timeout=120)
-    assert rerun.returncode == 0, rerun.stderr.decode()
-    assert f"{ROWS} input rows: ok {ROWS}" in rerun.stdout.decode()
+    again = rerun(job)
+    assert again.returncode == 0, again.stderr.decode()
+    assert f"{ROWS} input rows: ok {ROWS}" in again.stdout.decode()
     check_complete(out)
     assert not list((out / "_journal").glob("*.jsonl"))
     # Paid twice at most: the requests that were in flight when the process died.
@@ -100,9 +105,8 @@ def test_sigterm_stops_gracefully_with_exit_130_and_resumes(tmp_path: Path, simu
     partial = pd.read_parquet(out)
     assert partial["id"].is_unique and len(partial) < ROWS and not list((out / "_journal").glob("*.jsonl"))
 
-    rerun = subprocess.run([sys.executable, "-m", "batchkimi", "run", str(job), "--quiet"],
-                           env={**os.environ, "TOKENHUB_API_KEY": TEST_KEY}, capture_output=True, timeout=120)
-    assert rerun.returncode == 0, rerun.stderr.decode()
+    again = rerun(job)
+    assert again.returncode == 0, again.stderr.decode()
     check_complete(out)
     assert h.simulator.stats["by_status"][200] == ROWS  # a graceful stop pays for nothing twice
 

@@ -71,9 +71,10 @@ def test_tpm_reserves_the_estimate_and_reconciles_the_real_usage() -> None:
         return first, second, third
 
     first, second, third = run(go())
-    assert first == pytest.approx(0.5)  # starts empty: 50 tokens at 100/s
-    assert second == pytest.approx(first + 4.5, rel=0.01)  # 400 of debt + the 50 it needs, at 100/s
-    assert third == pytest.approx(second + 0.5, rel=0.01)
+    # the bucket holds a quarter second (25 tokens); a bigger request goes into debt
+    assert first == pytest.approx(0.25)  # starts empty: no burst at second zero
+    assert second == pytest.approx(first + 4.5, rel=0.01)  # 25 of debt + 400 overrun + the 25 it needs, at 100/s
+    assert third == pytest.approx(second + 0.5, rel=0.01)  # 25 of debt + 25
 
 
 def test_concurrency_cap_holds_and_release_frees_a_slot() -> None:
@@ -116,16 +117,16 @@ def test_a_429_cools_down_every_worker_and_cuts_then_restores_the_rate() -> None
         return share_after, waited, share_later, lim.share
 
     share_after, waited, share_later, share_final = run(go())
-    assert share_after == pytest.approx(0.7)
+    assert share_after == pytest.approx(0.9)  # the job states its rpm: a gentle cut
     assert waited >= 5.0
     assert share_later > share_after
     assert share_final == 1.0
 
 
-def test_concurrency_shrinks_with_the_share() -> None:
-    lim = RateLimiter(concurrency=10, clock=FakeClock())
+def test_concurrency_shrinks_with_the_share_and_blind_pacing_cuts_harder() -> None:
+    lim = RateLimiter(concurrency=10, clock=FakeClock())  # no rpm or tpm: the 429s are all it knows
     lim.cool_down(1.0)
-    assert lim.concurrency_cap == 7
+    assert lim.share == pytest.approx(0.7) and lim.concurrency_cap == 7
 
 
 def test_completion_estimate_starts_from_a_prior_and_learns_the_mean() -> None:
