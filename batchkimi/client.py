@@ -132,16 +132,21 @@ class Transport:
                         decoder = SSEDecoder()
                         asm = StreamAssembler()
                         ttft: float | None = None
-                        got_first = False
+                        idle = self.timeouts.idle_s
+                        # Moving the deadline costs a timer each time: move it at most every
+                        # tenth of the idle limit (a stall is cut within 0.9 to 1.0 of it).
+                        step = idle / 10
+                        moved_at = -step
                         async for chunk in resp.content.iter_any():
-                            if not got_first:
-                                got_first, phase = True, "idle"
-                            guard.reschedule(min(deadline, loop.time() + self.timeouts.idle_s))
+                            now = loop.time()
+                            if now - moved_at >= step:
+                                phase, moved_at = "idle", now
+                                guard.reschedule(min(deadline, now + idle))
                             for data in decoder.feed(chunk):
                                 if asm.add(data):
                                     break
                                 if ttft is None and (asm.content or asm.reasoning or asm.tools):
-                                    ttft = loop.time() - start
+                                    ttft = now - start
                             if asm.done:
                                 break
                         if not asm.done:

@@ -257,7 +257,7 @@ def _open_input(job: Job, sink: Sink | None) -> tuple[Path, str, InputScan, dict
         except (OSError, KeyError):
             scan = None
     if scan is None:
-        scan = scan_input(path, fmt, job.id_column, None)
+        scan = scan_input(path, fmt, job.id_column)
         if job.id_column != "id" and not scan.has_id_column and fmt != "openai_batch":
             raise ConfigError(f"id_column '{job.id_column}' is not a column of {path}")
     return path, fmt, scan, manifest
@@ -410,7 +410,7 @@ async def run_async(
         base_url = sim.base_url
 
     # Bounded: when the writer is busy turning a segment into a part, workers wait (flat memory).
-    results: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=max(4 * job.concurrency, 4096))
+    results: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=max(2 * job.concurrency, 1024))
     work: asyncio.Queue[tuple[int, str, Prepared, dict[str, Any]] | None] = asyncio.Queue(maxsize=max(2 * job.concurrency, 64))
     n_workers = max(1, min(job.concurrency, limit - already))
 

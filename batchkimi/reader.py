@@ -157,7 +157,7 @@ def row_id(row: SourceRow, fmt: str, id_column: str, has_id_column: bool) -> str
     return str(value)
 
 
-def scan_input(path: Path, fmt: str, id_column: str, limit: int | None = None) -> InputScan:
+def scan_input(path: Path, fmt: str, id_column: str) -> InputScan:
     """One pass: count, fingerprint (sha256 of the bytes), and refuse duplicate ids."""
     if not path.exists():
         raise DatasetError(f"the input {path} does not exist")
@@ -175,17 +175,30 @@ def scan_input(path: Path, fmt: str, id_column: str, limit: int | None = None) -
     has_id = _has_id_column(path, fmt, id_column)
     rows = 0
     hashes = array.array("q")  # 8 bytes an id, not a Python int each
-    for batch in read_rows(path, fmt):
-        for row in batch:
-            if limit is not None and rows >= limit:
-                break
-            rows += 1
-            if has_id or fmt == "openai_batch":
+    if fmt == "parquet":
+        # Only the id column is read; without one, the footers' row counts are enough.
+        for file in files:
+            pf = pq.ParquetFile(file)
+            if not has_id:
+                rows += pf.metadata.num_rows
+                continue
+            for ids in pf.iter_batches(batch_size=65536, columns=[id_column]):
+                for value in ids.column(0).to_pylist():
+                    rows += 1
+                    if value is not None and value != "":
+                        hashes.append(hash(str(value)))
+    elif not has_id and fmt == "jsonl":
+        with _open_bytes(path) as fh:  # positions are ids: count rows the way _iter_jsonl does
+            rows = sum(1 for raw in fh if raw.strip())
+    else:
+        for rows_batch in read_rows(path, fmt):
+            for row in rows_batch:
+                rows += 1
                 rid = row_id(row, fmt, id_column, has_id)
                 if rid is not None:
                     hashes.append(hash(rid))
     if hashes:
-        _refuse_duplicates(path, fmt, id_column, has_id, np.frombuffer(hashes, dtype=np.int64), limit)
+        _refuse_duplicates(path, fmt, id_column, has_id, np.frombuffer(hashes, dtype=np.int64))
         del hashes
     return InputScan(rows, digest.hexdigest()[:32], has_id, size, mtime)
 
@@ -202,7 +215,7 @@ def _has_id_column(path: Path, fmt: str, id_column: str) -> bool:
     return False
 
 
-def _refuse_duplicates(path: Path, fmt: str, id_column: str, has_id: bool, hashes: np.ndarray, limit: int | None) -> None:
+def _refuse_duplicates(path: Path, fmt: str, id_column: str, has_id: bool, hashes: np.ndarray) -> None:
     ordered = hashes
     ordered.sort()  # in place: the scan's only per-row memory is these 8 bytes
     dup_hashes = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
@@ -212,8 +225,6 @@ def _refuse_duplicates(path: Path, fmt: str, id_column: str, has_id: bool, hashe
     seen: dict[str, list[str]] = {}
     for batch in read_rows(path, fmt):
         for row in batch:
-            if limit is not None and row.pos >= limit:
-                break
             rid = row_id(row, fmt, id_column, has_id)
             if rid is not None and hash(rid) in dup_hashes:
                 seen.setdefault(rid, []).append(row.where)

@@ -127,23 +127,27 @@ class StreamAssembler:
         self.done = False
         self.chunks = 0
 
-    def add(self, data: str) -> bool:
+    def add(self, data: bytes | str) -> bool:
         if self.done:
             return True
-        if data.strip() == "[DONE]":
-            self.done = True
-            return True
-        if not data.strip():
-            return False
+        if isinstance(data, str):
+            data = data.encode()
+        if data[:1] != b"{":
+            stripped = data.strip()
+            if stripped == b"[DONE]":
+                self.done = True
+                return True
+            if not stripped:
+                return False
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
             # Some servers forget the blank line between events: "data: {..}\ndata: {..}".
-            parts = data.split("\n")
+            parts = data.split(b"\n")
             if len(parts) > 1:
                 return any([self.add(p) for p in parts])
             raise ResponseError(
-                f"a stream event is not JSON: {snippet(data.encode())}", error_type="bad_stream", retryable=True
+                f"a stream event is not JSON: {snippet(data)}", error_type="bad_stream", retryable=True
             ) from None
         if not isinstance(chunk, dict):
             return False

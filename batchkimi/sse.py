@@ -1,4 +1,4 @@
-"""An incremental Server-Sent Events decoder: bytes in, ``data`` payloads out. No I/O.
+"""An incremental Server-Sent Events decoder: bytes in, ``data`` payloads (bytes) out. No I/O.
 
 Feed it whatever the socket gave, in any cut; it returns the complete events' data.
 It follows the SSE spec where real servers do, and tolerates what they do instead:
@@ -13,8 +13,8 @@ It follows the SSE spec where real servers do, and tolerates what they do instea
 Example::
 
     dec = SSEDecoder()
-    dec.feed(b'data: {"a":1}\\n\\nda')   # -> ['{"a":1}']
-    dec.feed(b'ta: [DONE]\\n\\n')        # -> ['[DONE]']
+    dec.feed(b'data: {"a":1}\\n\\nda')   # -> [b'{"a":1}']
+    dec.feed(b'ta: [DONE]\\n\\n')        # -> [b'[DONE]']
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class SSEDecoder:
         self._data: list[bytes] | None = None
         self._pending_cr = False
 
-    def feed(self, chunk: bytes) -> list[str]:
+    def feed(self, chunk: bytes) -> list[bytes]:
         """Add bytes; return the data of every event they completed."""
         if self._pending_cr:
             # The previous read ended in CR: a LF now is the rest of that CRLF.
@@ -45,24 +45,25 @@ class SSEDecoder:
             return []
         lines = buf.split(b"\n")
         self._buf = lines.pop()
-        out: list[str] = []
+        out: list[bytes] = []
         for line in lines:
             self._line(line, out)
         return out
 
-    def close(self) -> list[str]:
+    def close(self) -> list[bytes]:
         """End of input: return an event that was complete but for its blank line."""
-        out: list[str] = []
+        out: list[bytes] = []
         if self._buf:
             self._line(self._buf, out)
             self._buf = b""
         self._line(b"", out)
         return out
 
-    def _line(self, line: bytes, out: list[str]) -> None:
+    def _line(self, line: bytes, out: list[bytes]) -> None:
         if not line:
             if self._data is not None:
-                out.append(b"\n".join(self._data).decode("utf-8", errors="replace"))
+                data = self._data
+                out.append(data[0] if len(data) == 1 else b"\n".join(data))
                 self._data = None
             return
         if line.startswith(b"data"):

@@ -207,3 +207,13 @@ def test_progress_line_shows_rates_in_flight_retries_and_429s() -> None:
     bar.close()
     assert "ok=1" in postfix and "in-flight=1" in postfix and "retries=1" in postfix and "429s=1" in postfix
     assert "/600" in postfix and "/100k" in postfix
+
+
+def test_parquet_duplicate_ids_are_refused_and_counts_come_from_footers(tmp_path: Path) -> None:
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([{"qid": i % 3000, "q": "x"} for i in range(3001)]), path)
+    with pytest.raises(DatasetError, match=r"'0' at row 0 of d.parquet, row 3000 of d.parquet"):
+        scan_input(path, "parquet", "qid")
+    no_ids = tmp_path / "n.parquet"
+    pq.write_table(pa.Table.from_pylist([{"q": "x"}] * 2500), no_ids)
+    assert scan_input(no_ids, "parquet", "id").rows == 2500

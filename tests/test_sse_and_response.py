@@ -16,8 +16,10 @@ from .conftest import chunk, sse
 def decode_all(data: bytes, cut: int | None = None) -> list[str]:
     dec = SSEDecoder()
     if cut is None:
-        return dec.feed(data) + dec.close()
-    return dec.feed(data[:cut]) + dec.feed(data[cut:]) + dec.close()
+        out = dec.feed(data) + dec.close()
+    else:
+        out = dec.feed(data[:cut]) + dec.feed(data[cut:]) + dec.close()
+    return [b.decode() for b in out]
 
 
 STREAMS = [
@@ -43,10 +45,10 @@ def test_sse_decoder_handles_a_line_over_128_kib() -> None:
     payload = json.dumps({"x": "y" * 300_000})
     data = f"data: {payload}\n\n".encode()
     dec = SSEDecoder()
-    out: list[str] = []
+    out: list[bytes] = []
     for i in range(0, len(data), 7000):
         out += dec.feed(data[i : i + 7000])
-    assert out == [payload]
+    assert out == [payload.encode()]
 
 
 def assemble(raw: bytes) -> StreamAssembler:
