@@ -40,22 +40,29 @@ class SSEDecoder:
                 self._pending_cr = True
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buf = self._buf + chunk if self._buf else chunk
-        if b"\n" not in buf:
+        if b"\n\n" not in buf:
             self._buf = buf
             return []
-        lines = buf.split(b"\n")
-        self._buf = lines.pop()
+        # Whole events only: everything up to the last blank line; the rest waits.
+        events = buf.split(b"\n\n")
+        self._buf = events.pop()
         out: list[bytes] = []
-        for line in lines:
-            self._line(line, out)
+        for event in events:
+            # fast path: one "data:" line, by far the commonest event
+            if event[:5] == b"data:" and b"\n" not in event:
+                out.append(event[6:] if event[5:6] == b" " else event[5:])
+            elif event:
+                for line in event.split(b"\n"):
+                    self._line(line, out)
+                self._line(b"", out)
         return out
 
     def close(self) -> list[bytes]:
         """End of input: return an event that was complete but for its blank line."""
         out: list[bytes] = []
-        if self._buf:
-            self._line(self._buf, out)
-            self._buf = b""
+        for line in self._buf.split(b"\n") if self._buf else ():
+            self._line(line, out)
+        self._buf = b""
         self._line(b"", out)
         return out
 

@@ -162,7 +162,7 @@ def main() -> None:
     q = args.quick
     plan = {
         "overhead": lambda: overhead(5000 if q else 20000),
-        "waiting": lambda: waiting(6000 if q else 24000, 1000 if q else 2000, 2.0),
+        "waiting": lambda: waiting(4000 if q else 16000, 1000 if q else 2000, 5.0),
         "streams": lambda: streams(2000 if q else 4000, 1000 if q else 2000, 20.0),
         "memory": lambda: memory(10_000, 200_000 if q else 1_000_000),
         "resume": lambda: resume(201_000 if q else 1_001_000),

@@ -117,8 +117,8 @@ def test_a_second_sigint_skips_the_grace_period(tmp_path: Path, simulator) -> No
     rows = [{"id": f"id-{i}", "text": f"review {i} [[sim:stall]]" if i >= 30 else f"review {i}"} for i in range(ROWS)]
     write_jsonl(tmp_path / "in.jsonl", rows)
     job = tmp_path / "job.toml"
-    job.write_text('input = "in.jsonl"\noutput = "out"\nbase_url = "%s"\nprompt_template = "{text}"\n'
-                   "stream = true\nconcurrency = 4\ngrace_s = 300\nidle_timeout_s = 300\nflush_interval_s = 0.2\n" % h.base_url)
+    job.write_text(f'input = "in.jsonl"\noutput = "out"\nbase_url = "{h.base_url}"\nprompt_template = "{{text}}"\n'
+                   "stream = true\nconcurrency = 4\ngrace_s = 300\nidle_timeout_s = 300\nflush_interval_s = 0.2\n")
     proc = start(job)
     wait_for_rows(proc, tmp_path / "out", 30)
     time.sleep(0.5)  # the stalled rows are in flight now

@@ -30,6 +30,10 @@ STREAMS = [
     pytest.param(b': keep-alive\n\nevent: message\nid: 3\ndata: {"a":1}\n\n', ['{"a":1}'], id="comments-and-fields"),
     pytest.param(b'data: {"a":\ndata: 1}\n\n', ['{"a":\n1}'], id="multi-line-data"),
     pytest.param(b'data: [DONE]', ["[DONE]"], id="no-final-blank-line"),
+    pytest.param(b'data: {"a":1}\n\ndata: [DONE]\n', ['{"a":1}', "[DONE]"], id="last-event-single-newline"),
+    pytest.param(b'data: {"a":\ndata: 1}', ['{"a":\n1}'], id="multi-line-at-eof"),
+    pytest.param(b'data: {"a":1}\n\n\n\ndata: {"b":2}\n\n', ['{"a":1}', '{"b":2}'], id="extra-blank-lines"),
+    pytest.param(b'data:  two spaces\n\n', [" two spaces"], id="only-one-space-dropped"),
 ]
 
 
