@@ -285,8 +285,7 @@ class Simulator:
                       tool_calls: list[dict[str, Any]] | None, finish: str, usage: dict[str, Any],
                       include_usage: bool, fault: str | None) -> web.StreamResponse:
         self.stats["streams"] += 1
-        resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-request-id": rid})
-        await resp.prepare(request)
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-request-id": rid}
         base = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
         extra = {"usage": None} if include_usage else {}
 
@@ -320,20 +319,23 @@ class Simulator:
             await asyncio.sleep(self.cfg.latency_ms / 1000)
         pace = self.cfg.tokens_per_s
         if not pace and cut_at is None:
-            await resp.write(b"".join(e for e, _ in events))
-        else:
-            for i, (event, tokens) in enumerate(events):
-                if i == cut_at:
-                    if fault == "stall":
-                        await asyncio.sleep(self.cfg.stall_s)
-                    elif fault == "error_event":
-                        err = {"error": {"type": "server_error", "message": "upstream stream failed", "code": "502001"}}
-                        await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
-                    _abort(request)
-                    return resp
-                await resp.write(event)
-                if pace and tokens:
-                    await asyncio.sleep(tokens / pace)
+            # Unpaced: the same SSE bytes in one response (one send, not three).
+            self._count(200, None)
+            return web.Response(body=b"".join(e for e, _ in events), headers=headers)
+        resp = web.StreamResponse(status=200, headers=headers)
+        await resp.prepare(request)
+        for i, (event, tokens) in enumerate(events):
+            if i == cut_at:
+                if fault == "stall":
+                    await asyncio.sleep(self.cfg.stall_s)
+                elif fault == "error_event":
+                    err = {"error": {"type": "server_error", "message": "upstream stream failed", "code": "502001"}}
+                    await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
+                _abort(request)
+                return resp
+            await resp.write(event)
+            if pace and tokens:
+                await asyncio.sleep(tokens / pace)
         self._count(200, None)
         return resp
 
