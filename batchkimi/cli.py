@@ -100,7 +100,8 @@ def run(job_file: Path | None, input_: str | None, dry_run: bool, quiet: bool, o
     elif summary.interrupted:
         click.echo("interrupted: run the same command to resume.", err=True)
     elif summary.exit_code == EXIT_FAILED_ROWS:
-        click.echo("some rows failed: run the same command to retry them (the output keeps one row per input row).", err=True)
+        click.echo(f"some rows failed: see `batchkimi show {summary.output}` or the error_type and error_message "
+                   "columns; run the same command to retry them (the output keeps one row per input row).", err=True)
     sys.exit(summary.exit_code)
 
 
@@ -137,16 +138,27 @@ def simulate(host: str, port: int, accept_keys: tuple[str, ...], **options: Any)
 @click.argument("output", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--head", type=int, default=5, show_default=True, help="Rows to show.")
 def show(output: Path, head: int) -> None:
-    """Counts by status and the first rows of a run's OUTPUT directory."""
+    """Counts by status, the first rows and the failed rows of a run's OUTPUT directory."""
     from .sink import read_results
 
     df = read_results(output)
     click.echo(f"{len(df)} rows")
     if len(df):
         click.echo(df["status"].value_counts().to_string())
-        cols = [c for c in ("id", "status", "content", "error_type", "total_tokens") if c in df.columns]
-        with __import__("pandas").option_context("display.max_colwidth", 60, "display.width", 160):
-            click.echo(df[cols].head(head).to_string(index=False))
+        def short(frame: Any) -> Any:
+            out = frame.copy()
+            for col in out.columns:
+                if out[col].dtype == object or str(out[col].dtype).startswith("str"):
+                    text = out[col].fillna("").astype(str).str.replace("\n", " ")
+                    out[col] = text.where(text.str.len() <= 60, text.str.slice(0, 57) + "...")
+            return out
+
+        click.echo("\nfirst rows:")
+        click.echo(short(df[["id", "status", "content", "reasoning_content", "total_tokens"]].head(head)).to_string(index=False))
+        failed = df[df["status"] != "ok"]
+        if len(failed):
+            click.echo(f"\nrows not ok ({len(failed)}):")
+            click.echo(short(failed[["id", "row", "status", "error_type", "error_message"]].head(head)).to_string(index=False))
 
 
 def main() -> None:

@@ -125,7 +125,7 @@ class RowEngine:
                 self.limiter.release(permit, 0 if exc.http_status == 429 else prepared.prompt_tokens_estimate)
                 if exc.fatal:
                     self.hook(AttemptFinished(False, exc.http_status, exc.error_type, 0))
-                    raise FatalAPIError(f"the API refused the account: {exc}", cause=exc) from exc
+                    raise FatalAPIError(f"every request would fail like this one: {exc}", cause=exc) from exc
                 elapsed = self.clock.now() - first_start
                 if exc.http_status == 429 and exc.retryable:
                     pause = self.policy.server_delay_s(exc)
@@ -422,7 +422,8 @@ async def run_async(
         summary.cached_tokens += row.get("cached_tokens") or 0
         summary.cost_usd += row.get("cost_usd") or 0.0
         if status != "ok":
-            summary.errors[f"{row.get('error_type')}: {(row.get('error_message') or '')[:100]}"] += 1
+            message = row.get("error_message") or ""
+            summary.errors[f"{row.get('error_type')}: {message[:160]}{'...' if len(message) > 160 else ''}"] += 1
         hook(RowFinished(status, row.get("total_tokens") or 0, row.get("attempts") or 0))
         await results.put(row)
 

@@ -8,8 +8,8 @@
     │   │   └── MissingKeyError     no API key: names the variable or file to set
     │   ├── DatasetError            the input cannot be used: names the file, row, column
     │   ├── OutputError             the output directory cannot be written or resumed
-    │   └── FatalAPIError           the API refuses the whole account (401, 402, 403,
-    │                               quota): stop early, nothing done is lost
+    │   └── FatalAPIError           the API refuses the whole job (401, 402, 403, quota,
+    │                               a wrong model or URL): stop early, nothing done is lost
     └── APIError                    one request failed; after its retries it becomes a
         │                           result row with status "error", never ends the run
         ├── HTTPStatusError         the server answered with a non-2xx status

@@ -309,14 +309,18 @@ def classify(status: int, error_type: str, message: str, code: Any) -> tuple[boo
     """(retryable, fatal) for an error, per tokenhub-api.md §6.4.
 
     Retried: 408, 409, 429 rate limits and overload, 5xx. Not retried: other 4xx.
-    Fatal (stop the job, every row would fail alike): 401, 402, 403 and quota or balance
-    errors, whatever their status (Moonshot sends insufficient balance as a 429).
+    Fatal (stop the job, every row would fail alike): 401, 402, 403, quota or balance errors
+    whatever their status (Moonshot sends insufficient balance as a 429), and a wrong model
+    or base URL (404, or TokenHub's 400 "invalid parameter 'model'").
     """
     lowered = f"{error_type} {message} {code}".lower()
     quota = "exceeded_current_quota" in lowered or "free_quota_exhausted" in lowered or (
         status in (402, 403, 429) and any(w in lowered for w in _QUOTA_WORDS) and "rate limit" not in lowered
     )
-    if status in (401, 402, 403) or quota:
+    # A wrong base_url or model fails every row alike: 404 (unless about one row's file), or
+    # TokenHub's 400 "invalid parameter 'model'".
+    wrong_target = (status == 404 and "file" not in lowered) or (status == 400 and "parameter 'model'" in lowered)
+    if status in (401, 402, 403) or quota or wrong_target:
         return False, True
     if status in (408, 409, 425, 429) or status >= 500:
         return True, False

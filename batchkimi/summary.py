@@ -71,8 +71,8 @@ class Summary:
             f"cost ${self.cost_usd:.4f}"
         )
         if self.errors:
-            top = "; ".join(f"{n}x {e}" for e, n in self.errors.most_common(5))
-            out.append(f"top errors: {top}")
+            out.append("top errors:")
+            out.extend(f"  {n}x {e}" for e, n in self.errors.most_common(5))
         return out
 
     def as_dict(self) -> dict[str, Any]:

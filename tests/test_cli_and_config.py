@@ -217,3 +217,12 @@ def test_parquet_duplicate_ids_are_refused_and_counts_come_from_footers(tmp_path
     no_ids = tmp_path / "n.parquet"
     pq.write_table(pa.Table.from_pylist([{"q": "x"}] * 2500), no_ids)
     assert scan_input(no_ids, "parquet", "id").rows == 2500
+
+
+def test_show_lists_counts_first_rows_and_failed_rows(tmp_path: Path, simulator) -> None:
+    h = simulator()
+    data = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "What is 1 + 1?"}, {"id": "b", "prompt": "x [[sim:451]]"}])
+    invoke("run", "--input", str(data), "--output", str(tmp_path / "o"), "--base-url", h.base_url, "--quiet")
+    result = invoke("show", str(tmp_path / "o"))
+    assert result.exit_code == 0
+    assert "2 rows" in result.output and "rows not ok (1)" in result.output and "content_filter_error" in result.output

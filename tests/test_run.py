@@ -330,3 +330,13 @@ def test_a_directory_batchkimi_did_not_make_is_never_written_or_deleted(tmp_path
             batchkimi.run(job, overwrite=overwrite)
     assert (precious / "thesis.tex").read_text() == "years of work"
     assert h.simulator.stats["requests"] == 0
+
+
+@pytest.mark.parametrize("unknown_model_status", [404, 400])
+def test_an_unknown_model_stops_the_job_at_once(tmp_path: Path, simulator, unknown_model_status: int) -> None:
+    """Moonshot's 404 or TokenHub's 400 for a wrong model: one request, not one failure per row."""
+    h = simulator(unknown_model_status=unknown_model_status)
+    data = write_jsonl(tmp_path / "in.jsonl", reviews(40))
+    summary = batchkimi.run(fast_job(tmp_path, h.base_url, input=str(data), prompt_template=TEMPLATE, model="kimi-k9", concurrency=1))
+    assert summary.exit_code == 1 and "kimi-k9" in summary.fatal
+    assert h.simulator.stats["requests"] == 1
