@@ -366,6 +366,17 @@ async def run_async(
     path, fmt, scan, manifest = _open_input(job, sink)
     _check_resume(manifest, job, scan, out)
     sink.prepare()
+    try:
+        return await _run_locked(job, sink, path, fmt, scan, manifest, key, started, hook, install_signal_handlers, stop, transport)
+    finally:
+        sink.unlock()
+
+
+async def _run_locked(
+    job: Job, sink: Sink, path: Path, fmt: str, scan: InputScan, manifest: dict[str, Any] | None, key: str,
+    started: float, hook: Hook, install_signal_handlers: bool, stop: asyncio.Event | None, transport: Any,
+) -> Summary:
+    out = sink.dir
     state = sink.compact(scan.rows)
     done = state.done
     if not job.retry_errors:

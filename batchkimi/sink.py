@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -134,6 +135,7 @@ class Sink:
         self._seg_rows = 0
         self._last_fsync = 0.0
         self._dirty = False
+        self._lock_fh: Any = None
         self.latest: tuple[np.ndarray, np.ndarray, list[str]] = (np.zeros(0, np.int64), np.zeros(0, np.int64), [])
 
     # ---- manifest ----------------------------------------------------------------------
@@ -157,7 +159,7 @@ class Sink:
 
     # ---- opening -----------------------------------------------------------------------
     def prepare(self) -> None:
-        """Create the directory, check it is writable, and turn a killed run's journal into parts."""
+        """Create the directory, take the writer's lock, and turn a killed run's journal into parts."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.journal_dir.mkdir(exist_ok=True)
@@ -166,6 +168,7 @@ class Sink:
             probe.unlink()
         except OSError as exc:
             raise self._os_error(exc, "create the output directory") from exc
+        self._lock()
         for stale in self.dir.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
         parts = {int(m.group(1)) for p in self.dir.iterdir() if (m := _PART.match(p.name))}
@@ -179,6 +182,29 @@ class Sink:
                 parts.add(seq)
             seg.unlink()
         self._seq = max(parts, default=0)
+
+    def _lock(self) -> None:
+        """One writer per output: a second run on the same directory is refused, not interleaved.
+        The OS drops the lock when the process ends, however it ends."""
+        fh = open(self.dir / ".lock", "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise OutputError(f"{self.dir} is being written by another batchkimi run ({holder}); wait for it or use another --output") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._lock_fh = fh
+
+    def unlock(self) -> None:
+        fh, self._lock_fh = self._lock_fh, None
+        if fh is not None:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
 
     def part_paths(self) -> list[Path]:
         return sorted(p for p in self.dir.iterdir() if _PART.match(p.name))

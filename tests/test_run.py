@@ -340,3 +340,24 @@ def test_an_unknown_model_stops_the_job_at_once(tmp_path: Path, simulator, unkno
     summary = batchkimi.run(fast_job(tmp_path, h.base_url, input=str(data), prompt_template=TEMPLATE, model="kimi-k9", concurrency=1))
     assert summary.exit_code == 1 and "kimi-k9" in summary.fatal
     assert h.simulator.stats["requests"] == 1
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_writes(tmp_path: Path, simulator) -> None:
+    """One writer per output: a cron overlap must not interleave two runs' parts."""
+    import threading
+    import time
+
+    h = simulator(latency_ms=300)
+    data = write_jsonl(tmp_path / "in.jsonl", reviews(30))
+    job = fast_job(tmp_path, h.base_url, input=str(data), prompt_template=TEMPLATE, concurrency=2)
+    first: dict = {}
+    t = threading.Thread(target=lambda: first.setdefault("summary", batchkimi.run(job)))
+    t.start()
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "out" / "_manifest.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(OutputError, match=r"being written by another batchkimi run \(pid \d+\)"):
+        batchkimi.run(job)
+    t.join(60)
+    assert first["summary"].final_status == {"ok": 30}
+    assert batchkimi.run(job).sent_rows == 0  # the lock is gone with the first run

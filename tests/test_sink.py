@@ -21,6 +21,7 @@ def test_a_killed_runs_journal_becomes_a_part_and_a_torn_line_is_dropped(tmp_pat
     sink.prepare()
     sink.append([row(0, text="a"), row(1, text="b")])
     sink._seg_fh.write(b'{"id": "r2", "row": 2, "sta')  # the crash tore this line
+    sink.unlock()  # the process died: the OS drops its lock
     # a new process opens the same directory
     again = Sink(tmp_path / "out", keep_columns=("text",))
     again.prepare()
@@ -54,5 +55,5 @@ def test_manifest_round_trip_and_no_temporary_files_left(tmp_path: Path) -> None
     sink.append([row(0)])
     sink.roll()
     assert sink.read_manifest() == {"a": 1}
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_journal", "_manifest.json", "part-000001.parquet"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "_journal", "_manifest.json", "part-000001.parquet"]
     assert json.loads((tmp_path / "out/_manifest.json").read_text()) == {"a": 1}
