@@ -50,8 +50,6 @@ from .retry import RetryPolicy
 from .sink import MANIFEST, Sink, kept_column_name
 from .summary import DryRunReport, Summary, cost_usd
 
-Transporter = Callable[..., Any]
-
 
 def _now_ms() -> int:
     return int(time.time() * 1000)

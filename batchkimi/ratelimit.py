@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from typing import Protocol
 
 _EPS = 1e-6  # refills land a hair short of whole units in floating point
@@ -47,14 +46,6 @@ class MonotonicClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
-
-
-@dataclass(frozen=True)
-class LimiterSnapshot:
-    in_flight: int
-    concurrency_cap: int
-    rate_share: float
-    cooling_down_s: float
 
 
 class CompletionEstimate:
@@ -235,7 +226,3 @@ class RateLimiter:
     def pause(self, delay_s: float) -> None:
         """Wait ``delay_s`` without cutting the rate (a server said its window is spent)."""
         self._cool_until = max(self._cool_until, self.clock.now() + delay_s)
-
-    def snapshot(self) -> LimiterSnapshot:
-        now = self.clock.now()
-        return LimiterSnapshot(self.in_flight, self.concurrency_cap, self.share, max(0.0, self._cool_until - now))

@@ -115,13 +115,14 @@ def _iter_parquet(path: Path, skip_until: int = 0) -> Iterator[SourceRow]:
         if pos + n <= skip_until:
             pos += n
             continue
+        first = pos  # rows are numbered within each file in messages, from 0
         for batch in pf.iter_batches(batch_size=BATCH_ROWS):
             if pos + batch.num_rows <= skip_until:
                 pos += batch.num_rows
                 continue
             for record in batch.to_pylist():
                 if pos >= skip_until:
-                    yield SourceRow(pos, f"row {pos} of {file.name}", record)
+                    yield SourceRow(pos, f"row {pos - first} of {file.name}", record)
                 pos += 1
 
 

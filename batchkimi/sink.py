@@ -111,7 +111,6 @@ class ResumeState:
 
     done: np.ndarray  # bool per input position
     prior_status: dict[str, int] = field(default_factory=dict)
-    prior_rows: int = 0
 
     def first_pending(self) -> int:
         pending = np.flatnonzero(~self.done)
@@ -260,7 +259,7 @@ class Sink:
         done[latest_rows[np.isin(latest_codes, done_codes)]] = True
         counts = {names[i]: int(n) for i, n in enumerate(np.bincount(latest_codes, minlength=len(names))) if n}
         self.latest = (latest_rows, latest_codes, names)
-        return ResumeState(done, counts, int(latest_rows.size))
+        return ResumeState(done, counts)
 
     def positions_with_status(self, statuses: Iterable[str], below: int | None = None) -> np.ndarray:
         """Input positions whose latest row has one of ``statuses`` (after :meth:`compact`)."""

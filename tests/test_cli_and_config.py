@@ -119,6 +119,8 @@ def test_reader_formats_gz_and_parquet_folder(tmp_path: Path) -> None:
         assert tail == list(range(2400, 2500))
         scan = scan_input(path, fmt, "id")
         assert scan.rows == 2500 and scan.has_id_column
+    second_file = [r for b in read_rows(folder, "parquet", skip_until=1000) for r in b][0]
+    assert (second_file.pos, second_file.where) == (1000, "row 0 of b.parquet")
     assert detect_format(ROOT / "sample_data/openai_batch.jsonl") == "openai_batch"
     with pytest.raises(DatasetError, match="cannot tell the format"):
         detect_format(tmp_path / "x.csv")
