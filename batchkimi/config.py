@@ -288,36 +288,41 @@ def check_job(job: Job) -> None:
         _check_kimi_rules(job)
 
 
-def _check_kimi_rules(job: Job) -> None:
-    # The rules and their wording: tokenhub-api.md §3.2 (Kimi answers these with a 400).
-    if job.temperature is not None:
-        allowed = 1.0 if job.thinking_on else 0.6
-        if job.temperature != allowed:
-            mode = "thinking" if job.thinking_on else "non-thinking"
-            raise ConfigError(
-                f"temperature = {job.temperature} would be refused by Kimi in {mode} mode: "
-                f"'invalid temperature: only {allowed:g} is allowed for this model'. Leave temperature unset."
-            )
+def kimi_rule_violation(params: Mapping[str, Any], thinking_on: bool) -> tuple[str, str] | None:
+    """The first request parameter Kimi would refuse, as (key, Kimi's own 400 message), else None.
+
+    The rules and their wording: tokenhub-api.md §3.2. Used for the job's settings and for
+    each OpenAI batch line's body, so both say the same thing.
+    """
+    temperature = params.get("temperature")
+    if temperature is not None:
+        allowed = 1.0 if thinking_on else 0.6
+        if temperature != allowed:
+            return "temperature", f"invalid temperature: only {allowed:g} is allowed for this model"
     for key, allowed in FIXED_PARAMS.items():
-        value = getattr(job, key)
+        value = params.get(key)
         if value is not None and value != allowed:
-            raise ConfigError(
-                f"{key} = {value} would be refused by Kimi: 'invalid {key}: only {allowed:g} is "
-                f"allowed for this model'. Leave {key} unset."
-            )
-    if job.thinking_on and job.tool_choice is not None:
-        if job.tool_choice == "required":
-            raise ConfigError(
-                "tool_choice = 'required' would be refused by Kimi: \"tool_choice 'required' is "
-                "incompatible with thinking enabled\". Use 'auto', or set thinking = 'disabled'."
-            )
-        if isinstance(job.tool_choice, dict):
-            raise ConfigError(
-                "a named tool_choice would be refused by Kimi: \"tool_choice 'specified' is "
-                "incompatible with thinking enabled\". Use 'auto', or set thinking = 'disabled'."
-            )
-    if isinstance(job.stop, list) and len(job.stop) > 5:
-        raise ConfigError(f"stop has {len(job.stop)} strings; Kimi takes at most 5")
+            return key, f"invalid {key}: only {allowed:g} is allowed for this model"
+    choice = params.get("tool_choice")
+    if thinking_on and choice == "required":
+        return "tool_choice", "tool_choice 'required' is incompatible with thinking enabled"
+    if thinking_on and isinstance(choice, dict):
+        return "tool_choice", "tool_choice 'specified' is incompatible with thinking enabled"
+    stop = params.get("stop")
+    if isinstance(stop, list) and len(stop) > 5:
+        return "stop", f"stop has {len(stop)} strings; Kimi takes at most 5"
+    return None
+
+
+def _check_kimi_rules(job: Job) -> None:
+    params = {key: getattr(job, key) for key in ("temperature", *FIXED_PARAMS, "tool_choice", "stop")}
+    violation = kimi_rule_violation(params, job.thinking_on)
+    if violation is None:
+        return
+    key, message = violation
+    mode = "thinking" if job.thinking_on else "non-thinking"
+    advice = "Use 'auto', or set thinking = 'disabled'." if key == "tool_choice" else f"Leave {key} unset."
+    raise ConfigError(f"{key} = {params[key]!r} would be refused by Kimi in {mode} mode: '{message}'. {advice}")
 
 
 def resolve_api_key(job: Job) -> str:

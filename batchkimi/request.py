@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .config import FIXED_PARAMS, Job
+from .config import Job, kimi_rule_violation
 from .tokens import estimate_messages_tokens
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -79,6 +79,9 @@ def _check_messages(messages: Any, job: Job, column: str) -> list[dict[str, Any]
         role = m.get("role")
         if role not in _ROLES:
             raise RowInvalid(f"{column}[{i}].role is {role!r}; expected system, user, assistant or tool")
+        calls = m.get("tool_calls")
+        if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)):
+            raise RowInvalid(f"{column}[{i}].tool_calls must be a list of {{id, type, function: {{name, arguments}}}} objects")
         if role == "assistant" and m.get("tool_calls"):
             if job.thinking_on and job.applies_kimi_rules and "reasoning_content" not in m:
                 raise RowInvalid(
@@ -163,12 +166,7 @@ def _check_row_overrides(overrides: dict[str, Any], job: Job) -> None:
         return
     thinking = overrides.get("thinking")
     thinking_on = job.thinking_on if not isinstance(thinking, dict) else thinking.get("type") != "disabled"
-    temp = overrides.get("temperature")
-    if temp is not None and temp != (1.0 if thinking_on else 0.6):
-        allowed = "1" if thinking_on else "0.6"
-        raise RowInvalid(f"body.temperature = {temp}: Kimi allows only {allowed} here; remove it from the batch line")
-    for key, allowed_value in FIXED_PARAMS.items():
-        if overrides.get(key) is not None and overrides[key] != allowed_value:
-            raise RowInvalid(f"body.{key} = {overrides[key]}: Kimi allows only {allowed_value:g}; remove it from the batch line")
-    if thinking_on and (overrides.get("tool_choice") == "required" or isinstance(overrides.get("tool_choice"), dict)):
-        raise RowInvalid("body.tool_choice forces a tool, which Kimi refuses with thinking on; use 'auto'")
+    violation = kimi_rule_violation(overrides, thinking_on)
+    if violation is not None:
+        key, message = violation
+        raise RowInvalid(f"body.{key} = {overrides[key]!r}: Kimi would refuse it ('{message}'); remove it from the batch line")

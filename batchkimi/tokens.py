@@ -42,6 +42,6 @@ def estimate_messages_tokens(messages: list[dict[str, Any]]) -> int:
         if m.get("reasoning_content"):
             total += estimate_text_tokens(str(m["reasoning_content"]))
         for call in m.get("tool_calls") or ():
-            fn = call.get("function") or {} if isinstance(call, dict) else {}
+            fn = (call.get("function") or {}) if isinstance(call, dict) else {}
             total += estimate_text_tokens(str(fn.get("name", ""))) + estimate_text_tokens(str(fn.get("arguments", "")))
     return total

@@ -104,11 +104,14 @@ def test_messages_column_multi_turn_with_tool_call_written_back(tmp_path: Path, 
 def test_bad_rows_become_invalid_rows_naming_line_and_column(tmp_path: Path, simulator) -> None:
     h = simulator()
     data = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "fine"}, '{"id": "b", "text": ', {"id": "c", "other": 1},
-                                               {"id": "d", "messages": []}, [1, 2]])
+                                               {"id": "d", "messages": []}, [1, 2],
+                                               {"id": "f", "messages": [{"role": "user", "content": "q"},
+                                                                        {"role": "assistant", "content": "", "reasoning_content": "r", "tool_calls": ["oops"]}]}])
     job = fast_job(tmp_path, h.base_url, input=str(data), prompt_template="Say: {text}")
     summary = batchkimi.run(job)
     df = batchkimi.read_results(job.output).set_index("row")
-    assert summary.exit_code == 3 and summary.final_status == {"ok": 1, "invalid": 4}
+    assert summary.exit_code == 3 and summary.final_status == {"ok": 1, "invalid": 5}
+    assert "messages[1].tool_calls must be a list" in df.loc[5, "error_message"]
     assert "line 2 of in.jsonl is not valid JSON" in df.loc[1, "error_message"]
     assert "line 3 of in.jsonl" in df.loc[2, "error_message"] and "column 'text'" in df.loc[2, "error_message"]
     assert "'messages'" in df.loc[3, "error_message"]
