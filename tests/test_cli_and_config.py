@@ -158,7 +158,8 @@ def test_messages_rows_are_checked_and_parquet_nulls_dropped() -> None:
     msgs = [{"role": "user", "content": "hi", "tool_calls": None, "reasoning_content": None}]
     assert build_request({"messages": msgs}, job).body["messages"] == [{"role": "user", "content": "hi"}]
     with pytest.raises(RowInvalid, match=r"messages\[1\] is an assistant tool-call turn without reasoning_content"):
-        build_request({"messages": [{"role": "user", "content": "w"}, {"role": "assistant", "content": "", "tool_calls": [{"id": "a"}]}]}, job)
+        build_request({"messages": [{"role": "user", "content": "w"}, {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, job)
     with pytest.raises(RowInvalid, match=r"messages\[0\].role"):
         build_request({"messages": [{"role": "wizard", "content": "x"}]}, job)
 
