@@ -3,9 +3,7 @@ event loop, so a server cannot share the test's), and small dataset writers."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from batchkimi.config import Job
-from batchkimi.simulator import SimHandle, start_in_thread
+from batchkimi.simulator import SimHandle, serve_app_in_thread, start_in_thread
 
 TEST_KEY = "sk-test-0123456789abcdef-SECRET"
 
@@ -46,52 +44,21 @@ class RawServer:
     def __init__(self, handler: Callable[[web.Request], Any]) -> None:
         self.handler = handler
         self.requests: list[dict[str, Any]] = []
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self.thread = threading.Thread(target=self._main, daemon=True)
-        self.thread.start()
-        self._ready.wait(10)
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._handle)
+        self.server = serve_app_in_thread(app, name="test-raw-server")
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.requests.append({"headers": dict(request.headers), "body": json.loads(body) if body else None})
         return await self.handler(request)
 
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def start() -> None:
-            app = web.Application()
-            app.router.add_post("/v1/chat/completions", self._handle)
-            self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-            await self.runner.setup()
-            site = web.TCPSite(self.runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-        self.loop.run_until_complete(start())
-        self._ready.set()
-        self.loop.run_forever()
-
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://127.0.0.1:{self.server.port}/v1"
 
     def stop(self) -> None:
-        async def shutdown() -> None:
-            await self.runner.cleanup()
-            handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in handlers:  # a handler still stalling on purpose
-                t.cancel()
-            await asyncio.gather(*handlers, return_exceptions=True)
-
-        fut = asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
-        try:
-            fut.result(5)
-        except Exception:  # noqa: BLE001
-            pass
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        self.server.stop()
 
 
 @pytest.fixture

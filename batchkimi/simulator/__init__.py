@@ -11,7 +11,72 @@ from aiohttp import web
 
 from .server import FAULTS, SimConfig, Simulator
 
-__all__ = ["FAULTS", "SimConfig", "SimHandle", "Simulator", "serve", "start_in_thread"]
+__all__ = ["FAULTS", "AppThread", "SimConfig", "SimHandle", "Simulator", "serve", "serve_app_in_thread", "start_in_thread"]
+
+
+@dataclass
+class AppThread:
+    """An aiohttp app served from its own event loop in a background thread."""
+
+    port: int
+    _loop: asyncio.AbstractEventLoop
+    _thread: threading.Thread
+    _runner: web.AppRunner
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+
+        async def shutdown() -> None:
+            await self._runner.cleanup()
+            # handlers still stalling on purpose (the stall fault): end them, not leak them
+            handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in handlers:
+                t.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
+
+        fut = asyncio.run_coroutine_threadsafe(shutdown(), self._loop)
+        try:
+            fut.result(timeout=10)
+        except Exception:  # noqa: BLE001 - shutting down: nothing to report to anyone
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+    await site.start()
+    sockets = site._server.sockets  # type: ignore[union-attr]
+    return runner, sockets[0].getsockname()[1]
+
+
+def serve_app_in_thread(app: web.Application, host: str = "127.0.0.1", port: int = 0, name: str = "batchkimi-server") -> AppThread:
+    """Serve ``app`` on ``host:port`` (0: a free port) from a background thread with its own loop."""
+    loop = asyncio.new_event_loop()
+    ready: dict[str, Any] = {}
+    started = threading.Event()
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            ready["runner"], ready["port"] = loop.run_until_complete(_start(app, host, port))
+        except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
+            ready["error"] = exc
+            started.set()
+            return
+        started.set()
+        loop.run_forever()
+        loop.close()
+
+    thread = threading.Thread(target=main, name=name, daemon=True)
+    thread.start()
+    started.wait(30)
+    if "error" in ready:
+        raise ready["error"]
+    return AppThread(ready["port"], loop, thread, ready["runner"])
 
 
 @dataclass
@@ -21,29 +86,10 @@ class SimHandle:
     base_url: str  # http://127.0.0.1:PORT/v1
     port: int
     simulator: Simulator
-    _loop: asyncio.AbstractEventLoop
-    _thread: threading.Thread
-    _runner: web.AppRunner
+    server: AppThread
 
     def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
-        try:
-            fut.result(timeout=10)
-        except Exception:  # noqa: BLE001 - shutting down: nothing to report to anyone
-            pass
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-
-
-async def _start(sim: Simulator, host: str, port: int) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(sim.app(), access_log=None, handle_signals=False, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
-    await site.start()
-    sockets = site._server.sockets  # type: ignore[union-attr]
-    return runner, sockets[0].getsockname()[1]
+        self.server.stop()
 
 
 def start_in_thread(options: dict[str, Any] | SimConfig | None = None, api_keys: Any = None) -> SimHandle:
@@ -52,30 +98,9 @@ def start_in_thread(options: dict[str, Any] | SimConfig | None = None, api_keys:
     if api_keys is not None:
         cfg.api_keys = tuple(api_keys)
     sim = Simulator(cfg)
-    loop = asyncio.new_event_loop()
-    ready: dict[str, Any] = {}
-    started = threading.Event()
-
-    def main() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            ready["runner"], ready["port"] = loop.run_until_complete(_start(sim, cfg.host, cfg.port))
-        except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
-            ready["error"] = exc
-            started.set()
-            return
-        started.set()
-        loop.run_forever()
-        loop.close()
-
-    thread = threading.Thread(target=main, name="batchkimi-simulator", daemon=True)
-    thread.start()
-    started.wait(30)
-    if "error" in ready:
-        raise ready["error"]
-    port = ready["port"]
+    server = serve_app_in_thread(sim.app(), cfg.host, cfg.port, name="batchkimi-simulator")
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
-    return SimHandle(f"http://{host}:{port}/v1", port, sim, loop, thread, ready["runner"])
+    return SimHandle(f"http://{host}:{server.port}/v1", server.port, sim, server)
 
 
 def serve(cfg: SimConfig, on_ready: Any = None) -> None:
@@ -83,7 +108,7 @@ def serve(cfg: SimConfig, on_ready: Any = None) -> None:
 
     async def main() -> None:
         sim = Simulator(cfg)
-        runner, port = await _start(sim, cfg.host, cfg.port)
+        runner, port = await _start(sim.app(), cfg.host, cfg.port)
         if on_ready:
             on_ready(port)
         try:
