@@ -69,12 +69,18 @@ def check_complete(out: Path) -> pd.DataFrame:
     return df
 
 
-def test_sigkill_mid_run_then_the_same_command_resumes(tmp_path: Path, simulator) -> None:
+def start_and_wait(tmp_path: Path, simulator, rows_done: int):  # noqa: ANN001, ANN201
+    """A simulator, the job, a running `batchkimi run`, and at least ``rows_done`` rows on disk."""
     h = simulator(latency_ms=40)
     job = job_file(tmp_path, h.base_url)
     out = tmp_path / "out"
     proc = start(job)
-    wait_for_rows(proc, out, 60)
+    wait_for_rows(proc, out, rows_done)
+    return h, job, out, proc
+
+
+def test_sigkill_mid_run_then_the_same_command_resumes(tmp_path: Path, simulator) -> None:
+    h, job, out, proc = start_and_wait(tmp_path, simulator, 60)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     done_at_kill = rows_written(out)
@@ -91,11 +97,7 @@ def test_sigkill_mid_run_then_the_same_command_resumes(tmp_path: Path, simulator
 
 
 def test_sigterm_stops_gracefully_with_exit_130_and_resumes(tmp_path: Path, simulator) -> None:
-    h = simulator(latency_ms=40)
-    job = job_file(tmp_path, h.base_url)
-    out = tmp_path / "out"
-    proc = start(job)
-    wait_for_rows(proc, out, 40)
+    h, job, out, proc = start_and_wait(tmp_path, simulator, 40)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err.decode()
