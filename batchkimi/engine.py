@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import random
 import shutil
 import signal
 import threading
@@ -87,8 +88,6 @@ class RowEngine:
         clock: Clock | None = None,
         rng: Callable[[], float] | None = None,
     ) -> None:
-        import random
-
         self.job = job
         self.transport = transport
         self.limiter = limiter
@@ -107,7 +106,8 @@ class RowEngine:
             yield cls(job, transport, limiter_of(job), policy_of(job), hook=hook)
 
     async def process(self, rid: str, pos: int, prepared: Prepared) -> dict[str, Any]:
-        """The result row for one request. Raises :class:`FatalAPIError` if the account is refused."""
+        """The result row for one request. Raises :class:`FatalAPIError` when the API refuses the
+        job itself (auth, quota, wrong model or URL): every other request would fail alike."""
         attempts = 0
         first_start = self.clock.now()
         streaming = bool(prepared.body.get("stream"))
@@ -293,8 +293,6 @@ def dry_run(job: Job, *, check_key: bool = True) -> DryRunReport:
     if sink is not None and manifest:
         _check_resume(manifest, job, scan, sink.dir)
     done = sink.compact(scan.rows, rewrite=False).done if sink is not None and manifest else None
-    from collections import Counter
-
     status: Counter[str] = Counter()
     invalid: list[str] = []
     first: dict[str, Any] | None = None
