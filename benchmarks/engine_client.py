@@ -74,10 +74,8 @@ def main() -> None:
         else:
             j = job(rows, f"out_resume_{rows}")
         t = InstantTransport()
-        stop = None
 
         async def go() -> tuple[float, int]:
-            nonlocal stop
             stop = asyncio.Event()
             t0 = time.perf_counter()
             task = asyncio.create_task(batchkimi.run_async(j, transport=t, stop=stop))

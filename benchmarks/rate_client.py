@@ -6,6 +6,7 @@ python rate_client.py rpm|tpm LIMIT SECONDS
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sys
 import time
@@ -31,8 +32,6 @@ def main(kind: str, limit: int, seconds: int) -> None:
     with SimProcess(**sim_settings, reasoning_words=40, answer_words=30) as sim:
         job = batchkimi.Job(input=str(data), output=str(out), base_url=sim.base_url, max_tokens=4096, stream=False,
                             thinking="enabled", backoff_base_s=1.0, **job_limits)
-        import asyncio
-
         async def go() -> batchkimi.Summary:
             stop = asyncio.Event()
             asyncio.get_running_loop().call_later(seconds, stop.set)
