@@ -9,11 +9,19 @@ arrive, so a stalled stream is cut within ``idle`` seconds however long it has r
 
 The stream is read with ``iter_any()`` and split by :class:`~batchkimi.sse.SSEDecoder`:
 ``resp.content`` line iteration raises on lines over 128 KiB, and Kimi's get that long.
+After ``[DONE]`` the body is read to its end (for at most ``drain`` seconds): a response
+dropped before its end closes the connection, and over the internet each new one is a TLS
+handshake.
+
+Everything a server says (error text, answers) passes :meth:`Transport.redact` before it
+leaves this module: a server that quotes the API key back never gets it printed or stored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +42,7 @@ class Timeouts:
     first_byte_s: float = 180.0
     idle_s: float = 90.0
     attempt_s: float = 1800.0
+    drain_s: float = 1.0  # after [DONE]: wait this long for the body's end, to keep the connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +114,38 @@ class Transport:
             await self._session.close()
             self._session = None
 
-    async def complete(self, body: dict, *, stream: bool) -> Reply:
-        """One attempt. Raises an :class:`APIError` subclass for anything but a complete answer."""
+    def redact(self, text: str) -> str:
+        """``text`` with the API key replaced by ``***``."""
+        key = self._api_key
+        return text.replace(key, "***") if key and key in text else text
+
+    def _redact_answer(self, answer: Answer) -> Answer:
+        key = self._api_key
+        fields = (answer.content, answer.reasoning_content or "", str(answer.tool_calls or ""))
+        if not key or not any(key in f for f in fields):
+            return answer
+        calls = None
+        if answer.tool_calls:
+            calls = [{**c, "id": self.redact(c["id"]) if c.get("id") else c.get("id"),
+                      "function": {"name": self.redact(c["function"]["name"]), "arguments": self.redact(c["function"]["arguments"])}}
+                     for c in answer.tool_calls]
+        return dataclasses.replace(
+            answer, content=self.redact(answer.content), tool_calls=calls,
+            reasoning_content=None if answer.reasoning_content is None else self.redact(answer.reasoning_content))
+
+    async def complete(self, body: dict, *, stream: bool, payload: bytes | None = None) -> Reply:
+        """One attempt. Raises an :class:`APIError` subclass for anything but a complete answer.
+        ``payload`` is ``body`` already encoded (the engine encodes it once, when it checks the row)."""
+        try:
+            return await self._complete(body, stream, payload)
+        except APIError as exc:
+            exc.message = self.redact(exc.message)
+            if exc.request_id:
+                exc.request_id = self.redact(exc.request_id)
+            exc.args = (exc.message,)
+            raise
+
+    async def _complete(self, body: dict, stream: bool, payload: bytes | None) -> Reply:
         assert self._session is not None, "use Transport as an async context manager"
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -115,7 +154,7 @@ class Transport:
         first = min(deadline, start + (self.timeouts.first_byte_s if stream else self.timeouts.attempt_s))
         try:
             async with asyncio.timeout_at(first) as guard:
-                async with self._session.post(self.url, data=orjson.dumps(body)) as resp:
+                async with self._session.post(self.url, data=payload if payload is not None else orjson.dumps(body)) as resp:
                     status = resp.status
                     headers = resp.headers
                     ctype = headers.get("Content-Type", "")
@@ -152,11 +191,14 @@ class Transport:
                         if not asm.done:
                             for data in decoder.close():
                                 asm.add(data)
+                        elif not resp.content.at_eof():
+                            await self._drain(resp)
                         answer = asm.finish(ttft)
                     else:
                         raw = await resp.read()
                         answer = parse_completion(raw)
-                    return Reply(answer, status, request_id or answer.response_id, _ratelimit_reset_s(headers))
+                    rid = request_id or answer.response_id
+                    return Reply(self._redact_answer(answer), status, self.redact(rid) if rid else rid, _ratelimit_reset_s(headers))
         except APIError:
             raise
         except aiohttp.ConnectionTimeoutError as exc:
@@ -182,3 +224,11 @@ class Transport:
             raise TransportError(f"invalid URL {self.url}", error_type="invalid_url", fatal=True) from exc
         except aiohttp.ClientError as exc:
             raise TransportError(f"HTTP client error: {exc!r}", error_type="client_error", retryable=True) from exc
+
+    async def _drain(self, resp: aiohttp.ClientResponse) -> None:
+        """Read what follows [DONE] (the chunked body's end) so the connection goes back to the
+        pool; give up after ``drain_s`` (the connection is then closed, the answer kept)."""
+        with contextlib.suppress(TimeoutError, aiohttp.ClientError, OSError):
+            async with asyncio.timeout(self.timeouts.drain_s):
+                while await resp.content.readany():
+                    pass

@@ -29,22 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import kimi
 from .errors import ConfigError, MissingKeyError
+from .kimi import CONTEXT_LIMIT_TOKENS, DEFAULT_PRICES, FIXED_PARAMS, THINKING_DEFAULT_MAX_TOKENS
 
 DEFAULT_BASE_URL = "https://tokenhub-intl.tencentcloudmaas.com/v1"
 SIMULATOR = "simulator"
-THINKING_DEFAULT_MAX_TOKENS = 32768
-CONTEXT_LIMIT_TOKENS = 262144
-
-# USD per 1M tokens: (input cache miss, input cache hit, output). tokenhub-api.md §9;
-# TokenHub's own prices for Kimi are not published, so a job can override them.
-DEFAULT_PRICES: dict[str, tuple[float, float, float]] = {
-    "kimi-k2.5": (0.60, 0.10, 3.00),
-    "kimi-k2.6": (0.95, 0.16, 4.00),
-}
-
-# Kimi's fixed sampling parameters (tokenhub-api.md §3.1, §3.2): any other value is a 400.
-FIXED_PARAMS: dict[str, float] = {"top_p": 0.95, "n": 1, "presence_penalty": 0, "frequency_penalty": 0}
 
 
 @dataclass(frozen=True)
@@ -73,7 +63,7 @@ class Job:
     thinking: str | None = None  # enabled | disabled | None (server default: enabled)
     thinking_keep: str | None = None  # "all" passes historical reasoning back to the model
     stream: bool | None = None  # None: stream when thinking is on
-    include_usage: bool = False  # send stream_options.include_usage
+    include_usage: bool | None = None  # stream_options.include_usage; None: only when kimi_rules is off
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -85,7 +75,7 @@ class Job:
     response_format: Any = None
     stop: Any = None
     extra_body: Mapping[str, Any] = field(default_factory=dict)
-    kimi_rules: bool | None = None  # None: on when the model name contains "kimi"
+    kimi_rules: bool | None = None  # None: on at TokenHub and the simulator, elsewhere for "kimi*" models
     # limits
     concurrency: int = 32
     rpm: float = 0  # requests per minute; 0 = no client-side cap (adapt to 429s)
@@ -102,6 +92,7 @@ class Job:
     attempt_timeout_s: float = 1800.0  # one attempt, whole
     # run
     retry_errors: bool = True
+    stop_after_failures: int = 20  # the first N rows all failing alike stop the job; 0: never
     grace_s: float = 15.0
     rows_per_part: int = 10000
     flush_interval_s: float = 30.0
@@ -125,7 +116,13 @@ class Job:
 
     @property
     def applies_kimi_rules(self) -> bool:
-        return ("kimi" in self.model.lower()) if self.kimi_rules is None else self.kimi_rules
+        return kimi.is_kimi(self.model, self.base_url, self.kimi_rules)
+
+    @property
+    def sends_include_usage(self) -> bool:
+        """Kimi puts usage in the last chunk unasked; OpenAI-style servers (vLLM, LiteLLM, a
+        proxy in front of Kimi) report it in a stream only when asked."""
+        return (not self.applies_kimi_rules) if self.include_usage is None else self.include_usage
 
     @property
     def uses_simulator(self) -> bool:
@@ -143,20 +140,27 @@ class Job:
         return out
 
     def request_settings(self) -> dict[str, Any]:
-        """What decides the bytes sent for a row: a change here makes old results stale."""
+        """The resume key: what decides the bytes sent for a row and who answers them. A change
+        here makes old results stale, so a resume with a different one is refused. Simulated
+        answers never pass for real ones: the endpoint and the simulator's settings are part of it."""
         keys = (
             "input_format id_column prompt_column system_column messages_column model "
             "prompt_template system thinking thinking_keep max_tokens temperature top_p n "
             "presence_penalty frequency_penalty tools tool_choice response_format stop "
-            "extra_body include_usage"
+            "extra_body"
         ).split()
         d = self.public_dict()
-        return {k: d[k] for k in keys}
+        out = {k: d[k] for k in keys}
+        out["base_url"] = self.base_url.rstrip("/")
+        out["kimi_rules"] = self.applies_kimi_rules
+        out["include_usage"] = self.sends_include_usage
+        out["simulator"] = dict(self.simulator) if self.uses_simulator else None
+        return out
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Job)}
 _PATH_KEYS = ("input", "output", "api_key_file")
-_INT_KEYS = {"limit", "max_tokens", "n", "concurrency", "max_attempts", "rows_per_part"}
+_INT_KEYS = {"limit", "max_tokens", "n", "concurrency", "max_attempts", "rows_per_part", "stop_after_failures"}
 _FLOAT_KEYS = {
     "temperature", "top_p", "presence_penalty", "frequency_penalty", "rpm", "tpm",
     "max_retry_time_s", "backoff_base_s", "backoff_max_s", "max_retry_after_s",
@@ -262,6 +266,12 @@ def check_job(job: Job) -> None:
     for key in ("concurrency", "max_attempts", "rows_per_part"):
         if getattr(job, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(job, key)}")
+    if job.stop_after_failures < 0:
+        raise ConfigError(f"stop_after_failures must be 0 (never) or more, got {job.stop_after_failures}")
+    owned = sorted(set(job.extra_body) & kimi.JOB_OWNED_KEYS)
+    if owned:
+        raise ConfigError(f"extra_body may not set {', '.join(owned)}: use the job key of the same name, "
+                          "so that the checks and the resume key see it")
     for key in ("rpm", "tpm"):
         if getattr(job, key) < 0:
             raise ConfigError(f"{key} must be 0 (no cap) or more, got {getattr(job, key)}")
@@ -288,41 +298,17 @@ def check_job(job: Job) -> None:
         _check_kimi_rules(job)
 
 
-def kimi_rule_violation(params: Mapping[str, Any], thinking_on: bool) -> tuple[str, str] | None:
-    """The first request parameter Kimi would refuse, as (key, Kimi's own 400 message), else None.
-
-    The rules and their wording: tokenhub-api.md §3.2. Used for the job's settings and for
-    each OpenAI batch line's body, so both say the same thing.
-    """
-    temperature = params.get("temperature")
-    if temperature is not None:
-        allowed = 1.0 if thinking_on else 0.6
-        if temperature != allowed:
-            return "temperature", f"invalid temperature: only {allowed:g} is allowed for this model"
-    for key, allowed in FIXED_PARAMS.items():
-        value = params.get(key)
-        if value is not None and value != allowed:
-            return key, f"invalid {key}: only {allowed:g} is allowed for this model"
-    choice = params.get("tool_choice")
-    if thinking_on and choice == "required":
-        return "tool_choice", "tool_choice 'required' is incompatible with thinking enabled"
-    if thinking_on and isinstance(choice, dict):
-        return "tool_choice", "tool_choice 'specified' is incompatible with thinking enabled"
-    stop = params.get("stop")
-    if isinstance(stop, list) and len(stop) > 5:
-        return "stop", f"stop has {len(stop)} strings; Kimi takes at most 5"
-    return None
-
-
 def _check_kimi_rules(job: Job) -> None:
     params = {key: getattr(job, key) for key in ("temperature", *FIXED_PARAMS, "tool_choice", "stop")}
-    violation = kimi_rule_violation(params, job.thinking_on)
+    params.update(job.extra_body)  # extra_body goes out with every row: it obeys the same rules
+    violation = kimi.rule_violation(params, job.thinking_on)
     if violation is None:
         return
     key, message = violation
+    where = f"extra_body.{key}" if key in job.extra_body else key
     mode = "thinking" if job.thinking_on else "non-thinking"
-    advice = "Use 'auto', or set thinking = 'disabled'." if key == "tool_choice" else f"Leave {key} unset."
-    raise ConfigError(f"{key} = {params[key]!r} would be refused by Kimi in {mode} mode: '{message}'. {advice}")
+    advice = "Use 'auto', or set thinking = 'disabled'." if key == "tool_choice" else f"Leave {where} unset."
+    raise ConfigError(f"{where} = {params[key]!r} would be refused by Kimi in {mode} mode: '{message}'. {advice}")
 
 
 def resolve_api_key(job: Job) -> str:

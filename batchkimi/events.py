@@ -1,5 +1,7 @@
 """What the engine tells its hooks: small frozen records. The CLI's hook drives tqdm;
-a library user may pass any callable. No hook may block: they run on the event loop."""
+a library user may pass any callable. No hook may block: they run on the event loop.
+A hook that raises does not lose the row it was told about: the run stops with its error
+after writing what is done (:class:`SafeHook`)."""
 
 from __future__ import annotations
 
@@ -50,3 +52,24 @@ Hook = Callable[[Event], None]
 
 def no_hook(event: Event) -> None:
     return None
+
+
+class SafeHook:
+    """Calls a hook; a hook that raises never breaks a row. The first exception is kept in
+    ``error`` and handed to ``on_error`` (the run stops with it), later events still go out."""
+
+    __slots__ = ("hook", "on_error", "error")
+
+    def __init__(self, hook: Hook, on_error: Callable[[BaseException], None] | None = None) -> None:
+        self.hook = hook
+        self.on_error = on_error
+        self.error: BaseException | None = None
+
+    def __call__(self, event: Event) -> None:
+        try:
+            self.hook(event)
+        except Exception as exc:  # noqa: BLE001 - a user's hook: anything may come out
+            if self.error is None:
+                self.error = exc
+                if self.on_error is not None:
+                    self.on_error(exc)

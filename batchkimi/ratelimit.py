@@ -12,11 +12,16 @@ then. The clock is injected (:class:`Clock`), so the limiter is tested without r
   anything was learned do not carry the prior. :meth:`RateLimiter.release` reconciles it with
   the real usage: an overrun becomes debt that later requests wait out, an underrun is given
   back and wakes the waiters.
-- **429s** pause every worker together (:meth:`RateLimiter.cool_down`), and cut the rate
-  and concurrency by ``decrease_factor`` (at most once per cool-down); the share then climbs
-  back linearly, ``recovery_per_s`` of the configured rate each second (AIMD). The cut is
-  0.9 when the job states its rpm or tpm (the pacing is already near the limit, a 429 means
+- **Rate-limit 429s** pause every worker together (:meth:`RateLimiter.cool_down`), and cut
+  the rate and concurrency by ``decrease_factor`` (at most once per cool-down); the share then
+  climbs back linearly, ``recovery_per_s`` of the configured rate each second (AIMD). The cut
+  is 0.9 when the job states its rpm or tpm (the pacing is already near the limit, a 429 means
   a small overshoot) and 0.7 when it paces blind.
+- **Overload 429s** (``engine_overloaded_error``) say the server is busy, not that the account
+  is over its limits: the engine backs off that one request, and the shared rate is cut only
+  when they cluster: at least ``overload_cluster_min`` of them, and ``overload_cluster_share``
+  of the attempts, over the last ``overload_window_s`` seconds (decaying counts). Sparse ones
+  cost one request's backoff, never the whole job's pace.
 - The configured rates are multiplied by ``headroom`` (0.99): a server counting a sliding
   minute sees a little network jitter as a burst.
 
@@ -27,8 +32,9 @@ concurrency.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 _EPS = 1e-6  # refills land a hair short of whole units in floating point
 _BURST_S = 0.25  # a bucket holds this many seconds of its rate: bursts stay within the headroom
@@ -46,6 +52,22 @@ class MonotonicClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+
+class Limiter(Protocol):
+    """What the engine needs of a scheduler's limiter; another one (a cluster-wide one, say)
+    can be handed to :class:`~batchkimi.rowengine.RowEngine` in its place.
+
+    Every permit that :meth:`acquire` returns is released exactly once, whatever happens to
+    its request (the engine releases it in a ``finally``)."""
+
+    async def acquire(self, prompt_tokens: int = 0) -> Any: ...
+
+    def release(self, permit: Any, actual_tokens: int | None = None, completion_tokens: int | None = None) -> None: ...
+
+    def cool_down(self, delay_s: float, *, overload: bool = False) -> None: ...
+
+    def pause(self, delay_s: float) -> None: ...
 
 
 class CompletionEstimate:
@@ -92,6 +114,9 @@ class RateLimiter:
         min_share: float = 0.05,
         recovery_per_s: float = 1 / 60,
         completion: CompletionEstimate | None = None,
+        overload_window_s: float = 5.0,
+        overload_cluster_min: float = 3.0,
+        overload_cluster_share: float = 0.1,
     ) -> None:
         self.clock = clock or MonotonicClock()
         self.completion = completion
@@ -112,7 +137,14 @@ class RateLimiter:
         self.in_flight = 0
         self._lock = asyncio.Lock()
         self._released = asyncio.Event()
-        self.rate_limited = 0
+        self.rate_limited = 0  # 429s of any kind
+        self.cuts = 0  # times the shared rate was cut
+        self.overload_window_s = overload_window_s
+        self.overload_cluster_min = overload_cluster_min
+        self.overload_cluster_share = overload_cluster_share
+        self._recent_at = now
+        self._recent_done = 0.0  # attempts released, decaying over overload_window_s
+        self._recent_overloads = 0.0
 
     # ---- rates ---------------------------------------------------------------------
     @property
@@ -203,6 +235,8 @@ class RateLimiter:
             return
         permit.released = True
         self.in_flight -= 1
+        self._decay(self.clock.now())
+        self._recent_done += 1
         if completion_tokens is not None and self.completion is not None:
             self.completion.observe(completion_tokens)
         if self.tpm and actual_tokens is not None:
@@ -211,14 +245,31 @@ class RateLimiter:
         self._released.set()
 
     # ---- adapting ----------------------------------------------------------------------
-    def cool_down(self, delay_s: float) -> None:
-        """A 429: every worker waits ``delay_s``; rates and concurrency drop (once per cool-down)."""
+    def _decay(self, now: float) -> None:
+        dt = now - self._recent_at
+        if dt > 0:
+            f = math.exp(-dt / self.overload_window_s)
+            self._recent_done *= f
+            self._recent_overloads *= f
+            self._recent_at = now
+
+    def cool_down(self, delay_s: float, *, overload: bool = False) -> None:
+        """A 429: every worker waits ``delay_s``; rates and concurrency drop (once per cool-down).
+        An ``overload`` 429 does so only when overloads cluster (see the module docstring)."""
         now = self.clock.now()
-        self._refill(now)
         self.rate_limited += 1
+        if overload:
+            self._decay(now)
+            self._recent_overloads += 1
+            clustered = (self._recent_overloads >= self.overload_cluster_min
+                         and self._recent_overloads >= self.overload_cluster_share * max(self._recent_done, 1.0))
+            if not clustered:
+                return
+        self._refill(now)
         self._cool_until = max(self._cool_until, now + delay_s)
         if now - self._last_decrease >= max(1.0, delay_s):
             self._last_decrease = now
+            self.cuts += 1
             self.share = max(self.min_share, self.share * self.decrease_factor)
             self._req_level = min(self._req_level, 0.0)
             self._tok_level = min(self._tok_level, 0.0)

@@ -7,14 +7,21 @@ becomes an ``invalid`` output row instead of ending the job.
 
 :func:`scan_input` makes one pass before anything is sent: it counts rows, fingerprints
 the file's bytes, and finds duplicate ids.
+
+A file that cannot be read (missing, not gzip, truncated, not Parquet, damaged after its first
+batch) raises :class:`~batchkimi.errors.DatasetError` naming the file and the line or row
+reached: the translation happens here, once, for every reading path.
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
 import gzip
 import hashlib
 import io
+import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +29,37 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import DatasetError
 
 BATCH_ROWS = 1024
+_BOM = b"\xef\xbb\xbf"
+_GENERATED_ID = re.compile(r"^(_*)row-\d+$")
+# What reading a file can raise: I/O, a bad or truncated gzip stream, a damaged Parquet file.
+_READ_ERRORS = (OSError, EOFError, zlib.error, pa.ArrowException, ValueError)
+
+
+@contextlib.contextmanager
+def reading(path: Path, where: str = "") -> Iterator[None]:
+    """Turn any failure to read ``path`` into a DatasetError naming it (and ``where``)."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except FileNotFoundError:
+        raise DatasetError(f"the input {path} does not exist") from None
+    except _READ_ERRORS as exc:
+        at = f" at {where}" if where else ""
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
+        if isinstance(exc, EOFError):
+            why = "the compressed stream ends early (a truncated file?)"
+        raise DatasetError(f"cannot read {path}{at}: {why}") from exc
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "true or false", type(None): "null"}
 
 
 @dataclass(slots=True)
@@ -44,6 +77,7 @@ class InputScan:
     has_id_column: bool
     size_bytes: int
     mtime_ns: int
+    id_prefix: str = "row-"  # for rows without an id: never the start of a real id "row-N"
 
 
 def detect_format(path: Path, declared: str = "auto") -> str:
@@ -56,6 +90,8 @@ def detect_format(path: Path, declared: str = "auto") -> str:
     if name.endswith((".parquet", ".pq")):
         return "parquet"
     if name.endswith((".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz")):
+        if not path.exists():
+            raise DatasetError(f"the input {path} does not exist")
         for row in _iter_jsonl(path, stop_after=1):
             if row.data is not None and "custom_id" in row.data and isinstance(row.data.get("body"), dict):
                 return "openai_batch"
@@ -82,10 +118,24 @@ def _parquet_files(path: Path) -> list[Path]:
 def _iter_jsonl(path: Path, stop_after: int | None = None, skip_until: int = 0) -> Iterator[SourceRow]:
     pos = 0
     name = path.name
-    with _open_bytes(path) as fh:
-        for lineno, raw in enumerate(fh, start=1):
+    lineno = 0
+    with reading(path, "the start"), _open_bytes(path) as fh:
+        lines = iter(fh)
+        while True:
+            with reading(path, f"line {lineno + 1}"):
+                raw = next(lines, None)
+            if raw is None:
+                return
+            lineno += 1
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[3:]
             if not raw.strip():
                 continue
+            if pos == 0 and raw.lstrip()[:1] == b"[":
+                raise DatasetError(
+                    f"{path} holds a JSON array, not JSON Lines (one object per line): convert it, for "
+                    f"example with: jq -c '.[]' {name} > {path.stem}.jsonl"
+                )
             if pos < skip_until:
                 pos += 1
                 continue
@@ -98,29 +148,38 @@ def _iter_jsonl(path: Path, stop_after: int | None = None, skip_until: int = 0) 
                 if isinstance(value, dict):
                     yield SourceRow(pos, where, value)
                 else:
-                    yield SourceRow(pos, where, None, f"{where} is a JSON {type(value).__name__}, not an object")
+                    kind = _JSON_TYPES.get(type(value), type(value).__name__)
+                    yield SourceRow(pos, where, None, f"{where} is {kind}, not a JSON object")
             pos += 1
             if stop_after is not None and pos >= stop_after:
                 return
 
 
+def _parquet_file(file: Path) -> pq.ParquetFile:
+    with reading(file, "its footer"):
+        return pq.ParquetFile(file)
+
+
 def _iter_parquet(path: Path, skip_until: int = 0) -> Iterator[SourceRow]:
     pos = 0
     for file in _parquet_files(path):
-        try:
-            pf = pq.ParquetFile(file)
-        except Exception as exc:  # pyarrow raises ArrowInvalid and OSError subclasses
-            raise DatasetError(f"cannot read {file} as Parquet: {exc}") from exc
+        pf = _parquet_file(file)
         n = pf.metadata.num_rows
         if pos + n <= skip_until:
             pos += n
             continue
         first = pos  # rows are numbered within each file in messages, from 0
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS):
-            if pos + batch.num_rows <= skip_until:
-                pos += batch.num_rows
-                continue
-            for record in batch.to_pylist():
+        batches = pf.iter_batches(batch_size=BATCH_ROWS)
+        while True:
+            with reading(file, f"row {pos - first}"):
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                if pos + batch.num_rows <= skip_until:
+                    pos += batch.num_rows
+                    continue
+                records = batch.to_pylist()
+            for record in records:
                 if pos >= skip_until:
                     yield SourceRow(pos, f"row {pos - first} of {file.name}", record)
                 pos += 1
@@ -145,14 +204,15 @@ def read_rows(path: Path, fmt: str, skip_until: int = 0) -> Iterator[list[Source
         yield batch
 
 
-def row_id(row: SourceRow, fmt: str, id_column: str, has_id_column: bool) -> str | None:
-    """The row's id as text; a stable ``row-<pos>`` when the dataset has no id column."""
+def row_id(row: SourceRow, fmt: str, id_column: str, has_id_column: bool, id_prefix: str = "row-") -> str | None:
+    """The row's id as text; a stable ``row-<pos>`` when the dataset has no id column; None
+    when it has one and this row's is missing (the caller makes an id with ``id_prefix``)."""
     if fmt == "openai_batch":
         value = row.data.get("custom_id") if row.data else None
     elif has_id_column:
         value = row.data.get(id_column) if row.data else None
     else:
-        return f"row-{row.pos}"
+        return f"{id_prefix}{row.pos}"
     if value is None or isinstance(value, dict | list) or value == "":
         return None
     return str(value)
@@ -160,6 +220,11 @@ def row_id(row: SourceRow, fmt: str, id_column: str, has_id_column: bool) -> str
 
 def scan_input(path: Path, fmt: str, id_column: str) -> InputScan:
     """One pass: count, fingerprint (sha256 of the bytes), and refuse duplicate ids."""
+    with reading(path):
+        return _scan_input(path, fmt, id_column)
+
+
+def _scan_input(path: Path, fmt: str, id_column: str) -> InputScan:
     if not path.exists():
         raise DatasetError(f"the input {path} does not exist")
     digest = hashlib.sha256()
@@ -176,40 +241,61 @@ def scan_input(path: Path, fmt: str, id_column: str) -> InputScan:
     has_id = _has_id_column(path, fmt, id_column)
     rows = 0
     hashes = array.array("q")  # 8 bytes an id, not a Python int each
+    underscores = -1  # the most leading underscores on a real id shaped like "row-N"
+
+    def note(rid: str) -> None:
+        nonlocal underscores
+        if rid[-1:].isdigit() and (m := _GENERATED_ID.match(rid)):
+            underscores = max(underscores, len(m.group(1)))
+        hashes.append(hash(rid))
+
     if fmt == "parquet":
         # Only the id column is read; without one, the footers' row counts are enough.
         for file in files:
-            pf = pq.ParquetFile(file)
+            pf = _parquet_file(file)
             if not has_id:
                 rows += pf.metadata.num_rows
                 continue
-            for ids in pf.iter_batches(batch_size=65536, columns=[id_column]):
-                for value in ids.column(0).to_pylist():
-                    rows += 1
-                    if value is not None and value != "":
-                        hashes.append(hash(str(value)))
+            with reading(file, f"its column '{id_column}'"):
+                for ids in pf.iter_batches(batch_size=65536, columns=[id_column]):
+                    for value in ids.column(0).to_pylist():
+                        rows += 1
+                        if value is not None and value != "":
+                            note(str(value))
     elif not has_id and fmt == "jsonl":
-        with _open_bytes(path) as fh:  # positions are ids: count rows the way _iter_jsonl does
-            rows = sum(1 for raw in fh if raw.strip())
+        with _open_bytes(path) as stream:  # positions are ids: count rows the way _iter_jsonl does
+            first = stream.readline()
+            rows = int(bool(first.removeprefix(_BOM).strip())) + sum(1 for raw in stream if raw.strip())
     else:
         for rows_batch in read_rows(path, fmt):
             for row in rows_batch:
                 rows += 1
                 rid = row_id(row, fmt, id_column, has_id)
                 if rid is not None:
-                    hashes.append(hash(rid))
+                    note(rid)
     if hashes:
         _refuse_duplicates(path, fmt, id_column, has_id, np.frombuffer(hashes, dtype=np.int64))
         del hashes
-    return InputScan(rows, digest.hexdigest()[:32], has_id, size, mtime)
+    prefix = "_" * (underscores + 1) + "row-"
+    return InputScan(rows, digest.hexdigest()[:32], has_id, size, mtime, prefix)
+
+
+def columns_seen(path: Path, fmt: str, sample_rows: int = 1000) -> set[str]:
+    """The dataset's columns: a Parquet schema's, or the keys of the first JSONL rows."""
+    if fmt == "parquet":
+        return set(_parquet_file(_parquet_files(path)[0]).schema_arrow.names)
+    seen: set[str] = set()
+    for row in _iter_jsonl(path, stop_after=sample_rows):
+        if row.data is not None:
+            seen.update(row.data)
+    return seen
 
 
 def _has_id_column(path: Path, fmt: str, id_column: str) -> bool:
     if fmt == "openai_batch":
         return True
     if fmt == "parquet":
-        schema = pq.ParquetFile(_parquet_files(path)[0]).schema_arrow
-        return id_column in schema.names
+        return id_column in _parquet_file(_parquet_files(path)[0]).schema_arrow.names
     for row in _iter_jsonl(path):
         if row.data is not None:
             return id_column in row.data

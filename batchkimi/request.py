@@ -9,6 +9,10 @@ A row gives its conversation in one of three ways, first match wins:
    (``{{`` and ``}}`` for literal braces; other braces are left alone, so JSON examples in a
    template need no escaping), plus an optional ``system`` column or job ``system``.
 
+Values that are not strings enter a prompt as JSON (a Parquet struct or list as
+``{"a": 1}``, not Python's repr). The body is encoded here, once: a value that cannot be sent
+as JSON makes the row invalid instead of failing later in the transport.
+
 A row that cannot make a request raises :class:`RowInvalid`, naming the column to fix.
 Images and videos enter through :func:`media_parts`, the one place the user turn's content
 becomes a list of parts.
@@ -20,7 +24,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Job, kimi_rule_violation
+import orjson
+
+from . import kimi
+from .config import Job
 from .tokens import estimate_messages_tokens
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -41,6 +48,18 @@ class RowInvalid(Exception):
 class Prepared:
     body: dict[str, Any]
     prompt_tokens_estimate: int
+    payload: bytes  # ``body`` as the JSON bytes sent
+
+
+def as_text(value: Any) -> str:
+    """A row value as prompt text: strings as they are, structures as JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict | list | tuple):
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def render_template(template: str, row: dict[str, Any]) -> str:
@@ -57,7 +76,7 @@ def render_template(template: str, row: dict[str, Any]) -> str:
         value = row[name]
         if value is None:
             raise RowInvalid(f"column '{name}' is null, and the prompt_template needs it")
-        return value if isinstance(value, str) else str(value)
+        return as_text(value)
 
     return _PLACEHOLDER.sub(sub, template)
 
@@ -124,7 +143,7 @@ def build_request(row: dict[str, Any], job: Job, *, batch_line: bool = False) ->
                     f"no '{job.prompt_column}' column and no prompt_template: give each row a "
                     f"'{job.prompt_column}' or '{job.messages_column}', or set prompt_template"
                 )
-            prompt = value if isinstance(value, str) else str(value)
+            prompt = as_text(value)
         if not prompt.strip():
             raise RowInvalid("the prompt is empty")
         system = row.get(job.system_column) or job.system
@@ -132,7 +151,7 @@ def build_request(row: dict[str, Any], job: Job, *, batch_line: bool = False) ->
         content: Any = [{"type": "text", "text": prompt}, *parts] if parts else prompt
         messages = []
         if system:
-            messages.append({"role": "system", "content": str(system)})
+            messages.append({"role": "system", "content": as_text(system)})
         messages.append({"role": "user", "content": content})
 
     body: dict[str, Any] = {"model": job.model, "messages": messages}
@@ -156,9 +175,13 @@ def build_request(row: dict[str, Any], job: Job, *, batch_line: bool = False) ->
         body.update(overrides)
     if job.streaming:
         body["stream"] = True
-        if job.include_usage:
+        if job.sends_include_usage:
             body["stream_options"] = {"include_usage": True}
-    return Prepared(body, estimate_messages_tokens(messages))
+    try:
+        payload = orjson.dumps(body, default=str, option=orjson.OPT_NON_STR_KEYS)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise RowInvalid(f"the row holds a value that cannot be sent as JSON ({exc})") from None
+    return Prepared(body, estimate_messages_tokens(messages), payload)
 
 
 def _check_row_overrides(overrides: dict[str, Any], job: Job) -> None:
@@ -166,7 +189,7 @@ def _check_row_overrides(overrides: dict[str, Any], job: Job) -> None:
         return
     thinking = overrides.get("thinking")
     thinking_on = job.thinking_on if not isinstance(thinking, dict) else thinking.get("type") != "disabled"
-    violation = kimi_rule_violation(overrides, thinking_on)
+    violation = kimi.rule_violation(overrides, thinking_on)
     if violation is not None:
         key, message = violation
         raise RowInvalid(f"body.{key} = {overrides[key]!r}: Kimi would refuse it ('{message}'); remove it from the batch line")

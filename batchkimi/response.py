@@ -4,6 +4,10 @@ Pure: no I/O. Handles both response shapes (one JSON body, or an SSE stream of c
 both error envelopes (TokenHub's ``type/code/message/source/upstream_*/request_id`` and
 Moonshot's ``type/message``), and bodies that are not JSON at all (a gateway's HTML page).
 
+Any reply is input: a field missing or of the wrong type becomes a ``bad_response``
+:class:`ResponseError` naming the field (retried like a cut stream), never another exception.
+Metadata (``id``, ``model``) of the wrong type is kept as text or ignored: it is not the answer.
+
 Usage sits in ``usage`` or ``choices[0].usage`` (Kimi streams put it in the latter; the last
 non-null one wins); cached tokens in ``usage.cached_tokens`` or
 ``usage.prompt_tokens_details.cached_tokens``. Tool calls in a stream are assembled by
@@ -43,37 +47,133 @@ class Answer:
     ttft_s: float | None = None
 
 
-def _num(v: Any) -> int | None:
+class _Bad(Exception):
+    """A field of the reply has the wrong type; becomes a ``bad_response`` :class:`ResponseError`."""
+
+    def __init__(self, field: str, value: Any, expected: str) -> None:
+        shown = snippet(orjson.dumps(value, default=str), 60) if value is not None else "null"
+        super().__init__(f"the reply's {field} is {_json_type(value)} {shown}, expected {expected}")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _bad_response(message: str) -> ResponseError:
+    return ResponseError(message, error_type="bad_response", retryable=True)
+
+
+def _num(v: Any, field: str) -> int | None:
+    if v is None:
+        return None
     if type(v) is int:
         return v
-    return int(v) if isinstance(v, float) else None
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    raise _Bad(field, v, "a whole number")
 
 
-def parse_usage(raw: Any) -> Usage | None:
-    if not isinstance(raw, dict):
+def _meta(value: Any) -> str | None:
+    """Metadata (``id``, ``model``): text if it is a scalar, else ignored. It is not the answer."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def parse_usage(raw: Any, field: str = "usage") -> Usage | None:
+    if raw is None:
         return None
+    if not isinstance(raw, dict):
+        raise _Bad(field, raw, "an object")
     cached = raw.get("cached_tokens")
     details = raw.get("prompt_tokens_details")
     if cached is None and isinstance(details, dict):
         cached = details.get("cached_tokens")
-
-    prompt, completion, total = _num(raw.get("prompt_tokens")), _num(raw.get("completion_tokens")), _num(raw.get("total_tokens"))
+        field_cached = f"{field}.prompt_tokens_details.cached_tokens"
+    else:
+        field_cached = f"{field}.cached_tokens"
+    prompt = _num(raw.get("prompt_tokens"), f"{field}.prompt_tokens")
+    completion = _num(raw.get("completion_tokens"), f"{field}.completion_tokens")
+    total = _num(raw.get("total_tokens"), f"{field}.total_tokens")
     if total is None and prompt is not None and completion is not None:
         total = prompt + completion
-    return Usage(prompt, completion, total, _num(cached))
+    return Usage(prompt, completion, total, _num(cached, field_cached))
 
 
-def _text(value: Any) -> str | None:
-    """Message content as text: a string, or an array of text parts (some servers send that)."""
+def _text(value: Any, field: str) -> str | None:
+    """Message text: a string, or an array of text parts (some servers send that)."""
     if value is None or isinstance(value, str):
         return value
-    if isinstance(value, list):
-        return "".join(p.get("text", "") for p in value if isinstance(p, dict))
-    return str(value)
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        out = []
+        for i, p in enumerate(value):
+            t = p.get("text", "")
+            if not isinstance(t, str):
+                raise _Bad(f"{field}[{i}].text", t, "a string")
+            out.append(t)
+        return "".join(out)
+    raise _Bad(field, value, "a string")
+
+
+def _finish_reason(value: Any, field: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value or None
+    raise _Bad(field, value, "a string")
+
+
+def _arguments(value: Any, field: str) -> str:
+    """Tool-call arguments are JSON text; an object (some servers send one) is written as JSON text."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return orjson.dumps(value).decode()
+    raise _Bad(field, value, "a JSON string")
+
+
+def _tool_calls(value: Any, field: str) -> list[dict[str, Any]] | None:
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise _Bad(field, value, "an array")
+    calls = []
+    for i, call in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(call, dict):
+            raise _Bad(where, call, "an object")
+        fn = call.get("function")
+        if not isinstance(fn, dict):
+            raise _Bad(f"{where}.function", fn, "an object")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise _Bad(f"{where}.function.name", name, "a non-empty string")
+        cid = call.get("id")
+        if cid is not None and not isinstance(cid, str):
+            raise _Bad(f"{where}.id", cid, "a string")
+        ctype = call.get("type") or "function"
+        calls.append({"id": cid, "type": ctype if isinstance(ctype, str) else "function",
+                      "function": {"name": name, "arguments": _arguments(fn.get("arguments"), f"{where}.function.arguments")}})
+    return calls
 
 
 def parse_completion(body: bytes) -> Answer:
-    """Parse a non-streaming 200 body. Raises :class:`ResponseError` for anything less than an answer."""
+    """Parse a non-streaming 200 body. Raises :class:`ResponseError` for anything less than an
+    answer, naming the field that is missing or of the wrong type."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -81,29 +181,38 @@ def parse_completion(body: bytes) -> Answer:
             f"the 200 response is not JSON: {snippet(body)}", error_type="bad_response", retryable=True
         ) from None
     if not isinstance(data, dict):
-        raise ResponseError("the 200 response is not a JSON object", error_type="bad_response", retryable=True)
+        raise _bad_response(f"the 200 response is {_json_type(data)}, not a JSON object")
     if "error" in data and data["error"]:
         raise error_from_payload(data, http_status=200)
+    try:
+        return _completion(data)
+    except _Bad as exc:
+        raise _bad_response(str(exc)) from None
+
+
+def _completion(data: dict[str, Any]) -> Answer:
     choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise ResponseError("the 200 response has no choices", error_type="bad_response", retryable=True)
+    if not isinstance(choices, list) or not choices:
+        raise _Bad("choices", choices, "a non-empty array")
     choice = choices[0]
+    if not isinstance(choice, dict):
+        raise _Bad("choices[0]", choice, "an object")
     message = choice.get("message")
     if not isinstance(message, dict):
-        raise ResponseError("the 200 response has no choices[0].message", error_type="bad_response", retryable=True)
-    usage = parse_usage(data.get("usage")) or parse_usage(choice.get("usage")) or Usage()
+        raise _Bad("choices[0].message", message, "an object")
+    usage = parse_usage(data.get("usage")) or parse_usage(choice.get("usage"), "choices[0].usage") or Usage()
     reasoning = message.get("reasoning_content")
-    if reasoning is None:
-        reasoning = message.get("reasoning")
-    tool_calls = message.get("tool_calls") or None
+    field = "choices[0].message.reasoning_content"
+    if reasoning is None and "reasoning" in message:
+        reasoning, field = message.get("reasoning"), "choices[0].message.reasoning"
     return Answer(
-        content=_text(message.get("content")) or "",
-        reasoning_content=_text(reasoning),
-        tool_calls=tool_calls if isinstance(tool_calls, list) else None,
-        finish_reason=choice.get("finish_reason"),
+        content=_text(message.get("content"), "choices[0].message.content") or "",
+        reasoning_content=_text(reasoning, field),
+        tool_calls=_tool_calls(message.get("tool_calls"), "choices[0].message.tool_calls"),
+        finish_reason=_finish_reason(choice.get("finish_reason"), "choices[0].finish_reason"),
         usage=usage,
-        model=data.get("model"),
-        response_id=data.get("id"),
+        model=_meta(data.get("model")),
+        response_id=_meta(data.get("id")),
     )
 
 
@@ -112,6 +221,8 @@ class StreamAssembler:
 
     Call :meth:`add` with each event's data; it returns True once ``[DONE]`` arrived.
     :meth:`finish` returns the answer, or raises if the stream ended without ``[DONE]``.
+    A chunk with a field of the wrong type raises a ``bad_response`` :class:`ResponseError`
+    naming it (the attempt is retried like a cut stream).
     """
 
     __slots__ = ("content", "reasoning", "tools", "finish_reason", "usage", "model", "response_id", "done", "chunks")
@@ -153,58 +264,96 @@ class StreamAssembler:
             return False
         if chunk.get("error"):
             raise error_from_payload(chunk, http_status=200, in_stream=True)
-        self.chunks += 1
-        self.model = chunk.get("model") or self.model
-        self.response_id = self.response_id or chunk.get("id")
-        usage = parse_usage(chunk.get("usage"))
-        if usage is not None:
-            self.usage = usage
-        choices = chunk.get("choices")
-        if not choices or not isinstance(choices, list):
-            return False
-        choice = choices[0]
-        if not isinstance(choice, dict):
-            return False
-        usage = parse_usage(choice.get("usage"))
-        if usage is not None:
-            self.usage = usage
-        if choice.get("finish_reason"):
-            self.finish_reason = choice["finish_reason"]
-        delta = choice.get("delta")
-        if not isinstance(delta, dict):
-            delta = choice.get("message") if isinstance(choice.get("message"), dict) else None
-            if delta is None:
-                return False
-        text = delta.get("content")
-        if text:
-            self.content.append(text if isinstance(text, str) else (_text(text) or ""))
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if reasoning:
-            self.reasoning.append(reasoning)
-        calls = delta.get("tool_calls")
-        if calls:
-            for call in calls:
-                self._add_tool_delta(call)
+        try:
+            self._chunk(chunk)
+        except _Bad as exc:
+            raise _bad_response(f"{exc} (stream chunk {self.chunks})") from None
         return False
 
-    def _add_tool_delta(self, call: Any) -> None:
-        if not isinstance(call, dict):
+    def _chunk(self, chunk: dict[str, Any]) -> None:
+        self.chunks += 1
+        model = chunk.get("model")
+        if model:
+            self.model = _meta(model) or self.model
+        if self.response_id is None:
+            self.response_id = _meta(chunk.get("id"))
+        usage = chunk.get("usage")
+        if usage is not None:
+            self.usage = parse_usage(usage)
+        choices = chunk.get("choices")
+        if not choices:
             return
+        if not isinstance(choices, list):
+            raise _Bad("choices", choices, "an array")
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            raise _Bad("choices[0]", choice, "an object")
+        usage = choice.get("usage")
+        if usage is not None:
+            self.usage = parse_usage(usage, "choices[0].usage")
+        finish = choice.get("finish_reason")
+        if finish is not None:
+            self.finish_reason = _finish_reason(finish, "choices[0].finish_reason")
+        delta = choice.get("delta")
+        if delta is None:
+            delta = choice.get("message")
+            if delta is None:
+                return
+        if not isinstance(delta, dict):
+            raise _Bad("choices[0].delta", delta, "an object")
+        text = delta.get("content")
+        if text is not None:
+            if type(text) is not str:
+                text = _text(text, "choices[0].delta.content")
+            if text:
+                self.content.append(text)
+        reasoning = delta.get("reasoning_content")
+        if reasoning is None:
+            reasoning = delta.get("reasoning")
+        if reasoning is not None:
+            if type(reasoning) is not str:
+                reasoning = _text(reasoning, "choices[0].delta.reasoning_content")
+            if reasoning:
+                self.reasoning.append(reasoning)
+        calls = delta.get("tool_calls")
+        if calls:
+            if not isinstance(calls, list):
+                raise _Bad("choices[0].delta.tool_calls", calls, "an array")
+            for i, call in enumerate(calls):
+                self._add_tool_delta(call, f"choices[0].delta.tool_calls[{i}]")
+
+    def _add_tool_delta(self, call: Any, where: str) -> None:
+        if not isinstance(call, dict):
+            raise _Bad(where, call, "an object")
         index = call.get("index")
-        if not isinstance(index, int):
+        if type(index) is not int:
             index = len(self.tools) if call.get("id") else max(self.tools, default=0)
         slot = self.tools.get(index)
         if slot is None:
             slot = self.tools[index] = {"id": None, "type": "function", "name": None, "arguments": []}
-        if call.get("id") and not slot["id"]:
-            slot["id"] = call["id"]  # keep the first id: some proxies change it mid-stream
-        if call.get("type"):
-            slot["type"] = call["type"]
-        fn = call.get("function") or {}
-        if fn.get("name") and not slot["name"]:
-            slot["name"] = fn["name"]
-        if fn.get("arguments"):
-            slot["arguments"].append(fn["arguments"])
+        cid = call.get("id")
+        if cid is not None:
+            if not isinstance(cid, str):
+                raise _Bad(f"{where}.id", cid, "a string")
+            if not slot["id"]:
+                slot["id"] = cid  # keep the first id: some proxies change it mid-stream
+        ctype = call.get("type")
+        if ctype and isinstance(ctype, str):
+            slot["type"] = ctype
+        fn = call.get("function")
+        if fn is None:
+            return
+        if not isinstance(fn, dict):
+            raise _Bad(f"{where}.function", fn, "an object")
+        name = fn.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise _Bad(f"{where}.function.name", name, "a string")
+            if not slot["name"]:
+                slot["name"] = name
+        args = fn.get("arguments")
+        if args is not None:
+            slot["arguments"].append(_arguments(args, f"{where}.function.arguments"))
 
     def finish(self, ttft_s: float | None = None) -> Answer:
         if not self.done:
@@ -215,14 +364,12 @@ class StreamAssembler:
             )
         tool_calls = None
         if self.tools:
-            tool_calls = [
-                {
-                    "id": slot["id"],
-                    "type": slot["type"],
-                    "function": {"name": slot["name"], "arguments": "".join(slot["arguments"])},
-                }
-                for _, slot in sorted(self.tools.items())
-            ]
+            tool_calls = []
+            for index, slot in sorted(self.tools.items()):
+                if not slot["name"]:
+                    raise _bad_response(f"the stream's tool call {index} has no function.name")
+                tool_calls.append({"id": slot["id"], "type": slot["type"],
+                                   "function": {"name": slot["name"], "arguments": "".join(slot["arguments"])}})
         return Answer(
             content="".join(self.content),
             reasoning_content="".join(self.reasoning) if self.reasoning else None,
@@ -257,11 +404,12 @@ def retry_hint_from_message(message: str) -> float | None:
 def error_from_payload(data: dict[str, Any], *, http_status: int, in_stream: bool = False) -> APIError:
     err = data.get("error")
     if not isinstance(err, dict):
-        err = {"message": str(err)}
-    etype = str(err.get("type") or err.get("upstream_code") or err.get("code") or "api_error")
-    code = err.get("code")
-    message = str(err.get("message") or etype)
-    request_id = err.get("request_id") or data.get("request_id")
+        err = {"message": err if isinstance(err, str) else orjson.dumps(err, default=str).decode()}
+    etype = _meta(err.get("type")) or _meta(err.get("upstream_code")) or _meta(err.get("code")) or "api_error"
+    code = _meta(err.get("code"))
+    message = err.get("message")
+    message = message if isinstance(message, str) and message else (_meta(message) or etype)
+    request_id = _meta(err.get("request_id")) or _meta(data.get("request_id"))
     status = http_status
     if in_stream:
         # An error event inside a 200 stream: the answer is incomplete. Retry unless it says why not.
@@ -273,7 +421,7 @@ def error_from_payload(data: dict[str, Any], *, http_status: int, in_stream: boo
         text,
         error_type=etype,
         http_status=http_status,
-        code=None if code is None else str(code),
+        code=code,
         request_id=request_id,
         retryable=retryable,
         fatal=fatal,
@@ -305,23 +453,39 @@ def error_from_response(status: int, body: bytes, content_type: str = "") -> API
     )
 
 
-def classify(status: int, error_type: str, message: str, code: Any) -> tuple[bool, bool]:
-    """(retryable, fatal) for an error, per tokenhub-api.md §6.4.
+RATE_LIMIT_TYPES = frozenset({"rate_limit_error", "rate_limit_reached_error"})
+OVERLOAD_TYPES = frozenset({"engine_overloaded_error", "engine_overloaded", "overloaded_error", "server_overloaded"})
+QUOTA_TYPES = frozenset({"exceeded_current_quota_error", "insufficient_quota", "insufficient_balance"})
 
-    Retried: 408, 409, 429 rate limits and overload, 5xx. Not retried: other 4xx.
-    Fatal (stop the job, every row would fail alike): 401, 402, 403, quota or balance errors
-    whatever their status (Moonshot sends insufficient balance as a 429), and a wrong model
-    or base URL (404, or TokenHub's 400 "invalid parameter 'model'").
+
+def classify(status: int, error_type: str, message: str, code: Any) -> tuple[bool, bool]:
+    """(retryable, fatal) for an error (see ``docs/kimi-api.md``, "Errors").
+
+    Retried: 408, 409, 425, 429 rate limits and overload, 5xx. Not retried: other 4xx.
+    Fatal (stop the job, every row would fail alike): 401, 402, 403; quota or balance errors
+    whatever their status (Moonshot sends insufficient balance as a 429); a wrong model or base
+    URL (404, or TokenHub's 400 "invalid parameter 'model'"). The error type decides before
+    the message's words: a ``rate_limit_error`` that mentions a quota is still a rate limit.
     """
+    etype = error_type.lower()
     lowered = f"{error_type} {message} {code}".lower()
-    quota = "exceeded_current_quota" in lowered or "free_quota_exhausted" in lowered or (
-        status in (402, 403, 429) and any(w in lowered for w in _QUOTA_WORDS) and "rate limit" not in lowered
-    )
+    if etype in QUOTA_TYPES or "free_quota_exhausted" in lowered:
+        return False, True
+    if status in (401, 402, 403):
+        return False, True
+    if etype in RATE_LIMIT_TYPES or etype in OVERLOAD_TYPES:
+        return True, False
+    quota = status == 429 and any(w in lowered for w in _QUOTA_WORDS) and "rate limit" not in lowered
     # A wrong base_url or model fails every row alike: 404 (unless about one row's file), or
     # TokenHub's 400 "invalid parameter 'model'".
     wrong_target = (status == 404 and "file" not in lowered) or (status == 400 and "parameter 'model'" in lowered)
-    if status in (401, 402, 403) or quota or wrong_target:
+    if quota or wrong_target:
         return False, True
     if status in (408, 409, 425, 429) or status >= 500:
         return True, False
     return False, False
+
+
+def is_overload(error: APIError) -> bool:
+    """A 429 that says the server is busy, not that this account is over its limits."""
+    return error.http_status == 429 and error.error_type.lower() in OVERLOAD_TYPES

@@ -7,12 +7,13 @@ The wait before attempt ``k + 1`` (``k`` attempts made so far) is, in order of p
 2. the "please try again after N seconds" hint in a Moonshot message;
 3. full-jitter exponential backoff: ``uniform(0, min(backoff_max_s, backoff_base_s * 2**(k-1)))``.
 
-Only errors marked ``retryable`` are retried (tokenhub-api.md §6.4), and never past
+Only errors marked ``retryable`` are retried (:func:`batchkimi.response.classify`), and never past
 ``max_attempts`` attempts or ``max_retry_time_s`` seconds since the row's first attempt.
 """
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import random
 from collections.abc import Callable
@@ -73,6 +74,9 @@ def parse_retry_after(value: str | None, now_epoch_s: float) -> float | None:
             return None
         if when is None:
             return None
+        if when.tzinfo is None:
+            # RFC 5322's "-0000" (and a bare date) parse as naive: HTTP dates are always UTC.
+            when = when.replace(tzinfo=datetime.UTC)
         seconds = when.timestamp() - now_epoch_s
     if seconds != seconds:  # NaN
         return None

@@ -8,7 +8,8 @@ It follows the SSE spec where real servers do, and tolerates what they do instea
 - comment lines (``: keep-alive``) and ``event:``/``id:``/``retry:`` fields are skipped;
 - several ``data:`` lines in one event are joined with ``\\n``;
 - a line of any length (real Kimi chunks pass 128 KiB; aiohttp's readline would raise);
-- a last event not followed by a blank line is returned by :meth:`close`.
+- a last event not followed by a blank line is returned by :meth:`close`;
+- a UTF-8 byte-order mark before the first byte is skipped.
 
 Example::
 
@@ -19,17 +20,35 @@ Example::
 
 from __future__ import annotations
 
+_BOM = b"\xef\xbb\xbf"
+
 
 class SSEDecoder:
-    __slots__ = ("_buf", "_data", "_pending_cr")
+    __slots__ = ("_buf", "_data", "_pending_cr", "_started")
 
     def __init__(self) -> None:
         self._buf = b""
         self._data: list[bytes] | None = None
         self._pending_cr = False
+        self._started = False
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Add bytes; return the data of every event they completed."""
+        if not chunk:
+            return []
+        if not self._started:
+            # The BOM may itself arrive in pieces: wait until three bytes are here.
+            head = self._buf + chunk
+            if len(head) < 3 and _BOM.startswith(head):
+                self._buf = head
+                return []
+            self._started = True
+            if head.startswith(_BOM):
+                self._buf, chunk = b"", head[3:]
+            else:
+                self._buf, chunk = b"", head
+            if not chunk:
+                return []
         if self._pending_cr:
             # The previous read ended in CR: a LF now is the rest of that CRLF.
             self._pending_cr = False

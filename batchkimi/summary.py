@@ -33,7 +33,9 @@ class Summary:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float = 0.0  # of the rows whose cost is known
+    rows_without_usage: int = 0  # answered rows whose server reported no usage
+    rows_without_cost: int = 0  # answered rows whose cost cannot be computed (no usage, or no price)
     wall_s: float = 0.0
     errors: Counter[str] = field(default_factory=Counter)
     interrupted: bool = False
@@ -68,12 +70,22 @@ class Summary:
         out.append(
             f"requests {self.requests}, retries {self.retries}, 429s {self.rate_limited}; tokens: prompt "
             f"{self.prompt_tokens} (cached {self.cached_tokens}), completion {self.completion_tokens}; "
-            f"cost ${self.cost_usd:.4f}"
+            f"cost {self.cost_text()}"
         )
+        if self.rows_without_usage:
+            out.append(f"{self.rows_without_usage} answered rows came without token usage: their tokens and cost "
+                       "are unknown (the server reports usage in streams only when asked: set include_usage = true)")
         if self.errors:
             out.append("top errors:")
             out.extend(f"  {n}x {e}" for e, n in self.errors.most_common(5))
         return out
+
+    def cost_text(self) -> str:
+        answered = self.run_status.get("ok", 0) + self.run_status.get("truncated", 0)
+        if self.rows_without_cost and self.rows_without_cost >= answered:
+            return "unknown"
+        known = f"${self.cost_usd:.4f}"
+        return f"{known} + unknown for {self.rows_without_cost} rows" if self.rows_without_cost else known
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -87,7 +99,9 @@ class Summary:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "cached_tokens": self.cached_tokens,
-            "cost_usd": round(self.cost_usd, 6),
+            "cost_usd": None if self.cost_text() == "unknown" else round(self.cost_usd, 6),
+            "rows_without_usage": self.rows_without_usage,
+            "rows_without_cost": self.rows_without_cost,
             "wall_s": round(self.wall_s, 3),
             "interrupted": self.interrupted,
             "fatal": self.fatal,

@@ -115,7 +115,7 @@ def test_bad_rows_become_invalid_rows_naming_line_and_column(tmp_path: Path, sim
     assert "line 2 of in.jsonl is not valid JSON" in df.loc[1, "error_message"]
     assert "line 3 of in.jsonl" in df.loc[2, "error_message"] and "column 'text'" in df.loc[2, "error_message"]
     assert "'messages'" in df.loc[3, "error_message"]
-    assert "line 5 of in.jsonl is a JSON list" in df.loc[4, "error_message"]
+    assert "line 5 of in.jsonl is an array, not a JSON object" in df.loc[4, "error_message"]
 
 
 def test_failed_rows_are_rows_and_rerun_retries_only_them(tmp_path: Path, simulator) -> None:

@@ -1,0 +1,87 @@
+"""Kimi's catalogue and rules, in one place: models, context, prices, fixed parameters, and
+the request rules Kimi enforces with a 400. Pure: no I/O. Sources are in ``docs/kimi-api.md``.
+
+Example::
+
+    is_kimi("ep-7f3a9", "https://tokenhub-intl.tencentcloudmaas.com/v1", None)   # True
+    rule_violation({"temperature": 0.3}, thinking_on=True)
+    # -> ("temperature", "invalid temperature: only 1 is allowed for this model")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+MODELS = ("kimi-k2.6", "kimi-k2.5")
+VIDEO_MODELS = frozenset({"kimi-k2.6"})  # TokenHub: kimi-k2.5 takes no video
+CONTEXT_LIMIT_TOKENS = 262144
+THINKING_DEFAULT_MAX_TOKENS = 32768
+MAX_STOP_STRINGS = 5
+
+# USD per 1M tokens: (input cache miss, input cache hit, output). Moonshot's published list
+# prices; TokenHub publishes none for Kimi, so a job can override them (``prices``).
+DEFAULT_PRICES: dict[str, tuple[float, float, float]] = {
+    "kimi-k2.5": (0.60, 0.10, 3.00),
+    "kimi-k2.6": (0.95, 0.16, 4.00),
+}
+
+# Kimi's fixed sampling parameters: any other value is a 400.
+FIXED_PARAMS: dict[str, float] = {"top_p": 0.95, "n": 1, "presence_penalty": 0, "frequency_penalty": 0}
+
+# Hosts that serve only Kimi through a service id: there ``model`` may be ``ep-...``.
+KIMI_HOSTS = ("tencentcloudmaas.com",)
+
+# Body keys the job sets itself: ``extra_body`` may not set them behind the job's back.
+JOB_OWNED_KEYS = frozenset({"model", "messages", "stream", "stream_options", "thinking", "max_tokens",
+                            "max_completion_tokens", "tools", "tool_choice", "response_format", "stop"})
+
+
+def is_kimi(model: str, base_url: str, kimi_rules: bool | None) -> bool:
+    """Whether Kimi's rules apply: ``kimi_rules`` if set; else on TokenHub's endpoint (and the
+    simulator) every model, a service id ``ep-...`` included; elsewhere a model named ``kimi``."""
+    if kimi_rules is not None:
+        return kimi_rules
+    if base_url == "simulator":
+        return True
+    host = (urlsplit(base_url).hostname or "").lower()
+    if any(host == h or host.endswith("." + h) for h in KIMI_HOSTS):
+        return True
+    return "kimi" in model.lower()
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def rule_violation(params: Mapping[str, Any], thinking_on: bool) -> tuple[str, str] | None:
+    """The first request parameter Kimi would refuse, as (key, Kimi's own 400 message), else None.
+
+    Used for the job's settings (``extra_body`` included) and for each OpenAI batch line's
+    body, so both say the same thing.
+    """
+    temperature = params.get("temperature")
+    if temperature is not None:
+        allowed = 1.0 if thinking_on else 0.6
+        if _number(temperature) != allowed:
+            return "temperature", f"invalid temperature: only {allowed:g} is allowed for this model"
+    for key, fixed in FIXED_PARAMS.items():
+        value = params.get(key)
+        if value is not None and _number(value) != fixed:
+            return key, f"invalid {key}: only {fixed:g} is allowed for this model"
+    choice = params.get("tool_choice")
+    if thinking_on and choice == "required":
+        return "tool_choice", "tool_choice 'required' is incompatible with thinking enabled"
+    if thinking_on and isinstance(choice, dict):
+        return "tool_choice", "tool_choice 'specified' is incompatible with thinking enabled"
+    stop = params.get("stop")
+    if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+        return "stop", f"stop has {len(stop)} strings; Kimi takes at most {MAX_STOP_STRINGS}"
+    return None
+
+
+def takes_video(model: str) -> bool:
+    return model in VIDEO_MODELS

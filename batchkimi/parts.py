@@ -1,0 +1,179 @@
+"""The Parquet parts: ``OUTPUT/part-<seq>.parquet``, each written atomically (temporary name,
+fsync, rename), and what they say about which input rows are done.
+
+Each row carries its input position (``row``); when a row is retried in a later run the newer
+part supersedes the older, and :func:`compact` rewrites the older parts without the superseded
+rows, so the directory holds exactly one row per input row. :func:`conform` rewrites parts
+written with other kept columns to the current schema (older rows null in a new column), so
+the whole output has one schema.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from .results import DONE_STATUSES, rows_to_table
+
+PART = re.compile(r"^part-(\d{6,})\.parquet$")
+
+
+def part_path(directory: Path, seq: int) -> Path:
+    return directory / f"part-{seq:06d}.parquet"
+
+
+def part_seq(path: Path) -> int:
+    m = PART.match(path.name)
+    assert m, path
+    return int(m.group(1))
+
+
+def part_paths(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if PART.match(p.name)) if directory.is_dir() else []
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        pq.write_table(table, fh, compression="zstd")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def segment_to_table(seg: Path, schema: pa.Schema) -> pa.Table | None:
+    """A journal segment as a table of ``schema``; a line torn by a crash is dropped."""
+    if seg.stat().st_size == 0:
+        return None
+    try:
+        # pyarrow's C++ JSON reader: much faster than Python, and it releases the GIL.
+        journal_schema = pa.schema([pa.field(f.name, pa.int64()) if f.name == "finished_at" else f for f in schema])
+        opts = pajson.ParseOptions(explicit_schema=journal_schema, unexpected_field_behavior="ignore")
+        table = pajson.read_json(seg, parse_options=opts, read_options=pajson.ReadOptions(use_threads=False, block_size=16 << 20))
+        return conform_table(table, schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass  # a torn last line, or a value of another type: the careful path below
+    rows = []
+    with open(seg, "rb") as fh:
+        for line in fh:
+            try:
+                value = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # a line torn by a crash: that row is simply sent again
+            if isinstance(value, dict) and isinstance(value.get("row"), int):
+                rows.append(value)
+    return rows_to_table(rows, schema) if rows else None
+
+
+def conform_table(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns: missing ones null, extra ones dropped."""
+    columns = []
+    for f in schema:
+        if f.name in table.column_names:
+            col = table.column(f.name)
+            columns.append(col if col.type == f.type else col.cast(f.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def conform(directory: Path, schema: pa.Schema) -> int:
+    """Rewrite every part whose schema is not ``schema``; the number rewritten."""
+    rewritten = 0
+    for path in part_paths(directory):
+        if pq.read_schema(path).remove_metadata() == schema:
+            continue
+        write_table_atomic(conform_table(pq.read_table(path), schema), path)
+        rewritten += 1
+    return rewritten
+
+
+@dataclass
+class ResumeState:
+    """What earlier runs left: which input positions are finished, and the latest status of each row."""
+
+    done: np.ndarray  # bool per input position
+    latest_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    latest_codes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    names: list[str] = field(default_factory=list)
+
+    def first_pending(self) -> int:
+        pending = np.flatnonzero(~self.done)
+        return int(pending[0]) if pending.size else len(self.done)
+
+    def positions_with_status(self, statuses: set[str] | frozenset[str], below: int | None = None) -> np.ndarray:
+        wanted = [i for i, n in enumerate(self.names) if n in statuses]
+        picked = self.latest_rows[np.isin(self.latest_codes, wanted)]
+        return picked[picked < below] if below is not None else picked
+
+    def status_counts(self, below: int | None = None) -> dict[str, int]:
+        codes = self.latest_codes if below is None else self.latest_codes[self.latest_rows < below]
+        return {self.names[i]: int(n) for i, n in enumerate(np.bincount(codes, minlength=len(self.names))) if n}
+
+
+def compact(directory: Path, total_rows: int | None = None, *, rewrite: bool = True) -> ResumeState:
+    """Drop rows superseded by a newer part (unless ``rewrite`` is False: a read-only look);
+    return which positions are finished. Reads only the ``row`` and ``status`` columns."""
+    parts = part_paths(directory)
+    tables = []
+    for path in parts:
+        t = pq.read_table(path, columns=["row", "status"])
+        tables.append(t.append_column("seq", pa.array(np.full(t.num_rows, part_seq(path), dtype=np.int64))))
+    size = total_rows or 0
+    if not tables:
+        return ResumeState(np.zeros(size, dtype=bool))
+    allrows = pa.concat_tables(tables)
+    rows = allrows.column("row").to_numpy()
+    seqs = allrows.column("seq").to_numpy()
+    # status as small integer codes: no Python object per row
+    status_dict = pc.dictionary_encode(allrows.column("status")).combine_chunks()
+    codes = status_dict.indices.to_numpy(zero_copy_only=False)
+    names = [str(n) for n in status_dict.dictionary.to_pylist()]
+    del allrows, tables
+    # newest first per row: sort by (row, -seq) and keep the first of each row
+    order = np.lexsort((-seqs, rows))
+    rows_s, seqs_s = rows[order], seqs[order]
+    first = np.ones(len(rows_s), dtype=bool)
+    first[1:] = rows_s[1:] != rows_s[:-1]
+    stale_parts = set(np.unique(seqs_s[~first]).tolist())
+    if rewrite and stale_parts:
+        keep_rows, keep_seqs = rows_s[first], seqs_s[first]
+        for path in parts:
+            seq = part_seq(path)
+            if seq not in stale_parts:
+                continue
+            table = pq.read_table(path)
+            part_rows = table.column("row").to_numpy()
+            idx = np.searchsorted(keep_rows, part_rows)
+            mask = keep_seqs[np.minimum(idx, len(keep_seqs) - 1)] == seq
+            if mask.any():
+                write_table_atomic(table.filter(pa.array(mask)), path)
+            else:
+                path.unlink()
+    latest_rows = rows_s[first]
+    latest_codes = codes[order][first]
+    size = max(size, int(latest_rows.max()) + 1 if latest_rows.size else 0)
+    done = np.zeros(size, dtype=bool)
+    done_codes = [i for i, n in enumerate(names) if n in DONE_STATUSES]
+    done[latest_rows[np.isin(latest_codes, done_codes)]] = True
+    return ResumeState(done, latest_rows, latest_codes, names)

@@ -1,0 +1,227 @@
+"""One request, with its retries, through a shared limiter: :class:`RowEngine`.
+
+It is the whole per-row path (limiter, transport, retry decisions, the result row) and all
+another scheduler needs: a Ray actor, or any asyncio worker, builds one with
+:meth:`RowEngine.create` (or hands it its own :class:`~batchkimi.ratelimit.Limiter`) and
+awaits :meth:`RowEngine.process`.
+
+Guarantees, whatever happens to a request:
+
+- the limiter permit is released exactly once (``finally``), on an answer, an error, a bug or
+  a cancellation, so no slot ever leaks;
+- after :meth:`RowEngine.stop`, no new attempt starts: a row waiting for the limiter or for its
+  back-off raises :class:`RowAbandoned` (it is pending, to be sent on resume), and so does a
+  row whose attempt in flight fails retryably;
+- a hook that raises never loses the row it was told about (see :class:`~batchkimi.events.SafeHook`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+
+from .breaker import FailureBreaker
+from .client import Reply, Timeouts, Transport
+from .config import Job
+from .errors import APIError, FatalAPIError
+from .events import AttemptFinished, AttemptStarted, Hook, SafeHook, no_hook
+from .ratelimit import Clock, CompletionEstimate, Limiter, MonotonicClock, RateLimiter
+from .request import Prepared
+from .response import is_overload
+from .results import error_row, ok_row
+from .retry import RetryPolicy
+from .summary import cost_usd
+
+
+class RowAbandoned(Exception):
+    """The engine is stopping and this row was not finished: it stays pending (sent on resume)."""
+
+
+class RowEngine:
+    """Sends one request, with retries, through a shared :class:`~batchkimi.ratelimit.Limiter`.
+
+    Example (inside any asyncio worker, a Ray actor included)::
+
+        async with RowEngine.create(job, api_key) as engine:
+            row = await engine.process("q-17", 17, build_request(record, job))
+    """
+
+    def __init__(
+        self,
+        job: Job,
+        transport: Any,
+        limiter: Limiter,
+        policy: RetryPolicy,
+        *,
+        hook: Hook = no_hook,
+        clock: Clock | None = None,
+        rng: Callable[[], float] | None = None,
+        breaker: FailureBreaker | None = None,
+    ) -> None:
+        self.job = job
+        self.transport = transport
+        self.limiter = limiter
+        self.policy = policy
+        self.hook = hook if isinstance(hook, SafeHook) else SafeHook(hook)
+        self.clock = clock or MonotonicClock()
+        self.rng = rng or random.random
+        self.breaker = breaker
+        self.requests = 0
+        self.retries = 0
+        self.stopping = False
+        self.sending: set[asyncio.Task[Any]] = set()  # tasks with an attempt in flight
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def create(cls, job: Job, api_key: str, *, base_url: str | None = None, hook: Hook = no_hook,
+                     limiter: Limiter | None = None) -> AsyncIterator[RowEngine]:
+        """A RowEngine with its own transport (and limiter, unless one is given), for use in
+        another scheduler's worker. ``base_url = "simulator"`` starts one in this process."""
+        async with endpoint(job, api_key, base_url) as transport:
+            yield cls(job, transport, limiter or limiter_of(job), policy_of(job), hook=hook)
+
+    def stop(self) -> None:
+        """From now on no new attempt starts (see the module docstring)."""
+        self.stopping = True
+
+    async def process(self, rid: str, pos: int, prepared: Prepared) -> dict[str, Any]:
+        """The result row for one request.
+
+        Raises :class:`~batchkimi.errors.FatalAPIError` when the API refuses the job itself
+        (auth, quota, wrong model or URL, the breaker): every other request would fail alike;
+        :class:`RowAbandoned` when stopping."""
+        attempts = 0
+        first_start = self.clock.now()
+        streaming = bool(prepared.body.get("stream"))
+        while True:
+            if self.stopping:
+                raise RowAbandoned
+            permit = await self.limiter.acquire(prepared.prompt_tokens_estimate)
+            used: int | None = None
+            completion: int | None = None
+            failure: APIError | None = None
+            task = asyncio.current_task()
+            try:
+                if self.stopping:  # the stop came while this row waited: send nothing new
+                    used = 0
+                    raise RowAbandoned
+                attempts += 1
+                self.requests += 1
+                assert task is not None
+                self.sending.add(task)
+                self.hook(AttemptStarted(attempts))
+                t0 = self.clock.now()
+                try:
+                    reply: Reply = await self.transport.complete(prepared.body, stream=streaming, payload=prepared.payload)
+                except APIError as exc:
+                    failure = exc
+                    used = 0 if exc.http_status == 429 else prepared.prompt_tokens_estimate
+                else:
+                    used, completion = reply.answer.usage.total_tokens, reply.answer.usage.completion_tokens
+            finally:
+                self.sending.discard(task)  # type: ignore[arg-type]
+                self.limiter.release(permit, used, completion)
+            if failure is None:
+                return self._answered(rid, pos, prepared, reply, attempts, self.clock.now() - t0)
+            delay = self._after_failure(failure, attempts, self.clock.now() - first_start)
+            if delay is None:
+                if self.breaker is not None and (reason := self.breaker.row_failed(failure)):
+                    raise FatalAPIError(reason, cause=failure)
+                return error_row(rid, pos, model=self.job.model, attempts=attempts, latency_s=self.clock.now() - t0,
+                                 http_status=failure.http_status, error_type=failure.error_type,
+                                 error_message=failure.message, request_id=failure.request_id)
+            if self.stopping:
+                raise RowAbandoned
+            self.retries += 1
+            if failure.http_status != 429 or is_overload(failure):
+                await self.clock.sleep(delay)  # a rate limit's wait is the shared cool-down, taken in acquire()
+
+    def _after_failure(self, exc: APIError, attempts: int, elapsed_s: float) -> float | None:
+        """Decide what a failed attempt means: stop the job (raise), retry after a delay, or give up (None)."""
+        if exc.fatal:
+            self.hook(AttemptFinished(False, exc.http_status, exc.error_type, 0))
+            raise FatalAPIError(f"every request would fail like this one: {exc}", cause=exc) from exc
+        if self.breaker is not None and (reason := self.breaker.attempt_failed(exc)):
+            self.hook(AttemptFinished(False, exc.http_status, exc.error_type, 0))
+            raise FatalAPIError(reason, cause=exc) from exc
+        if exc.http_status == 429 and exc.retryable:
+            pause = self.policy.server_delay_s(exc)
+            wait = pause if pause is not None else self.policy.backoff_s(attempts, self.rng)
+            # An overload (no server-given wait) backs off this request; the shared rate is cut
+            # only when overloads cluster. Any other 429 pauses every worker.
+            self.limiter.cool_down(wait, overload=is_overload(exc) and pause is None)
+        delay = self.policy.next_delay_s(exc, attempts, elapsed_s, self.rng)
+        self.hook(AttemptFinished(False, exc.http_status, exc.error_type, 0, delay))
+        return delay
+
+    def _answered(self, rid: str, pos: int, prepared: Prepared, reply: Reply, attempts: int, latency: float) -> dict[str, Any]:
+        if self.breaker is not None:
+            self.breaker.succeeded()
+        answer = reply.answer
+        usage = answer.usage
+        if reply.ratelimit_reset_s:
+            self.limiter.pause(reply.ratelimit_reset_s)
+        status, error_type, message = "ok", None, None
+        if answer.finish_reason == "length":
+            status = "truncated"
+            if not answer.content and not answer.tool_calls:
+                error_type = "reasoning_exhausted_budget"
+                message = (
+                    f"finish_reason=length with an empty answer: the reasoning used the whole "
+                    f"max_tokens budget ({prepared.body.get('max_tokens', 'default')}); raise max_tokens"
+                )
+            else:
+                error_type = "max_tokens_reached"
+                message = "finish_reason=length: the answer was cut at max_tokens"
+        elif answer.finish_reason == "content_filter":
+            status, error_type, message = "error", "content_filter", "the answer was withheld by the content filter"
+        self.hook(AttemptFinished(True, reply.http_status, None, usage.total_tokens or 0))
+        model = answer.model or self.job.model
+        return ok_row(
+            rid, pos, status=status, content=answer.content, reasoning_content=answer.reasoning_content,
+            tool_calls=orjson.dumps(answer.tool_calls).decode() if answer.tool_calls else None,
+            finish_reason=answer.finish_reason, prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens,
+            cached_tokens=usage.cached_tokens,
+            cost_usd=cost_usd(self.job.prices, model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
+            model=model, attempts=attempts, latency_s=latency, ttft_s=answer.ttft_s, http_status=reply.http_status,
+            error_type=error_type, error_message=message, request_id=reply.request_id,
+        )
+
+
+def timeouts_of(job: Job) -> Timeouts:
+    return Timeouts(job.connect_timeout_s, job.first_byte_timeout_s, job.idle_timeout_s, job.attempt_timeout_s)
+
+
+def limiter_of(job: Job) -> RateLimiter:
+    return RateLimiter(concurrency=job.concurrency, rpm=job.rpm, tpm=job.tpm,
+                       completion=CompletionEstimate(job.effective_max_tokens))
+
+
+def policy_of(job: Job) -> RetryPolicy:
+    return RetryPolicy(job.max_attempts, job.max_retry_time_s, job.backoff_base_s, job.backoff_max_s, job.max_retry_after_s)
+
+
+@contextlib.asynccontextmanager
+async def endpoint(job: Job, api_key: str, base_url: str | None = None) -> AsyncIterator[Transport]:
+    """A transport to the job's endpoint; for ``base_url = "simulator"`` a simulator is started
+    in this process (on a free loopback port) for as long as the transport is open."""
+    url = base_url or job.base_url
+    sim = None
+    if url == "simulator":
+        # The simulator is a product of its own: imported only here, only when asked for.
+        from .simulator import start_in_thread
+
+        sim = await asyncio.to_thread(start_in_thread, dict(job.simulator))
+        url = sim.base_url
+    try:
+        async with Transport(url, api_key, timeouts_of(job)) as transport:
+            yield transport
+    finally:
+        if sim is not None:
+            await asyncio.to_thread(sim.stop)

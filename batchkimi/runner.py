@@ -1,0 +1,479 @@
+"""The whole job as one object, :class:`JobRun`: open, feed, work, write, drain, close.
+
+Its tasks live in one :class:`asyncio.TaskGroup` (the writer beside a group of the feeder and
+``concurrency`` workers), so no task's failure goes unawaited and cancelling the run ends every
+task. A row's failure is a row; anything else that goes wrong while a row is handled (a hook
+that raises, a reader that hits a damaged file, a bug) stops the run like Ctrl-C: requests in
+flight get their grace period, what is done is written, and the run raises a
+:class:`~batchkimi.errors.JobError` naming the row.
+
+A stop (a signal, a job-level API refusal, an error, the caller's ``stop`` event) sends nothing
+new: the feeder stops, rows waiting for the limiter, a back-off or the queue are dropped at once
+(they are pending: the next run sends them), and only requests already in flight get ``grace_s``
+seconds to finish. A second signal, or the end of the grace period, cancels those too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import __version__
+from .breaker import FailureBreaker
+from .config import Job
+from .errors import ConfigError, FatalAPIError, JobError, OutputError
+from .events import Hook, RowFinished, RunStarted, SafeHook, Stopping
+from .reader import InputScan, SourceRow, columns_seen, detect_format, read_rows, row_id, scan_input
+from .request import Prepared, RowInvalid, build_request
+from .results import invalid_row, kept_column_name
+from .rowengine import RowAbandoned, RowEngine, endpoint, limiter_of, policy_of
+from .sink import MANIFEST, Sink
+from .summary import Summary
+
+_END = object()  # the results queue's last item
+
+
+def kept_values(row: SourceRow, job: Job) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    data = row.data or {}
+    for column in job.keep_columns:
+        value = data.get(column)
+        if value is not None and not isinstance(value, str):
+            try:
+                value = orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+            except (TypeError, orjson.JSONEncodeError):
+                value = str(value)
+        out[kept_column_name(column)] = value
+    return out
+
+
+def prepare_row(row: SourceRow, job: Job, fmt: str, scan: InputScan) -> tuple[str, Prepared | str]:
+    """(id, request) or (id, error message naming the place to fix)."""
+    generated = f"{scan.id_prefix}{row.pos}"
+    if row.error is not None or row.data is None:
+        return generated, row.error or f"{row.where} is empty"
+    rid = row_id(row, fmt, job.id_column, scan.has_id_column, scan.id_prefix)
+    if rid is None:
+        column = "custom_id" if fmt == "openai_batch" else job.id_column
+        return generated, f"{row.where}: column '{column}' is missing or empty"
+    try:
+        return rid, build_request(row.data, job, batch_line=fmt == "openai_batch")
+    except RowInvalid as exc:
+        return rid, f"{row.where}: {exc}"
+
+
+def open_input(job: Job, manifest: dict[str, Any] | None) -> tuple[Path, str, InputScan]:
+    """The input's path, format and scan (from the manifest when the file is unchanged)."""
+    if not job.input:
+        raise ConfigError("no input: set 'input' in the job file or pass --input")
+    path = Path(job.input)
+    fmt = detect_format(path, job.input_format)
+    scan: InputScan | None = None
+    if manifest:
+        old = manifest.get("input", {})
+        try:
+            st = path.stat()
+            if old.get("size_bytes") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns and path.is_file():
+                scan = InputScan(old["rows"], old["fingerprint"], old["has_id_column"], st.st_size, st.st_mtime_ns,
+                                 old.get("id_prefix", "row-"))
+        except (OSError, KeyError):
+            scan = None
+    if scan is None:
+        scan = scan_input(path, fmt, job.id_column)
+        if job.id_column != "id" and not scan.has_id_column and fmt != "openai_batch":
+            raise ConfigError(f"id_column '{job.id_column}' is not a column of {path}")
+    if job.keep_columns:
+        seen = columns_seen(path, fmt)
+        missing = [c for c in job.keep_columns if c not in seen]
+        if missing:
+            have = ", ".join(sorted(seen)[:20]) or "none"
+            raise ConfigError(f"keep_columns names {', '.join(repr(c) for c in missing)}, not a column of {path} (it has: {have})")
+    return path, fmt, scan
+
+
+def refuse_foreign_output(out: Path) -> None:
+    """Never write into, or delete, a non-empty directory that batchkimi did not make."""
+    if out.is_dir() and not (out / MANIFEST).exists() and any(out.iterdir()):
+        raise OutputError(
+            f"{out} is not empty and holds no {MANIFEST}: it is not a batchkimi output. "
+            "Choose another --output; batchkimi will not write into or delete it."
+        )
+
+
+def check_resume(manifest: dict[str, Any] | None, job: Job, scan: InputScan, out: Path) -> None:
+    if not manifest:
+        return
+    fresh = f"Use a new --output, or pass --overwrite to delete {out} and start fresh."
+    if manifest.get("input", {}).get("fingerprint") != scan.fingerprint:
+        raise OutputError(f"the input changed since {out} was written (its fingerprint differs). {fresh}")
+    old = manifest.get("request_settings", {})
+    new = orjson.loads(orjson.dumps(job.request_settings()))
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed:
+        diff = "; ".join(f"{k}: {old.get(k, '(not recorded)')!r} -> {new.get(k)!r}" for k in changed[:6])
+        why = ""
+        if "base_url" in changed and "simulator" in (str(old.get("base_url")), str(new.get("base_url"))):
+            why = " Answers from the simulator never pass for real ones (or the other way round)."
+        raise OutputError(f"{out} was made by a job that sends different requests or sends them elsewhere ({diff}).{why} {fresh}")
+
+
+def manifest_of(job: Job, path: Path, fmt: str, scan: InputScan, old: dict[str, Any] | None, state: str,
+                summary: Summary | None = None) -> dict[str, Any]:
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    runs = list((old or {}).get("runs", []))
+    if summary is None:
+        runs.append({"started": now, "batchkimi_version": __version__})
+    elif runs:
+        runs[-1].update({"finished": now, "state": state, **summary.as_dict()})
+    return {
+        "batchkimi_version": __version__,
+        "state": state,
+        "simulated": job.uses_simulator,
+        "job": job.public_dict(),
+        "request_settings": job.request_settings(),
+        "input": {
+            "path": str(path),
+            "format": fmt,
+            "fingerprint": scan.fingerprint,
+            "rows": scan.rows,
+            "has_id_column": scan.has_id_column,
+            "id_prefix": scan.id_prefix,
+            "size_bytes": scan.size_bytes,
+            "mtime_ns": scan.mtime_ns,
+        },
+        "counts": summary.final_status if summary else (old or {}).get("counts", {}),
+        "created": (old or {}).get("created", now),
+        "updated": now,
+        "runs": runs[-50:],
+    }
+
+
+class JobRun:
+    """One run of a job over its output directory. Use :meth:`execute` once."""
+
+    def __init__(self, job: Job, api_key: str, *, hook: Hook, overwrite: bool = False,
+                 install_signal_handlers: bool = False, stop: asyncio.Event | None = None, transport: Any = None) -> None:
+        if not job.output:
+            raise ConfigError("no output: set 'output' in the job file or pass --output")
+        self.job = job
+        self.key = api_key
+        self.hook = SafeHook(hook, self._hook_failed)
+        self.overwrite = overwrite
+        self.install_signal_handlers = install_signal_handlers
+        self.external_stop = stop
+        self.transport = transport
+        self.sink = Sink(Path(job.output), job.keep_columns, job.rows_per_part)
+        self.started = time.monotonic()
+        self.stopping = False
+        self.error: BaseException | None = None  # raised after the run wrote what it could
+        self.fatal: str | None = None
+        self.signals = 0
+        self.engine: RowEngine | None = None
+        self.feeder: asyncio.Task[None] | None = None
+        self.workers: list[asyncio.Task[None]] = []
+        self.delivering: set[asyncio.Task[Any]] = set()
+        self._grace: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._live = 0
+        self._watcher: asyncio.Task[None] | None = None
+        self._where = ""
+
+    # ---- stopping ------------------------------------------------------------------------
+    def stop(self, reason: str, *, error: BaseException | None = None, fatal: str | None = None) -> None:
+        """Send nothing new; give requests in flight ``grace_s``; remember why."""
+        if error is not None and self.error is None:
+            self.error = error
+        if fatal is not None and self.fatal is None:
+            self.fatal = fatal
+        if self.stopping:
+            return
+        self.stopping = True
+        self.hook(Stopping(reason))
+        if self.engine is not None:
+            self.engine.stop()
+        if self.feeder is not None and self.feeder is not asyncio.current_task():
+            self.feeder.cancel()
+        me = asyncio.current_task()
+        for w in self.workers:
+            if w is me or w in self.delivering or (self.engine is not None and w in self.engine.sending):
+                continue  # in flight, or handing over a paid answer: the grace period is theirs
+            w.cancel()  # waiting for the queue, the limiter or a back-off: nothing was sent
+        grace = 0.0 if error is not None and not isinstance(error, JobError) else self.job.grace_s
+        self._grace = asyncio.get_running_loop().call_later(grace, self._abort)
+
+    def _abort(self) -> None:
+        """The grace period is over (or a second signal came): cancel what is still in flight."""
+        for w in self.workers:
+            w.cancel()
+
+    def _on_signal(self) -> None:
+        self.signals += 1
+        self.summary.interrupted = True
+        if self.signals == 1:
+            self.stop(f"interrupted: finishing requests in flight for up to {self.job.grace_s:g}s (again to stop now)")
+        else:
+            self._abort()
+
+    def _hook_failed(self, exc: BaseException) -> None:
+        self.stop(f"the progress hook raised {exc!r}", error=JobError(f"the progress hook raised {type(exc).__name__}: {exc}"))
+
+    # ---- the run ---------------------------------------------------------------------------
+    async def execute(self) -> Summary:
+        job, out = self.job, self.sink.dir
+        refuse_foreign_output(out)
+        manifest = None if self.overwrite else self.sink.read_manifest()
+        self.path, self.fmt, self.scan = open_input(job, manifest)
+        check_resume(manifest, job, self.scan, out)
+        self.sink.prepare(overwrite=self.overwrite)
+        try:
+            return await self._execute(manifest)
+        finally:
+            with contextlib.suppress(OSError):
+                self.sink.journal.close()  # after a cancellation: the next run converts it
+            self.sink.unlock()
+
+    async def _execute(self, manifest: dict[str, Any] | None) -> Summary:
+        job, sink, scan = self.job, self.sink, self.scan
+        state = sink.compact(scan.rows)
+        self.done = state.done
+        self.first_pending = state.first_pending()
+        if not job.retry_errors:
+            self.done[sink.positions_with_status(["error", "truncated"])] = True
+        self.limit = min(scan.rows, job.limit) if job.limit is not None else scan.rows
+        already = int(self.done[: self.limit].sum())
+        self.summary = Summary(str(sink.dir), self.limit, already)
+        self.manifest = manifest_of(job, self.path, self.fmt, scan, manifest, "running")
+        sink.write_manifest(self.manifest)
+        self.hook(RunStarted(self.limit, already, self.limit - already))
+        # Bounded queues: flat memory whatever the dataset's size.
+        self.results: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(2 * job.concurrency, 1024))
+        self.work: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(2 * job.concurrency, 64))
+        n_workers = max(1, min(job.concurrency, self.limit - already))
+        loop = asyncio.get_running_loop()
+        installed = []
+        if self.install_signal_handlers and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, self._on_signal)
+                    installed.append(sig)
+        try:
+            opened = contextlib.nullcontext(self.transport) if self.transport is not None else endpoint(job, self.key)
+            async with opened as transport:
+                limiter = limiter_of(job)
+                breaker = FailureBreaker(job.stop_after_failures)
+                self.engine = RowEngine(job, transport, limiter, policy_of(job), hook=self.hook, breaker=breaker)
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        group.create_task(self._write(), name="batchkimi-writer")
+                        group.create_task(self._produce(n_workers), name="batchkimi-producers")
+                except BaseExceptionGroup as eg:
+                    raise _first_error(eg) from None
+                self.summary.requests, self.summary.retries = self.engine.requests, self.engine.retries
+                self.summary.rate_limited = limiter.rate_limited
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            if self._grace is not None:
+                self._grace.cancel()
+        return await self._close()
+
+    async def _produce(self, n_workers: int) -> None:
+        """The feeder and the workers; when they are all done, the writer may finish."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                self.feeder = group.create_task(self._feed(n_workers), name="batchkimi-feeder")
+                self.workers = [group.create_task(self._work(), name=f"batchkimi-worker-{i}") for i in range(n_workers)]
+                self._live = n_workers
+                if self.external_stop is not None:
+                    self._watcher = group.create_task(self._watch(self.external_stop))
+        except Exception as exc:  # noqa: BLE001 - a bug in a task: stop, write what is done, then raise it
+            first = _first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+            self.error = self.error or JobError(f"internal error: {type(first).__name__}: {first}")
+        finally:
+            self._closed = True
+            with contextlib.suppress(asyncio.QueueFull):
+                self.results.put_nowait(_END)
+
+    async def _watch(self, event: asyncio.Event) -> None:
+        """The caller's stop event; cancelled when the last worker ends."""
+        await event.wait()
+        self.summary.interrupted = True
+        self.stop("stopped by the caller")
+
+    def _rows_to_send(self) -> Iterator[SourceRow]:
+        """Input rows not yet done, below the limit, until a stop."""
+        done, limit = self.done, self.limit
+        for batch in read_rows(self.path, self.fmt, skip_until=min(self.first_pending, limit)):
+            for row in batch:
+                if row.pos >= limit or self.stopping:
+                    return
+                if row.pos < len(done) and done[row.pos]:
+                    continue
+                self._where = row.where
+                yield row
+
+    async def _feed(self, n_workers: int) -> None:
+        job = self.job
+        self._where = str(self.path)
+        try:
+            for n, row in enumerate(self._rows_to_send()):
+                rid, prepared = prepare_row(row, job, self.fmt, self.scan)
+                if isinstance(prepared, str):
+                    inv = invalid_row(rid, row.pos, prepared)
+                    inv.update(kept_values(row, job))
+                    await self._finish(inv)
+                else:
+                    await self.work.put((row.pos, rid, prepared, kept_values(row, job), row.where))
+                    self.summary.sent_rows += 1
+                if n % 1024 == 1023:
+                    await asyncio.sleep(0)  # let the workers and the writer in on a fast reader
+        except JobError as exc:
+            self.stop(str(exc), error=exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a damaged file or a bug: the job stops, naming the place
+            where = self._where
+            self.stop(f"reading {where} failed", error=JobError(f"reading {where} failed: {type(exc).__name__}: {exc}"))
+            return
+        for _ in range(n_workers):
+            await self.work.put(None)
+
+    async def _work(self) -> None:
+        try:
+            await self._work_rows()
+        finally:
+            self._live -= 1
+            if self._live == 0 and self._watcher is not None:
+                self._watcher.cancel()
+
+    async def _work_rows(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        task = asyncio.current_task()
+        while not self.stopping:
+            item = await self.work.get()
+            if item is None or self.stopping:
+                return
+            pos, rid, prepared, kept, where = item
+            try:
+                row = await engine.process(rid, pos, prepared)
+            except RowAbandoned:
+                return
+            except FatalAPIError as exc:
+                self.stop(str(exc), fatal=str(exc))
+                return
+            except Exception as exc:  # noqa: BLE001 - the row's request path itself failed
+                self.stop(f"unexpected error on {where}",
+                          error=JobError(f"unexpected error on {where} (id {rid}): {type(exc).__name__}: {exc}"))
+                return
+            row.update(kept)
+            self.delivering.add(task)  # type: ignore[arg-type]
+            try:
+                await self._finish(row)  # a paid answer: never cancelled before it is queued
+            finally:
+                self.delivering.discard(task)  # type: ignore[arg-type]
+
+    async def _finish(self, row: dict[str, Any]) -> None:
+        s = self.summary
+        status = row["status"]
+        s.run_status[status] += 1
+        s.prompt_tokens += row.get("prompt_tokens") or 0
+        s.completion_tokens += row.get("completion_tokens") or 0
+        s.cached_tokens += row.get("cached_tokens") or 0
+        if status in ("ok", "truncated"):
+            if row.get("total_tokens") is None:
+                s.rows_without_usage += 1
+            if row.get("cost_usd") is None:
+                s.rows_without_cost += 1
+            else:
+                s.cost_usd += row["cost_usd"]
+        if status != "ok":
+            message = row.get("error_message") or ""
+            s.errors[f"{row.get('error_type')}: {message[:160]}{'...' if len(message) > 160 else ''}"] += 1
+        self.hook(RowFinished(status, row.get("total_tokens") or 0, row.get("attempts") or 0))
+        await self.results.put(row)
+
+    async def _write(self) -> None:
+        """The one writer: journal each batch at once, fsync at least every second while anything
+        is unsynced, roll a full (or old) segment into a part."""
+        job, sink, q = self.job, self.sink, self.results
+        last_roll = last_sync = time.monotonic()
+        while True:
+            if q.empty() and self._closed:
+                return
+            try:
+                if sink.unsynced:
+                    async with asyncio.timeout(max(0.0, last_sync + 1.0 - time.monotonic())):
+                        item = await q.get()
+                else:
+                    item = await q.get()
+            except TimeoutError:
+                item = None
+            batch = [] if item is None else [item]
+            while not q.empty():
+                batch.append(q.get_nowait())
+            end = any(r is _END for r in batch)
+            rows = [r for r in batch if r is not _END]
+            full = sink.append(rows)
+            now = time.monotonic()
+            if full or (rows and now - last_roll >= job.flush_interval_s):
+                await asyncio.to_thread(sink.roll)
+                last_roll = last_sync = now
+            elif sink.unsynced and now - last_sync >= 1.0:
+                await asyncio.to_thread(sink.sync)
+                last_sync = now
+            if end:
+                return
+
+    async def _close(self) -> Summary:
+        job, sink, summary = self.job, self.sink, self.summary
+        await asyncio.to_thread(sink.close)
+        below = self.limit if job.limit is not None else None
+        if summary.run_status and len(sink.state.latest_rows):
+            # Rows written before this run may now be superseded: rewrite those parts.
+            sink.compact(self.scan.rows)
+            summary.final_status = sink.status_counts(below=below)
+        else:
+            # Nothing older to supersede (a fresh run, or one that sent nothing): no need to re-read.
+            final = Counter(sink.status_counts(below=below))
+            final.update(summary.run_status)
+            summary.final_status = dict(final)
+        summary.wall_s = time.monotonic() - self.started
+        summary.fatal = self.fatal
+        if self.hook.error is not None and self.error is None:
+            self.error = JobError(f"the progress hook raised {type(self.hook.error).__name__}: {self.hook.error}")
+        state = "failed" if self.error or self.fatal else "interrupted" if summary.interrupted else "finished"
+        sink.write_manifest(manifest_of(job, self.path, self.fmt, self.scan, self.manifest, state, summary))
+        if self.error is not None:
+            raise self.error
+        return summary
+
+
+def _first_error(eg: BaseException) -> BaseException:
+    """The first real error in an exception group (a JobError first), as a JobError."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for inner in e.exceptions:
+                walk(inner)
+        else:
+            leaves.append(e)
+
+    walk(eg)
+    for e in leaves:
+        if isinstance(e, JobError):
+            return e
+    for e in leaves:
+        if not isinstance(e, asyncio.CancelledError):
+            return JobError(f"internal error: {type(e).__name__}: {e}")
+    return leaves[0] if leaves else JobError(str(eg))
