@@ -10,7 +10,8 @@ every attempt. Without a breaker such a job pays (or waits) for every row of the
   succeeded, the job stops.
 - **Attempts**: when ``threshold`` attempts in a row cannot reach the server (connection refused,
   DNS failure, connect timeout) before any succeeded, the job stops; retries count, so a dead
-  host stops the job in seconds, not after every row's backoff.
+  host stops the job in seconds, not after every row's backoff. A row that runs out of
+  attempts that way before anything succeeded stops it too (and stays pending, not an error).
 
 One successful answer disarms the breaker for the rest of the run: a row-specific 400 among
 successes never stops a job. ``threshold = 0`` disables it.
@@ -55,7 +56,11 @@ class FailureBreaker:
 
     def row_failed(self, error: APIError) -> str | None:
         """After a row ends as an error: a reason to stop the job, or None."""
-        if not self.armed or error.retryable:
+        if not self.armed:
+            return None
+        if error.error_type in UNREACHABLE:
+            return f"a row used all its attempts and could not reach the server; nothing has succeeded ({error})"
+        if error.retryable:
             return None
         sig = signature(error)
         self._alike = self._alike + 1 if sig == self._last else 1

@@ -207,9 +207,8 @@ def test_transport_translates_aiohttp_errors_into_retryable_transport_errors(exc
 def test_connection_refused_is_retryable_and_ends_as_error_row(tmp_path: Path) -> None:
     import socket
 
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
-    row = one_row(tmp_path, f"http://127.0.0.1:{port}/v1", max_attempts=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = s.getsockname()[1]
+        row = one_row(tmp_path, f"http://127.0.0.1:{port}/v1", max_attempts=2, stop_after_failures=0)
     assert (row["status"], row["error_type"], row["attempts"]) == ("error", "connect_error", 2)

@@ -375,13 +375,12 @@ def test_a_row_specific_400_among_successes_never_stops_the_job(tmp_path: Path, 
 def test_an_unreachable_host_stops_the_job_within_seconds(tmp_path: Path) -> None:
     import socket
 
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    data = write_jsonl(tmp_path / "in.jsonl", rows(500))
-    t0 = time.monotonic()
-    summary = bounded(fast_job(tmp_path, f"http://127.0.0.1:{port}/v1", input=str(data), concurrency=4), 30)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused, and no other server takes the port
+        port = s.getsockname()[1]
+        data = write_jsonl(tmp_path / "in.jsonl", rows(500))
+        t0 = time.monotonic()
+        summary = bounded(fast_job(tmp_path, f"http://127.0.0.1:{port}/v1", input=str(data), concurrency=4), 30)
     assert summary.exit_code == 1 and "could not reach the server" in (summary.fatal or "")
     assert summary.pending_rows == 500 and time.monotonic() - t0 < 25
 

@@ -326,3 +326,124 @@ def test_streaming_pace_and_latency(simulator) -> None:
     t0 = time.monotonic()
     code, _, _ = post(h, user("pace", stream=True))
     assert code == 200 and time.monotonic() - t0 >= 0.2
+
+
+# ---- a rehearsal must not lie: fields of the wrong type, faults a client must handle ----
+
+WRONG_TYPES = [
+    pytest.param(user("hi", temperature="hot"), "temperature must be a number", id="temperature-text"),
+    pytest.param(user("hi", response_format="json"), "response_format must be an object", id="response-format-text"),
+    pytest.param(user("hi", stream=True, stream_options="x"), "stream_options must be an object", id="stream-options-text"),
+    pytest.param({"model": ["kimi-k2.6"], "messages": [{"role": "user", "content": "hi"}]}, "model must be a string", id="model-list"),
+    pytest.param(user("hi", thinking="disabled"), "thinking must be an object", id="thinking-bare-string"),
+    pytest.param(user("hi", max_tokens=0), "max_tokens must be a positive integer", id="max-tokens-zero"),
+    pytest.param(user("hi", max_tokens=True), "max_tokens must be a positive integer", id="max-tokens-bool"),
+    pytest.param(user("hi", tools="f"), "tools must be an array", id="tools-text"),
+    pytest.param(user("hi", stop=5), "stop must be a string or an array", id="stop-number"),
+    pytest.param({"model": "kimi-k2.6", "messages": [{"role": "user", "content": 5}]}, "content must be a string", id="content-number"),
+]
+
+
+@pytest.mark.parametrize("error_style", ["tokenhub", "moonshot"])
+@pytest.mark.parametrize("body,message", WRONG_TYPES)
+def test_a_field_of_the_wrong_type_is_a_json_400_in_the_chosen_envelope(simulator, body: Any, message: str, error_style: str) -> None:
+    h = simulator(error_style=error_style)
+    code, headers, data = post(h, body)
+    assert code == 400 and headers["content-type"].startswith("application/json")
+    err = json.loads(data)["error"]
+    assert message in err["message"] and err["type"] == "invalid_request_error"
+    assert ("request_id" in err) == (error_style == "tokenhub")
+
+
+def test_max_completion_tokens_wins_over_max_tokens(simulator) -> None:
+    h = simulator(reasoning_words=400)
+    code, _, data = post(h, user("hi", max_tokens=32768, max_completion_tokens=8))
+    assert code == 200 and json.loads(data)["choices"][0]["finish_reason"] == "length"
+
+
+MORE_FAULTS = [
+    pytest.param("quota", 429, "exceeded_current_quota_error", "token quota", id="moonshot-quota"),
+    pytest.param("suspended", 429, "exceeded_current_quota_error", "is suspended", id="moonshot-suspended"),
+    pytest.param("content_filter", 400, "content_filter", "considered high risk", id="moonshot-content-filter"),
+    pytest.param("too_long", 400, "invalid_request_error", "Input token length too long", id="input-too-long"),
+    pytest.param("tpd", 429, "rate_limit_reached_error", "TPD rate limit", id="tpd"),
+]
+
+
+@pytest.mark.parametrize("fault,status,etype,words", MORE_FAULTS)
+def test_moonshot_native_faults(simulator, fault: str, status: int, etype: str, words: str) -> None:
+    h = simulator(error_style="moonshot")
+    code, headers, data = post(h, user(f"hello [[sim:{fault}]]"))
+    assert code == status and json.loads(data) == {"error": {"type": etype, "message": json.loads(data)["error"]["message"]}}
+    assert words in json.loads(data)["error"]["message"]
+    if fault == "tpd":
+        assert headers["retry-after"] == "1152"
+
+
+def test_tokenhub_500_and_502_bodies_follow_its_envelope(simulator) -> None:
+    h = simulator()
+    _, _, data = post(h, user("x [[sim:502]]"))
+    assert json.loads(data)["error"] | {"request_id": "-"} == {
+        "type": "upstream_error", "code": "502001", "message": "provider error", "source": "upstream",
+        "upstream_status": 500, "upstream_code": "unexpected_output", "request_id": "-"}
+    _, _, data = post(h, user("x [[sim:500]]"))
+    err = json.loads(data)["error"]
+    assert (err["type"], err["source"], err["upstream_status"], err["message"]) == ("unexpected_output", "upstream", 500, "invalid state transition")
+
+
+def test_nodone_ends_the_body_cleanly_without_done(simulator) -> None:
+    """A clean end of stream (the body complete, no reset) without [DONE]: still not a whole answer."""
+    h = simulator()
+    conn = http.client.HTTPConnection("127.0.0.1", h.port, timeout=10)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(user("x [[sim:nodone]]", stream=True)),
+                 headers={"Authorization": f"Bearer {KEY}"})
+    data = conn.getresponse().read()  # raises IncompleteRead if the connection was cut
+    assert data.endswith(b"\n\n") and b'"finish_reason":"stop"' in data and b"[DONE]" not in data
+
+
+def test_parallel_tools_gives_several_calls_in_one_answer(simulator) -> None:
+    h = simulator()
+    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+             for n in ("get_weather", "get_time")]
+    _, _, data = post(h, user("Paris [[sim:parallel_tools]]", tools=tools, stream=True))
+    calls = [c for e in events(data) if isinstance(e, dict) and e["choices"] for c in e["choices"][0]["delta"].get("tool_calls", [])]
+    assert {c["index"] for c in calls} == {0, 1} and {c["function"]["name"] for c in calls if "id" in c} == {"get_weather", "get_time"}
+
+
+def test_estimate_token_count_endpoint(simulator) -> None:
+    h = simulator()
+    conn = http.client.HTTPConnection("127.0.0.1", h.port, timeout=10)
+    body = {"model": "kimi-k2.6", "messages": [{"role": "user", "content": "word " * 40}]}
+    conn.request("POST", "/v1/tokenizers/estimate-token-count", body=json.dumps(body), headers={"Authorization": f"Bearer {KEY}"})
+    estimated = json.loads(conn.getresponse().read())["data"]["total_tokens"]
+    _, _, data = post(h, {**body, "thinking": {"type": "disabled"}})
+    assert estimated == json.loads(data)["usage"]["prompt_tokens"]
+    conn.request("POST", "/v1/tokenizers/estimate-token-count", body=json.dumps({"model": "gpt-x", "messages": []}),
+                 headers={"Authorization": f"Bearer {KEY}"})
+    resp = conn.getresponse()
+    assert resp.status == 404 and "error" in json.loads(resp.read())
+    assert simulator(estimate_endpoint=False) and True
+
+
+def test_stats_count_streams_per_key_and_connections(simulator) -> None:
+    h = simulator()
+    for _ in range(3):
+        post(h, user("a", stream=True))
+    s = get(h, "/stats")
+    assert list(s["per_key"].values())[0]["ok"] == 3
+    assert s["connections"] == 3  # http.client opens one per request here
+
+
+def test_a_client_disconnecting_mid_stream_logs_no_traceback(simulator, caplog) -> None:
+    import socket
+
+    h = simulator(tokens_per_s=50)
+    with caplog.at_level("DEBUG"):
+        s = socket.create_connection(("127.0.0.1", h.port))
+        body = json.dumps(user("tell me a long story", stream=True)).encode()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        s.recv(100)
+        s.close()
+        time.sleep(1.0)
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]

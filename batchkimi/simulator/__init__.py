@@ -10,8 +10,9 @@ from typing import Any
 from aiohttp import web
 
 from .server import FAULTS, SimConfig, Simulator
+from .validate import SimError
 
-__all__ = ["FAULTS", "AppThread", "SimConfig", "SimHandle", "Simulator", "serve", "serve_app_in_thread", "start_in_thread"]
+__all__ = ["FAULTS", "AppThread", "SimConfig", "SimError", "SimHandle", "Simulator", "serve", "serve_app_in_thread", "start_in_thread"]
 
 
 @dataclass

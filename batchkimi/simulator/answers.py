@@ -144,6 +144,7 @@ def answer(
     answer_words: int,
     bad_tool_args: bool,
     call_index_base: int = 0,
+    every_tool: bool = False,
 ) -> Reply:
     last = messages[-1] if messages else {}
     prompt = text_of(last.get("content"))
@@ -157,20 +158,19 @@ def answer(
 
     functions = [t.get("function") or {} for t in tools or [] if isinstance(t, dict)]
     if functions and tool_choice != "none" and last.get("role") != "tool":
-        fn = functions[0]
-        lowered = question.lower()
-        for candidate in functions:
-            if str(candidate.get("name", "")).lower().replace("_", " ") in lowered.replace("_", " "):
-                fn = candidate
-                break
-        name = str(fn.get("name", "tool"))
-        args = _args_for(fn.get("parameters") or {}, question, rng)
-        if bad_tool_args:
-            raw_args = orjson.dumps(args).decode()[:-1]  # not JSON any more: a broken object
-        else:
+        lowered = question.lower().replace("_", " ")
+        mentioned = [f for f in functions if str(f.get("name", "")).lower().replace("_", " ") in lowered]
+        chosen = functions if every_tool else (mentioned[:1] or functions[:1])
+        calls = []
+        for i, fn in enumerate(chosen):
+            name = str(fn.get("name", "tool"))
+            args = _args_for(fn.get("parameters") or {}, question, rng)
             raw_args = orjson.dumps(args).decode()
-        call = {"id": f"functions.{name}:{call_index_base}", "type": "function", "function": {"name": name, "arguments": raw_args}}
-        return Reply(reasoning, "", [call])
+            if bad_tool_args:
+                raw_args = raw_args[:-1]  # not JSON any more: a broken object
+            calls.append({"id": f"functions.{name}:{call_index_base + i}", "type": "function",
+                          "function": {"name": name, "arguments": raw_args}})
+        return Reply(reasoning, "", calls)
 
     labels = _labels(question)
     result = _arith(question, accuracy, rng)

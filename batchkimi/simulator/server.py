@@ -1,5 +1,6 @@
 """A TokenHub simulator for Kimi: ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /stats``, ``POST /stats/reset``. Faithful to shared/tokenhub-api.md (its §14 list).
+``POST /v1/tokenizers/estimate-token-count`` (Moonshot's; TokenHub does not document it),
+``GET /stats``, ``POST /stats/reset``. Faithful to what ``docs/kimi-api.md`` describes.
 
 Per-request behaviour can be picked with a marker anywhere in the messages,
 ``[[sim:NAME]]``, or the header ``X-Sim-Fault: NAME``; ``[[sim:NAME*N]]`` applies it to the
@@ -9,24 +10,31 @@ first N attempts of that same request only, then answers normally. Names::
     html                502 with a gateway's HTML page
     429 overload        a rate-limit 429 / an engine_overloaded 429 without Retry-After
     400 401 402 403 451 bad request / auth / quota exhausted / permission / content filter
-    cut                 the stream (or body) stops mid-way, no [DONE]
-    nodone              the stream ends after the finish chunk but without [DONE]
+    quota suspended     Moonshot's 429 exceeded_current_quota_error (token quota / account suspended)
+    content_filter      Moonshot's 400 content_filter ("considered high risk")
+    tpd                 a 429 for the tokens-per-day limit, Retry-After ``tpd_retry_after_s`` (1152 s)
+    too_long            400 "Input token length too long"
+    cut                 the stream (or body) stops mid-way, no [DONE]: the connection is dropped
+    nodone              the stream ends cleanly after the finish chunk, but without [DONE]
     stall               the stream stops sending (for stall_s seconds)
     slow                the first byte waits slow_first_byte_s
     error_event         a data: {"error": ...} event inside the 200 stream
     length              all tokens go to reasoning: finish_reason "length", empty content
     bad_args            tool-call arguments that break the tool's schema
     long                a content delta of long_line_bytes bytes on one SSE line
+    parallel_tools      one call to every offered tool, in one answer
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import random
 import re
 import time
 import uuid
+import weakref
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, fields
 from email.utils import formatdate
@@ -38,15 +46,15 @@ from aiohttp import web
 from ..tokens import estimate_messages_tokens, estimate_text_tokens
 from .answers import answer, text_of
 from .limits import KeyLimits
+from .validate import CONTEXT, MODELS, SimError, invalid, validate
 
-CONTEXT = 262144
-MODELS = {
-    "kimi-k2.6": {"created": 1776643200, "video": True},
-    "kimi-k2.5": {"created": 1769472000, "video": False},
-}
 _MARKER = re.compile(r"\[\[sim:([a-z0-9_]+)(?:\*(\d+))?\]\]")
 FAULTS = ("500", "502", "503", "504", "html", "429", "overload", "400", "401", "402", "403", "451",
-          "cut", "nodone", "stall", "slow", "error_event", "length", "bad_args", "long")
+          "quota", "suspended", "content_filter", "tpd", "too_long",
+          "cut", "nodone", "stall", "slow", "error_event", "length", "bad_args", "long", "parallel_tools")
+_ERROR_FAULTS = frozenset({"500", "502", "503", "504", "html", "429", "overload", "400", "401", "402", "403", "451",
+                           "quota", "suspended", "content_filter", "tpd", "too_long"})
+log = logging.getLogger("batchkimi.simulator")
 
 
 @dataclass
@@ -82,6 +90,9 @@ class SimConfig:
     max_body_bytes: int = 100 * 1024 * 1024
     body_too_large_status: int = 413
     cache_prefixes: bool = True
+    tpd_retry_after_s: float = 1152.0  # the Retry-After Moonshot sent with a real TPD 429
+    estimate_endpoint: bool = True  # POST /v1/tokenizers/estimate-token-count (Moonshot's)
+    models_endpoint: bool = True  # GET /v1/models
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> SimConfig:
@@ -99,14 +110,6 @@ class SimConfig:
         return cls(**values)
 
 
-class SimError(Exception):
-    def __init__(self, status: int, etype: str, message: str, *, code: str | None = None, source: str = "gateway",
-                 upstream: bool = False, retry_after_s: float | None = None, html: bool = False) -> None:
-        super().__init__(message)
-        self.status, self.etype, self.message, self.code = status, etype, message, code
-        self.source, self.upstream, self.retry_after_s, self.html = source, upstream, retry_after_s, html
-
-
 class Simulator:
     def __init__(self, config: SimConfig | None = None) -> None:
         self.cfg = config or SimConfig()
@@ -114,6 +117,7 @@ class Simulator:
         self.rng = random.Random(self.cfg.seed)
         self.attempts: Counter[str] = Counter()  # request hash -> attempts seen (for NAME*N)
         self.prefix_cache: dict[str, dict[bytes, int]] = defaultdict(dict)
+        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
         self.reset_stats()
 
     # ---- stats -------------------------------------------------------------------------
@@ -122,6 +126,7 @@ class Simulator:
         self.stats: dict[str, Any] = {
             "requests": 0, "by_status": Counter(), "by_error": Counter(), "in_flight": 0, "peak_in_flight": 0,
             "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0, "streams": 0, "chunks": 0,
+            "connections": 0, "client_disconnects": 0,
             "per_key": defaultdict(lambda: {"requests": 0, "ok": 0, "rate_limited": 0, "tokens": 0}),
             "admitted_per_s": Counter(), "tokens_per_s": Counter(),
         }
@@ -133,6 +138,7 @@ class Simulator:
             "by_error": dict(s["by_error"]), "in_flight": s["in_flight"], "peak_in_flight": s["peak_in_flight"],
             "prompt_tokens": s["prompt_tokens"], "completion_tokens": s["completion_tokens"],
             "cached_tokens": s["cached_tokens"], "streams": s["streams"], "chunks": s["chunks"],
+            "connections": s["connections"], "client_disconnects": s["client_disconnects"],
             "per_key": {_mask(k): v for k, v in s["per_key"].items()},
             "admitted_per_s": {str(k): v for k, v in sorted(s["admitted_per_s"].items())},
             "tokens_per_s": {str(k): v for k, v in sorted(s["tokens_per_s"].items())},
@@ -166,9 +172,9 @@ class Simulator:
         else:
             e: dict[str, Any] = {"type": err.etype, "code": err.code or err.etype, "message": err.message, "source": err.source}
             if err.upstream:
-                e.update(source="upstream", upstream_code=err.etype, upstream_status=err.status)
-                if err.status >= 500:
-                    e.update(type="upstream_error", code="502001")
+                # Moonshot's error passed through: its type and status kept as upstream_*.
+                e.update(source="upstream", upstream_code=err.upstream_code or err.etype,
+                         upstream_status=err.upstream_status or err.status)
             e["request_id"] = request_id
             body = {"error": e}
         return web.Response(status=err.status, body=orjson.dumps(body), content_type="application/json", headers=headers)
@@ -185,6 +191,10 @@ class Simulator:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         rid = uuid.uuid4().hex
         self.stats["requests"] += 1
+        conn = request.transport
+        if conn is not None and conn not in self._connections:
+            self._connections.add(conn)
+            self.stats["connections"] += 1
         key: str | None = None
         admitted = False
         completion_tokens = 0
@@ -201,12 +211,13 @@ class Simulator:
                 raise SimError(400, "invalid_request_error", "Invalid request: the body is not valid JSON", code="400001") from None
             if not isinstance(body, dict):
                 raise SimError(400, "invalid_request_error", "Invalid request: the body must be a JSON object", code="400001")
-            model, thinking, max_tokens = self._validate(body, key)
-            prompt_tokens = estimate_messages_tokens(body["messages"])
+            req = validate(body, self.cfg.key_models.get(key), self.cfg.unknown_model_status)
+            model, thinking, max_tokens = req.model, req.thinking, req.max_tokens
+            prompt_tokens = estimate_messages_tokens(req.messages)
             if prompt_tokens + max_tokens > CONTEXT:
-                raise SimError(400, "invalid_request_error", f"Your request exceeded model token limit : {CONTEXT}", upstream=True)
+                raise invalid(f"Your request exceeded model token limit : {CONTEXT}")
             fault = self._fault(body, request)
-            if fault in ("401", "402", "403", "400", "451", "500", "502", "503", "504", "html", "429", "overload"):
+            if fault in _ERROR_FAULTS:
                 raise self._fault_error(fault)
             limited = self.limits.admit(key, prompt_tokens)
             if limited is not None:
@@ -222,9 +233,8 @@ class Simulator:
                 await asyncio.sleep(self.cfg.slow_first_byte_s)
             cached = self._cached(key, body["messages"]) if self.cfg.cache_prefixes else 0
             reply = answer(
-                body["messages"], seed=self.cfg.seed, thinking=thinking, tools=body.get("tools"),
-                tool_choice=body.get("tool_choice"),
-                json_mode=(body.get("response_format") or {}).get("type") in ("json_object", "json_schema"),
+                req.messages, seed=self.cfg.seed, thinking=thinking, tools=req.tools,
+                tool_choice=req.tool_choice, json_mode=req.json_mode, every_tool=fault == "parallel_tools",
                 accuracy=self.cfg.accuracy, reasoning_words=self.cfg.reasoning_words, answer_words=self.cfg.answer_words,
                 bad_tool_args=fault == "bad_args" or (self.cfg.bad_tool_args_rate > 0 and self.rng.random() < self.cfg.bad_tool_args_rate),
             )
@@ -235,7 +245,7 @@ class Simulator:
             c_tok = estimate_text_tokens(content) + sum(estimate_text_tokens(tc["function"]["arguments"]) + 3 for tc in tool_calls or [])
             finish = "tool_calls" if tool_calls else "stop"
             if fault == "length" or (thinking and r_tok >= max_tokens):
-                # the reasoning eats the whole budget: HTTP 200, empty answer (tokenhub-api.md §4)
+                # the reasoning eats the whole budget: HTTP 200, empty answer
                 reasoning = _clip_tokens(reasoning, max_tokens)
                 r_tok, content, tool_calls, c_tok, finish = max_tokens, "", None, 0, "length"
             elif r_tok + c_tok > max_tokens:
@@ -251,9 +261,9 @@ class Simulator:
             self.stats["per_key"][key]["tokens"] += prompt_tokens + completion_tokens
             self.stats["tokens_per_s"][int(time.monotonic() - self.started)] += prompt_tokens + completion_tokens
             cid = "chatcmpl-" + hashlib.blake2b(rid.encode(), digest_size=12).hexdigest()[:24]
-            if body.get("stream"):
-                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                return await self._stream(request, rid, cid, model, reasoning, content, tool_calls, finish, usage, include_usage, fault)
+            if req.stream:
+                return await self._stream(request, key, rid, cid, model, reasoning, content, tool_calls, finish, usage,
+                                          req.include_usage, fault)
             if self.cfg.latency_ms:
                 await asyncio.sleep(self.cfg.latency_ms / 1000)
             message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -276,12 +286,20 @@ class Simulator:
         except SimError as err:
             self._count(err.status, key, err.etype)
             return self.error_response(err, rid)
+        except ConnectionResetError:
+            self.stats["client_disconnects"] += 1
+            return web.Response(status=499)  # nobody reads it: the client is gone
+        except Exception as exc:  # noqa: BLE001 - a simulator bug still answers in the envelope
+            log.exception("simulator: unexpected error")
+            bug = SimError(500, "server_error", f"simulator error: {type(exc).__name__}")
+            self._count(500, key, bug.etype)
+            return self.error_response(bug, rid)
         finally:
             if admitted:
                 self.stats["in_flight"] -= 1
                 self.limits.done(key, completion_tokens)  # type: ignore[arg-type]
 
-    async def _stream(self, request: web.Request, rid: str, cid: str, model: str, reasoning: str, content: str,
+    async def _stream(self, request: web.Request, key: str, rid: str, cid: str, model: str, reasoning: str, content: str,
                       tool_calls: list[dict[str, Any]] | None, finish: str, usage: dict[str, Any],
                       include_usage: bool, fault: str | None) -> web.StreamResponse:
         self.stats["streams"] += 1
@@ -312,17 +330,30 @@ class Simulator:
         events.append((b"data: [DONE]\n\n", 0))
         self.stats["chunks"] += len(events)
 
-        cut_at = len(events) // 2 if fault in ("cut", "stall", "error_event") else None
         if fault == "nodone":
-            cut_at = len(events) - 1
+            events.pop()  # a clean end of the body, but no [DONE]
+        cut_at = len(events) // 2 if fault in ("cut", "stall", "error_event") else None
         if self.cfg.latency_ms:
             await asyncio.sleep(self.cfg.latency_ms / 1000)
         pace = self.cfg.tokens_per_s
         if not pace and cut_at is None:
             # Unpaced: the same SSE bytes in one response (one send, not three).
-            self._count(200, None)
+            self._count(200, key)
             return web.Response(body=b"".join(e for e, _ in events), headers=headers)
         resp = web.StreamResponse(status=200, headers=headers)
+        try:
+            complete = await self._send_events(request, resp, events, cut_at, fault, pace)
+        except ConnectionResetError:
+            # the client went away mid-stream: normal under faults and stops, not a server error
+            self.stats["client_disconnects"] += 1
+            return resp
+        if complete:
+            self._count(200, key)
+        return resp
+
+    async def _send_events(self, request: web.Request, resp: web.StreamResponse, events: list[tuple[bytes, int]],
+                           cut_at: int | None, fault: str | None, pace: float) -> bool:
+        """Write the events; False when the fault cut the stream on purpose."""
         await resp.prepare(request)
         for i, (event, tokens) in enumerate(events):
             if i == cut_at:
@@ -332,12 +363,11 @@ class Simulator:
                     err = {"error": {"type": "server_error", "message": "upstream stream failed", "code": "502001"}}
                     await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
                 _abort(request)
-                return resp
+                return False
             await resp.write(event)
             if pace and tokens:
                 await asyncio.sleep(tokens / pace)
-        self._count(200, None)
-        return resp
+        return True
 
     # ---- pieces ----------------------------------------------------------------------------
     def _auth(self, request: web.Request) -> str:
@@ -348,76 +378,6 @@ class Simulator:
                 raise SimError(401, "invalid_authentication_error", "Invalid Authentication")
             raise SimError(401, "authentication_error", "invalid api key", code="401002")
         return key
-
-    def _validate(self, body: dict[str, Any], key: str) -> tuple[str, bool, int]:
-        model = body.get("model")
-        if not model:
-            raise SimError(400, "invalid_request_error", "invalid parameter 'model': model is required", code="400001", source="client")
-        if model not in MODELS:
-            if self.cfg.unknown_model_status == 404:
-                raise SimError(404, "resource_not_found_error", f"Not found the model {model} or Permission denied")
-            raise SimError(400, "invalid_request_error", f"invalid parameter 'model': model {model} is not supported", code="400002", source="client")
-        allowed = self.cfg.key_models.get(key)
-        if allowed is not None and model not in allowed:
-            raise SimError(403, "permission_error", f"access denied: this API key may not use {model}", code="403002")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise SimError(400, "invalid_request_error", "Invalid request: messages must be a non-empty list", upstream=True)
-        thinking_obj = body.get("thinking") or {}
-        ttype = thinking_obj.get("type", "enabled") if isinstance(thinking_obj, dict) else "enabled"
-        if ttype not in ("enabled", "disabled"):
-            raise SimError(400, "invalid_request_error", f"Invalid request: thinking.type must be enabled or disabled, got {ttype}", upstream=True)
-        thinking = ttype == "enabled"
-        if "temperature" in body and body["temperature"] is not None:
-            allowed_t = 1.0 if thinking else 0.6
-            if float(body["temperature"]) != allowed_t:
-                raise SimError(400, "invalid_request_error", f"invalid temperature: only {allowed_t:g} is allowed for this model", upstream=True)
-        for name, fixed in (("top_p", 0.95), ("n", 1), ("presence_penalty", 0), ("frequency_penalty", 0)):
-            if body.get(name) is not None and body[name] != fixed:
-                raise SimError(400, "invalid_request_error", f"invalid {name}: only {fixed:g} is allowed for this model", upstream=True)
-        choice = body.get("tool_choice")
-        if thinking and choice == "required":
-            raise SimError(400, "invalid_request_error", "tool_choice 'required' is incompatible with thinking enabled", upstream=True)
-        if thinking and isinstance(choice, dict):
-            raise SimError(400, "invalid_request_error", "tool_choice 'specified' is incompatible with thinking enabled", upstream=True)
-        stop = body.get("stop")
-        if isinstance(stop, list) and len(stop) > 5:
-            raise SimError(400, "invalid_request_error", "Invalid request: stop may hold at most 5 strings", upstream=True)
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
-                raise SimError(400, "invalid_request_error", f"Invalid request: messages[{i}] has no valid role", upstream=True)
-            content = m.get("content")
-            if m["role"] == "assistant" and m.get("tool_calls"):
-                if thinking and "reasoning_content" not in m:
-                    raise SimError(400, "invalid_request_error",
-                                   f"thinking is enabled but reasoning_content is missing in assistant tool call message at index {i}", upstream=True)
-            elif m["role"] != "tool" and (content is None or content == "" or content == []):
-                raise SimError(400, "invalid_request_error", f"Invalid request: messages[{i}].content must not be empty", upstream=True)
-            if isinstance(content, str) and content.startswith("[{") and '"image_url"' in content:
-                raise SimError(400, "invalid_request_error", f"Your request exceeded model token limit : {CONTEXT}", upstream=True)
-            if isinstance(content, list):
-                for part in content:
-                    self._check_part(part, model, i)
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 32768
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise SimError(400, "invalid_request_error", "Invalid request: max_tokens must be a positive integer", upstream=True)
-        return model, thinking, max_tokens
-
-    def _check_part(self, part: Any, model: str, i: int) -> None:
-        if not isinstance(part, dict):
-            raise SimError(400, "invalid_request_error", f"Invalid request: messages[{i}] has a content part that is not an object", upstream=True)
-        kind = part.get("type")
-        if kind == "text":
-            return
-        if kind in ("image_url", "video_url"):
-            ref = part.get(kind)
-            url = ref.get("url") if isinstance(ref, dict) else ref
-            if kind == "video_url" and not MODELS[model]["video"]:
-                raise SimError(400, "invalid_request_error", f"Invalid request: model {model} does not support video input", upstream=True)
-            if not isinstance(url, str) or not url.startswith(("data:image/", "data:video/", "http://", "https://")):
-                raise SimError(400, "invalid_request_error", f"unsupported {kind.split('_')[0]} url", upstream=True)
-            return
-        raise SimError(400, "invalid_request_error", f"Invalid request: unknown content part type {kind!r}", upstream=True)
 
     def _fault(self, body: dict[str, Any], request: web.Request) -> str | None:
         header = request.headers.get("X-Sim-Fault")
@@ -447,14 +407,25 @@ class Simulator:
             return SimError(429, "engine_overloaded_error", "The engine is currently overloaded, please try again later", upstream=True)
         if fault == "html":
             return SimError(502, "bad_gateway", "Bad Gateway", html=True)
+        if fault == "tpd":
+            return SimError(429, "rate_limit_reached_error",
+                            "Your account org-sim<ak-sim> request reached organization TPD rate limit, current:1507272, limit:1500000",
+                            upstream=True, retry_after_s=self.cfg.tpd_retry_after_s)
         table = {
             "400": SimError(400, "invalid_request_error", "Invalid request: simulated bad request", upstream=True),
+            "too_long": SimError(400, "invalid_request_error", "Input token length too long", upstream=True),
+            "content_filter": SimError(400, "content_filter", "The request was rejected because it was considered high risk", upstream=True),
+            "quota": SimError(429, "exceeded_current_quota_error",
+                              "You exceeded your current token quota: <org-sim> 0, please check your account balance", upstream=True),
+            "suspended": SimError(429, "exceeded_current_quota_error",
+                                  "Your account org-sim<ak-sim> is suspended, please check your plan and billing details", upstream=True),
             "401": SimError(401, "authentication_error", "invalid api key", code="401002"),
             "402": SimError(402, "permission_error", "endpoint is inactive: FREE_QUOTA_EXHAUSTED", code="401007"),
             "403": SimError(403, "permission_error", "access denied: client IP is not in the allow-list", code="403001"),
             "451": SimError(451, "content_filter_error", "content was filtered by safety policy", code="451001"),
             "500": SimError(500, "unexpected_output", "invalid state transition", upstream=True),
-            "502": SimError(502, "upstream_error", "provider error", code="502001", upstream=True),
+            "502": SimError(502, "upstream_error", "provider error", code="502001", upstream=True,
+                            upstream_status=500, upstream_code="unexpected_output"),
             "503": SimError(503, "service_unavailable", "service temporarily unavailable", code="503001"),
             "504": SimError(504, "gateway_timeout", "upstream timed out", code="504001"),
         }
@@ -486,6 +457,25 @@ class Simulator:
         except SimError as err:
             raise web.HTTPUnauthorized(body=orjson.dumps({"error": {"type": err.etype, "message": err.message}}), content_type="application/json") from None
 
+    async def estimate(self, request: web.Request) -> web.Response:
+        """Moonshot's ``/v1/tokenizers/estimate-token-count``: the prompt tokens a chat request
+        with these messages would be charged, as ``{"data": {"total_tokens": N}}``."""
+        rid = uuid.uuid4().hex
+        try:
+            key = self._auth(request)
+            try:
+                body = orjson.loads(await request.read())
+            except orjson.JSONDecodeError:
+                raise invalid("Invalid request: the body is not valid JSON", upstream=False, code="400001") from None
+            if not isinstance(body, dict):
+                raise invalid("Invalid request: the body must be a JSON object", upstream=False, code="400001")
+            req = validate({"model": body.get("model"), "messages": body.get("messages")}, self.cfg.key_models.get(key),
+                           self.cfg.unknown_model_status)
+            total = estimate_messages_tokens(req.messages)
+            return web.Response(body=orjson.dumps({"data": {"total_tokens": total}}), content_type="application/json")
+        except SimError as err:
+            return self.error_response(err, rid)
+
     async def get_stats(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(self.stats_json()), content_type="application/json")
 
@@ -497,7 +487,10 @@ class Simulator:
         app = web.Application(client_max_size=self.cfg.max_body_bytes + 1024 * 1024 + 1)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/chat/completions", self.chat)
-        app.router.add_get("/v1/models", self.models)
+        if self.cfg.models_endpoint:
+            app.router.add_get("/v1/models", self.models)
+        if self.cfg.estimate_endpoint:
+            app.router.add_post("/v1/tokenizers/estimate-token-count", self.estimate)
         app.router.add_get("/stats", self.get_stats)
         app.router.add_post("/stats/reset", self.post_reset)
         return app

@@ -1,0 +1,211 @@
+"""What the simulated TokenHub refuses in a chat request, with Kimi's own messages.
+
+Every field is checked for its type before its value: a field of the wrong type is a 400 in
+the configured envelope, never a crash of the handler. The rules are written here again, not
+imported from the client's :mod:`batchkimi.kimi`: a simulator sharing the client's checks
+would make the tests that use it tautological.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+MODELS = {
+    "kimi-k2.6": {"created": 1776643200, "video": True},
+    "kimi-k2.5": {"created": 1769472000, "video": False},
+}
+CONTEXT = 262144
+DEFAULT_MAX_TOKENS = 32768
+_FIXED = (("top_p", 0.95), ("n", 1), ("presence_penalty", 0), ("frequency_penalty", 0))
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+class SimError(Exception):
+    """An error answer: status, Moonshot ``type`` and message, and how TokenHub wraps it."""
+
+    def __init__(self, status: int, etype: str, message: str, *, code: str | None = None, source: str = "gateway",
+                 upstream: bool = False, retry_after_s: float | None = None, html: bool = False,
+                 upstream_status: int | None = None, upstream_code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.etype, self.message, self.code = status, etype, message, code
+        self.source, self.upstream, self.retry_after_s, self.html = source, upstream, retry_after_s, html
+        self.upstream_status, self.upstream_code = upstream_status, upstream_code
+
+
+def invalid(message: str, *, upstream: bool = True, code: str | None = None) -> SimError:
+    return SimError(400, "invalid_request_error", message, upstream=upstream, code=code,
+                    source="upstream" if upstream else "client")
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: list[dict[str, Any]]
+    thinking: bool
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+    json_mode: bool
+    tools: list[dict[str, Any]] | None
+    tool_choice: Any
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _type_name(v: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(v), "number")
+
+
+def _expect(body: dict[str, Any], name: str, ok: bool, what: str) -> None:
+    if not ok:
+        raise invalid(f"Invalid request: {name} must be {what}, got {_type_name(body.get(name))}")
+
+
+def validate(body: dict[str, Any], key_models: list[str] | None, unknown_model_status: int) -> ChatRequest:
+    """The request, checked; raises :class:`SimError` as TokenHub/Kimi would answer."""
+    model = body.get("model")
+    if model is None or model == "":
+        raise invalid("invalid parameter 'model': model is required", upstream=False, code="400001")
+    if not isinstance(model, str):
+        raise invalid(f"invalid parameter 'model': model must be a string, got {_type_name(model)}", upstream=False, code="400001")
+    if model not in MODELS:
+        if unknown_model_status == 404:
+            raise SimError(404, "resource_not_found_error", f"Not found the model {model} or Permission denied")
+        raise invalid(f"invalid parameter 'model': model {model} is not supported", upstream=False, code="400002")
+    if key_models is not None and model not in key_models:
+        raise SimError(403, "permission_error", f"access denied: this API key may not use {model}", code="403002")
+
+    messages = body.get("messages")
+    _expect(body, "messages", isinstance(messages, list) and bool(messages), "a non-empty array")
+
+    thinking_obj = body.get("thinking")
+    thinking = True
+    if thinking_obj is not None:
+        _expect(body, "thinking", isinstance(thinking_obj, dict), 'an object such as {"type": "enabled"}')
+        ttype = thinking_obj.get("type", "enabled")
+        if ttype not in ("enabled", "disabled"):
+            raise invalid(f"Invalid request: thinking.type must be enabled or disabled, got {ttype!r}")
+        keep = thinking_obj.get("keep")
+        if keep not in (None, "all"):
+            raise invalid(f"Invalid request: thinking.keep must be \"all\" or null, got {keep!r}")
+        thinking = ttype == "enabled"
+
+    temperature = body.get("temperature")
+    if temperature is not None:
+        _expect(body, "temperature", _is_number(temperature), "a number")
+        allowed = 1.0 if thinking else 0.6
+        if float(temperature) != allowed:
+            raise invalid(f"invalid temperature: only {allowed:g} is allowed for this model")
+    for name, fixed in _FIXED:
+        value = body.get(name)
+        if value is not None:
+            _expect(body, name, _is_number(value), "a number")
+            if value != fixed:
+                raise invalid(f"invalid {name}: only {fixed:g} is allowed for this model")
+
+    stream = body.get("stream", False)
+    _expect(body, "stream", stream is None or isinstance(stream, bool), "true or false")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        _expect(body, "stream_options", isinstance(options, dict), "an object")
+        inc = options.get("include_usage", False)
+        if not isinstance(inc, bool):
+            raise invalid("Invalid request: stream_options.include_usage must be true or false")
+        include_usage = inc
+
+    fmt = body.get("response_format")
+    json_mode = False
+    if fmt is not None:
+        _expect(body, "response_format", isinstance(fmt, dict), 'an object such as {"type": "json_object"}')
+        ftype = fmt.get("type")
+        if ftype not in ("text", "json_object", "json_schema"):
+            raise invalid(f"Invalid request: response_format.type must be text or json_object, got {ftype!r}")
+        json_mode = ftype in ("json_object", "json_schema")
+
+    tools = body.get("tools")
+    if tools is not None:
+        _expect(body, "tools", isinstance(tools, list) and all(isinstance(t, dict) for t in tools), "an array of tool objects")
+        for i, t in enumerate(tools):
+            fn = t.get("function")
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise invalid(f"Invalid request: tools[{i}].function.name must be a string")
+    choice = body.get("tool_choice")
+    if choice is not None:
+        _expect(body, "tool_choice", isinstance(choice, str | dict), "a string or an object")
+        if isinstance(choice, str) and choice not in ("none", "auto", "required"):
+            raise invalid(f"Invalid request: tool_choice must be none, auto or required, got {choice!r}")
+    if thinking and choice == "required":
+        raise invalid("tool_choice 'required' is incompatible with thinking enabled")
+    if thinking and isinstance(choice, dict):
+        raise invalid("tool_choice 'specified' is incompatible with thinking enabled")
+
+    stop = body.get("stop")
+    if stop is not None:
+        _expect(body, "stop", isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
+                "a string or an array of strings")
+        if isinstance(stop, list) and len(stop) > 5:
+            raise invalid("Invalid request: stop may hold at most 5 strings")
+    for name in ("seed",):
+        if body.get(name) is not None:
+            _expect(body, name, _whole(body[name]), "an integer")
+    for name in ("prompt_cache_key", "safety_identifier", "user"):
+        if body.get(name) is not None:
+            _expect(body, name, isinstance(body[name], str), "a string")
+
+    for i, m in enumerate(messages):  # type: ignore[arg-type]
+        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+            raise invalid(f"Invalid request: messages[{i}] has no valid role")
+        content = m.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise invalid(f"Invalid request: messages[{i}].content must be a string or an array of parts")
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            calls = m["tool_calls"]
+            if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls):
+                raise invalid(f"Invalid request: messages[{i}].tool_calls must be an array of tool calls")
+            if thinking and "reasoning_content" not in m:
+                raise invalid(f"thinking is enabled but reasoning_content is missing in assistant tool call message at index {i}")
+        elif m["role"] != "tool" and (content is None or content == "" or content == []):
+            raise invalid(f"Invalid request: messages[{i}].content must not be empty")
+        if isinstance(content, str) and content.startswith("[{") and '"image_url"' in content:
+            raise invalid(f"Your request exceeded model token limit : {CONTEXT}")
+        if isinstance(content, list):
+            for part in content:
+                _check_part(part, model, i)
+
+    max_tokens: Any = DEFAULT_MAX_TOKENS
+    for name in ("max_completion_tokens", "max_tokens"):  # the first wins when both are sent
+        value = body.get(name)
+        if value is not None:
+            if not _whole(value) or value < 1:
+                raise invalid(f"Invalid request: {name} must be a positive integer, got {value!r}")
+            max_tokens = value
+            break
+    return ChatRequest(model, messages, thinking, max_tokens, bool(stream), include_usage, json_mode,  # type: ignore[arg-type]
+                       tools, choice)
+
+
+def _check_part(part: Any, model: str, i: int) -> None:
+    if not isinstance(part, dict):
+        raise invalid(f"Invalid request: messages[{i}] has a content part that is not an object")
+    kind = part.get("type")
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise invalid(f"Invalid request: messages[{i}] has a text part without text")
+        return
+    if kind in ("image_url", "video_url"):
+        ref = part.get(kind)
+        url = ref.get("url") if isinstance(ref, dict) else ref
+        if kind == "video_url" and not MODELS[model]["video"]:
+            raise invalid(f"Invalid request: model {model} does not support video input")
+        if not isinstance(url, str) or not url.startswith(("data:image/", "data:video/", "http://", "https://")):
+            raise invalid(f"unsupported {kind.split('_')[0]} url")
+        return
+    raise invalid(f"Invalid request: unknown content part type {kind!r}")
