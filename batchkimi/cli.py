@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
-from .config import load_job
-from .errors import JobError
+from .config import Job, load_job, resolve_api_key
+from .errors import JobError, MissingKeyError
 
 EXIT_OK, EXIT_JOB_ERROR, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -33,23 +33,25 @@ def cli() -> None:
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--input", "input_", help="JSONL, JSONL.gz, Parquet (file or folder) or OpenAI batch file.")
 @click.option("--output", help="Output directory (Parquet parts + _manifest.json).")
-@click.option("--base-url", help="OpenAI-compatible base URL, or 'simulator' for the built-in one.")
-@click.option("--model", help="kimi-k2.6 (default) or kimi-k2.5, or a TokenHub service id.")
+@click.option("--base-url", help="OpenAI-compatible base URL, or 'simulator' for the built-in one.",
+              show_default="https://tokenhub-intl.tencentcloudmaas.com/v1")
+@click.option("--model", help="kimi-k2.6 or kimi-k2.5, or a TokenHub service id (ep-...).", show_default="kimi-k2.6")
 @click.option("--prompt-template", help="Template over each row, e.g. 'Classify: {text}'.")
 @click.option("--system", help="A system prompt for every row.")
-@click.option("--stream/--no-stream", default=None, help="Stream answers (default: when thinking is on).")
-@click.option("--thinking/--no-thinking", default=None, help="Kimi's thinking mode (server default: on).")
-@click.option("--max-tokens", type=int, help="Answer budget; 32768 with thinking when unset.")
-@click.option("--concurrency", type=int, help="Requests in flight at most.")
-@click.option("--rpm", type=float, help="Requests per minute (your account's limit).")
-@click.option("--tpm", type=float, help="Tokens per minute (your account's limit).")
-@click.option("--limit", type=int, help="Only the first N rows.")
-@click.option("--id-column", help="The id column (default 'id'; none: ids from row positions).")
+@click.option("--stream/--no-stream", default=None, help="Stream answers.", show_default="when thinking is on")
+@click.option("--thinking/--no-thinking", default=None, help="Kimi's thinking mode.", show_default="Kimi's default, on")
+@click.option("--max-tokens", type=int, help="Answer budget (reasoning + answer).", show_default="32768 with thinking")
+@click.option("--concurrency", type=int, help="Requests in flight at most.", show_default="32")
+@click.option("--rpm", type=float, help="Requests per minute (your account's limit); 0: adapt to 429s.", show_default="0")
+@click.option("--tpm", type=float, help="Tokens per minute (your account's limit); 0: no cap.", show_default="0")
+@click.option("--limit", type=int, help="Only the first N rows.", show_default="all")
+@click.option("--id-column", help="The id column; without one, ids come from row positions.", show_default="id")
 @click.option("--keep-columns", help="Input columns to copy to the output, comma-separated.")
-@click.option("--api-key-env", help="Environment variable holding the API key (default TOKENHUB_API_KEY).")
+@click.option("--api-key-env", help="Environment variable holding the API key.", show_default="TOKENHUB_API_KEY")
 @click.option("--api-key-file", help="A file holding the API key.")
-@click.option("--max-attempts", type=int, help="Attempts per row at most.")
-@click.option("--retry-errors/--no-retry-errors", default=None, help="On resume, retry rows that failed.")
+@click.option("--max-attempts", type=int, help="Attempts per row at most.", show_default="6")
+@click.option("--stop-after-failures", type=int, help="Stop when the first N rows all fail alike; 0: never.", show_default="20")
+@click.option("--retry-errors/--no-retry-errors", default=None, help="On resume, retry rows that failed.", show_default="retry")
 @click.option("--overwrite", is_flag=True, help="Delete the output directory first and start fresh.")
 @click.option("--dry-run", is_flag=True, help="Check every row, show the first request; send nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -63,7 +65,7 @@ def run(job_file: Path | None, input_: str | None, dry_run: bool, quiet: bool, o
     try:
         job = load_job(job_file, flags)
     except JobError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise _Fail(str(exc)) from None
     from . import engine
 
     if dry_run:
@@ -76,6 +78,7 @@ def run(job_file: Path | None, input_: str | None, dry_run: bool, quiet: bool, o
         if report.first_request is not None:
             click.echo("first request:")
             click.echo(json.dumps(report.first_request, indent=2, ensure_ascii=False))
+        _note_missing_key(job)
         return
 
     from .progress import ProgressBar
@@ -105,22 +108,33 @@ def run(job_file: Path | None, input_: str | None, dry_run: bool, quiet: bool, o
     sys.exit(summary.exit_code)
 
 
+def _note_missing_key(job: Job) -> None:
+    """A dry run sends nothing and needs no key; say so if a real run would miss it."""
+    try:
+        resolve_api_key(job)
+    except MissingKeyError as exc:
+        click.echo(f"note: a real run needs an API key, and none was found: {exc}", err=True)
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told).")
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=int, help="Port to serve on (0: any free one).")
 @click.option("--rpm", type=int, default=0, help="Requests per minute per key (0: none).")
 @click.option("--tpm", type=int, default=0, help="Tokens per minute per key (0: none).")
 @click.option("--concurrency", type=int, default=0, help="Requests in flight per key (0: none).")
-@click.option("--latency-ms", type=float, default=0.0, help="Time to the answer (to the first chunk when streaming).")
+@click.option("--latency-ms", type=float, default=0.0, show_default=True, help="Time to the answer (to the first chunk when streaming).")
 @click.option("--tokens-per-s", type=float, default=0.0, help="Streaming pace (0: as fast as possible).")
 @click.option("--fail-rate", type=float, default=0.0, help="Share of requests given a random fault.")
 @click.option("--overload-rate", type=float, default=0.0, help="Share of admitted requests refused as engine_overloaded.")
 @click.option("--bad-tool-args-rate", type=float, default=0.0, help="Share of tool calls whose arguments break the schema.")
 @click.option("--accuracy", type=float, default=0.9, help="Share of arithmetic answers that are right.")
-@click.option("--seed", type=int, default=0)
-@click.option("--error-style", type=click.Choice(["tokenhub", "moonshot"]), default="tokenhub")
-@click.option("--retry-after", type=click.Choice(["seconds", "date", "none"]), default="seconds", help="Retry-After on 429s.")
-@click.option("--rate-limit-style", type=click.Choice(["tokenhub", "moonshot"]), default="tokenhub")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for answers and random faults (same seed, same run).")
+@click.option("--error-style", type=click.Choice(["tokenhub", "moonshot"]), default="tokenhub", show_default=True,
+              help="Error envelope: TokenHub's (type, code, source, request_id) or Moonshot's bare (type, message).")
+@click.option("--retry-after", type=click.Choice(["seconds", "date", "none"]), default="seconds", show_default=True,
+              help="Retry-After on rate-limit 429s.")
+@click.option("--rate-limit-style", type=click.Choice(["tokenhub", "moonshot"]), default="tokenhub", show_default=True,
+              help="429 wording: TokenHub's 'rate limit exceeded on dimension' or Moonshot's 'try again after N seconds'.")
 @click.option("--accept-key", "accept_keys", multiple=True, help="Accept only these keys (repeatable; default: any).")
 def simulate(host: str, port: int, accept_keys: tuple[str, ...], **options: Any) -> None:
     """Serve a TokenHub/Kimi simulator until Ctrl-C: POST /v1/chat/completions, GET /v1/models, GET /stats."""
@@ -131,7 +145,10 @@ def simulate(host: str, port: int, accept_keys: tuple[str, ...], **options: Any)
     def ready(bound: int) -> None:
         click.echo(f"TokenHub simulator on http://{host}:{bound}/v1 (stats at /stats); Ctrl-C stops it", err=True)
 
-    serve(cfg, on_ready=ready)
+    try:
+        serve(cfg, on_ready=ready)
+    except OSError as exc:
+        raise _Fail(f"cannot serve on {host}:{port}: {exc.strerror or exc}. Pick another --port (0: any free one).") from None
 
 
 @cli.command()

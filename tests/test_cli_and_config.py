@@ -229,3 +229,123 @@ def test_show_lists_counts_first_rows_and_failed_rows(tmp_path: Path, simulator)
     result = invoke("show", str(tmp_path / "o"))
     assert result.exit_code == 0
     assert "2 rows" in result.output and "rows not ok (1)" in result.output and "content_filter_error" in result.output
+
+
+# ---- requests Kimi would refuse, sent anyway (issue 8, items 10, 11) ----
+
+
+def test_a_tokenhub_service_id_keeps_every_kimi_rule() -> None:
+    """On TokenHub's endpoint `ep-...` is a Kimi service: thinking, max_tokens and the checks apply."""
+    job = Job(model="ep-7f3a9c", prompt_template="{q}")
+    body = build_request({"q": "hi"}, job).body
+    assert body["thinking"] == {"type": "enabled"} and body["max_tokens"] == 32768
+    with pytest.raises(ConfigError, match="only 1 is allowed"):
+        load_job(None, {"model": "ep-7f3a9c", "temperature": 0.3})
+    assert not Job(model="ep-7f3a9c", kimi_rules=False).applies_kimi_rules
+    assert not Job(model="gpt-4o", base_url="https://api.openai.com/v1").applies_kimi_rules
+
+
+def test_extra_body_obeys_the_same_rules(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('input = "x.jsonl"\noutput = "o"\n[extra_body]\ntemperature = 0.3\n')
+    with pytest.raises(ConfigError, match=r"extra_body.temperature = 0.3 would be refused by Kimi"):
+        load_job(job)
+    job.write_text('input = "x.jsonl"\noutput = "o"\n[extra_body]\nthinking = {type = "disabled"}\n')
+    with pytest.raises(ConfigError, match="extra_body may not set thinking"):
+        load_job(job)
+    result = invoke("run", str(job), "--dry-run")
+    assert result.exit_code == 1 and "extra_body may not set thinking" in result.output
+
+
+# ---- found by trying it as a new user would (items 16, 20, 26) ----
+
+
+def unreadable_inputs(tmp_path: Path) -> list[tuple[Path, str]]:
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1" + b"\x00garbage" * 50 + b"PAR1")
+    not_gzip = tmp_path / "plain.jsonl.gz"
+    not_gzip.write_text('{"prompt": "hi"}\n')
+    whole = gzip.compress(("\n".join(json.dumps({"id": i, "prompt": "x" * 80}) for i in range(2000)) + "\n").encode())
+    truncated = tmp_path / "cut.jsonl.gz"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    return [(tmp_path / "nope.jsonl", "does not exist"), (corrupt, "corrupt.parquet"), (not_gzip, "plain.jsonl.gz"),
+            (truncated, "cut.jsonl.gz")]
+
+
+def test_unreadable_inputs_are_one_line_job_errors_naming_the_file(tmp_path: Path) -> None:
+    for path, named in unreadable_inputs(tmp_path):
+        for extra in ([], ["--dry-run"]):
+            result = invoke("run", "--input", str(path), "--output", str(tmp_path / "o"), "--base-url", "simulator",
+                            "--quiet", *extra)
+            assert result.exit_code == 1, (path, result.output, result.exception)
+            assert named in result.output and "Traceback" not in result.output, result.output
+            assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+
+
+def test_a_job_key_error_exits_1_as_the_readme_says(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('input = "x.jsonl"\noutput = "o"\nconcurency = 4\n')
+    result = invoke("run", str(job))
+    assert result.exit_code == 1 and "unknown job key 'concurency'" in result.output and "did you mean 'concurrency'" in result.output
+
+
+def test_dry_run_needs_no_api_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOKENHUB_API_KEY")
+    data = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "hi"}])
+    result = CliRunner().invoke(cli, ["run", "--input", str(data), "--output", str(tmp_path / "o"), "--dry-run"])
+    assert result.exit_code == 0 and "to_send 1" in result.output
+    assert "a real run needs an API key" in result.output and "TOKENHUB_API_KEY" in result.output
+
+
+def test_a_json_array_file_is_refused_with_a_hint(tmp_path: Path) -> None:
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"id": 1, "prompt": "a"}, {"id": 2, "prompt": "b"}], indent=2))
+    with pytest.raises(DatasetError, match=r"JSON array, not JSON Lines.*jq -c"):
+        scan_input(path, detect_format(path), "id")
+
+
+def test_a_utf8_bom_and_a_null_line(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"id": "a", "prompt": "hi"}\nnull\n')
+    rows = [r for batch in read_rows(path, "jsonl") for r in batch]
+    assert rows[0].data == {"id": "a", "prompt": "hi"}
+    assert rows[1].error == "line 2 of bom.jsonl is null, not a JSON object"
+    assert scan_input(path, "jsonl", "id").rows == 2
+
+
+def test_struct_and_list_values_enter_prompts_as_json() -> None:
+    job = Job(prompt_template="Item: {item} Tags: {tags} Ok: {ok}")
+    body = build_request({"item": {"name": "kettle", "watts": 2000}, "tags": ["a", "b"], "ok": True}, job).body
+    assert body["messages"][-1]["content"] == 'Item: {"name":"kettle","watts":2000} Tags: ["a","b"] Ok: true'
+
+
+def test_keep_columns_naming_a_missing_column_is_an_error(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "hi", "gold": "x"}])
+    result = invoke("run", "--input", str(data), "--output", str(tmp_path / "o"), "--keep-columns", "gold,glod", "--dry-run")
+    assert result.exit_code == 1 and "keep_columns names 'glod'" in result.output and "gold" in result.output
+
+
+def test_simulate_on_a_busy_port_says_so_in_one_line() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        result = invoke("simulate", "--port", str(s.getsockname()[1]))
+    assert result.exit_code == 1 and "Pick another --port" in result.output and "Traceback" not in result.output
+
+
+def test_every_simulate_flag_and_run_default_is_described() -> None:
+    for command in ("simulate", "run"):
+        for param in cli.commands[command].params:
+            if isinstance(param, __import__("click").Option):
+                assert param.help, f"{command} --{param.name} has no description"
+    assert "[default: 32]" in invoke("run", "--help").output.replace("(", "").replace(")", "")
+
+
+def test_readme_and_code_never_point_users_outside_the_project() -> None:
+    texts = [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("batchkimi/**/*.py"), *ROOT.glob("jobs/*.toml")]
+    for path in texts:
+        text = path.read_text(encoding="utf-8")
+        assert "tokenhub-api.md" not in text and "../shared" not in text, path
+    assert (ROOT / "docs" / "kimi-api.md").exists()

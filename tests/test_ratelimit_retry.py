@@ -245,3 +245,22 @@ def test_the_completion_estimate_is_taken_at_admission_not_when_queued() -> None
         return reserved
 
     assert run(go()) == [60, 60, 60]
+
+
+def test_sparse_overload_429s_never_cut_the_shared_rate_but_clustered_ones_do() -> None:
+    """An overload says the server is busy: one in 200 costs that request's backoff, not the job's pace."""
+    clock = FakeClock()
+    lim = RateLimiter(concurrency=100, clock=clock)
+
+    async def attempts(n: int, overload_every: int) -> None:
+        for i in range(n):
+            permit = await lim.acquire()
+            lim.release(permit)
+            if i % overload_every == overload_every - 1:
+                lim.cool_down(1.0, overload=True)
+            clock.t += 0.005  # 200 attempts a second
+
+    asyncio.run(attempts(2000, 200))
+    assert (lim.share, lim.cuts, lim.rate_limited) == (1.0, 0, 10)
+    asyncio.run(attempts(1000, 3))  # for 5 s a third of the attempts overloaded: a real capacity problem
+    assert lim.cuts >= 1 and lim.share < 1.0

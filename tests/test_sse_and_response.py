@@ -185,3 +185,42 @@ def test_tokenhub_request_id_kept() -> None:
 
 def test_classify_rate_limit_words_are_not_quota() -> None:
     assert classify(429, "rate_limit_reached_error", "request reached organization TPD rate limit, current: 1, limit: 1", None) == (True, False)
+
+
+def test_sse_bom_at_the_start_of_a_stream_is_skipped_at_every_split() -> None:
+    data = b'\xef\xbb\xbfdata: {"a":1}\n\ndata: [DONE]\n\n'
+    for cut in range(len(data) + 1):
+        assert decode_all(data, cut) == ['{"a":1}', "[DONE]"], f"split at {cut}"
+
+
+def test_sse_an_empty_read_keeps_a_pending_cr() -> None:
+    """A CRLF split across reads, with an empty read between, is still one line end."""
+    dec = SSEDecoder()
+    out = dec.feed(b"data: a\r") + dec.feed(b"") + dec.feed(b"\ndata: b\r\n\r\n")
+    assert out == [b"a\nb"]
+
+
+def test_retry_after_date_with_minus_zero_zone_is_utc(monkeypatch) -> None:
+    import time as _time
+
+    from batchkimi.retry import parse_retry_after
+
+    monkeypatch.setenv("TZ", "Asia/Shanghai")
+    _time.tzset()
+    try:
+        import email.utils
+
+        now = 1_790_000_000.0
+        date = email.utils.formatdate(now + 20, usegmt=True).replace(" GMT", " -0000")
+        assert parse_retry_after(date, now) == pytest.approx(20.0, abs=1.0)
+    finally:
+        monkeypatch.delenv("TZ")
+        _time.tzset()
+
+
+def test_a_rate_limit_error_mentioning_a_quota_is_still_a_rate_limit() -> None:
+    """The error type decides before the message's words."""
+    body = b'{"error":{"type":"rate_limit_error","code":"429001","message":"rate limit: token quota exhausted for this minute"}}'
+    err = error_from_response(429, body)
+    assert (err.retryable, err.fatal) == (True, False)
+    assert error_from_response(429, b'{"error":{"type":"x","message":"your quota is exhausted"}}').fatal
