@@ -29,7 +29,7 @@ class InstantTransport:
         self.first_at: float | None = None
         self.calls = 0
 
-    async def complete(self, body: dict, *, stream: bool) -> Reply:
+    async def complete(self, body: dict, *, stream: bool, payload: bytes | None = None) -> Reply:
         if self.first_at is None:
             self.first_at = time.perf_counter()
         self.calls += 1
