@@ -121,8 +121,8 @@ class Transport:
 
     def _redact_answer(self, answer: Answer) -> Answer:
         key = self._api_key
-        fields = (answer.content, answer.reasoning_content or "", str(answer.tool_calls or ""))
-        if not key or not any(key in f for f in fields):
+        if not key or not (key in answer.content or (answer.reasoning_content is not None and key in answer.reasoning_content)
+                           or (answer.tool_calls is not None and key in str(answer.tool_calls))):
             return answer
         calls = None
         if answer.tool_calls:

@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,6 +39,7 @@ JOB_OWNED_KEYS = frozenset({"model", "messages", "stream", "stream_options", "th
                             "max_completion_tokens", "tools", "tool_choice", "response_format", "stop"})
 
 
+@functools.lru_cache(maxsize=256)  # asked for every row: parse the URL once
 def is_kimi(model: str, base_url: str, kimi_rules: bool | None) -> bool:
     """Whether Kimi's rules apply: ``kimi_rules`` if set; else on TokenHub's endpoint (and the
     simulator) every model, a service id ``ep-...`` included; elsewhere a model named ``kimi``."""
@@ -81,6 +83,14 @@ def rule_violation(params: Mapping[str, Any], thinking_on: bool) -> tuple[str, s
     if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
         return "stop", f"stop has {len(stop)} strings; Kimi takes at most {MAX_STOP_STRINGS}"
     return None
+
+
+def missing_reasoning(message: Mapping[str, Any], thinking_on: bool) -> bool:
+    """An assistant tool-call turn without ``reasoning_content``: with thinking on, Kimi refuses
+    the whole request ('thinking is enabled but reasoning_content is missing in assistant tool
+    call message at index N'). An empty string is accepted."""
+    return thinking_on and message.get("role") == "assistant" and bool(message.get("tool_calls")) \
+        and "reasoning_content" not in message
 
 
 def takes_video(model: str) -> bool:

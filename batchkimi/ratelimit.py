@@ -145,6 +145,7 @@ class RateLimiter:
         self._recent_at = now
         self._recent_done = 0.0  # attempts released, decaying over overload_window_s
         self._recent_overloads = 0.0
+        self._released_since = 0  # releases not yet folded into _recent_done (kept cheap)
 
     # ---- rates ---------------------------------------------------------------------
     @property
@@ -235,8 +236,7 @@ class RateLimiter:
             return
         permit.released = True
         self.in_flight -= 1
-        self._decay(self.clock.now())
-        self._recent_done += 1
+        self._released_since += 1
         if completion_tokens is not None and self.completion is not None:
             self.completion.observe(completion_tokens)
         if self.tpm and actual_tokens is not None:
@@ -246,12 +246,16 @@ class RateLimiter:
 
     # ---- adapting ----------------------------------------------------------------------
     def _decay(self, now: float) -> None:
+        """Fold the releases since the last overload in (as if they came now: a cheap, slightly
+        generous count), then let both counts decay over ``overload_window_s``."""
         dt = now - self._recent_at
         if dt > 0:
             f = math.exp(-dt / self.overload_window_s)
             self._recent_done *= f
             self._recent_overloads *= f
             self._recent_at = now
+        self._recent_done += self._released_since
+        self._released_since = 0
 
     def cool_down(self, delay_s: float, *, overload: bool = False) -> None:
         """A 429: every worker waits ``delay_s``; rates and concurrency drop (once per cool-down).

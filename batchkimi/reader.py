@@ -122,8 +122,11 @@ def _iter_jsonl(path: Path, stop_after: int | None = None, skip_until: int = 0) 
     with reading(path, "the start"), _open_bytes(path) as fh:
         lines = iter(fh)
         while True:
-            with reading(path, f"line {lineno + 1}"):
+            try:
                 raw = next(lines, None)
+            except _READ_ERRORS as exc:  # a truncated or damaged gzip stream, an I/O error
+                with reading(path, f"line {lineno + 1}"):
+                    raise exc from None
             if raw is None:
                 return
             lineno += 1
@@ -245,7 +248,7 @@ def _scan_input(path: Path, fmt: str, id_column: str) -> InputScan:
 
     def note(rid: str) -> None:
         nonlocal underscores
-        if rid[-1:].isdigit() and (m := _GENERATED_ID.match(rid)):
+        if "row-" in rid and (m := _GENERATED_ID.match(rid)):
             underscores = max(underscores, len(m.group(1)))
         hashes.append(hash(rid))
 

@@ -102,7 +102,7 @@ def _check_messages(messages: Any, job: Job, column: str) -> list[dict[str, Any]
         if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)):
             raise RowInvalid(f"{column}[{i}].tool_calls must be a list of {{id, type, function: {{name, arguments}}}} objects")
         if role == "assistant" and m.get("tool_calls"):
-            if job.thinking_on and job.applies_kimi_rules and "reasoning_content" not in m:
+            if job.applies_kimi_rules and kimi.missing_reasoning(m, job.thinking_on):
                 raise RowInvalid(
                     f"{column}[{i}] is an assistant tool-call turn without reasoning_content; with "
                     "thinking on Kimi refuses it ('thinking is enabled but reasoning_content is missing "

@@ -75,14 +75,12 @@ def _bad_response(message: str) -> ResponseError:
     return ResponseError(message, error_type="bad_response", retryable=True)
 
 
-def _num(v: Any, field: str) -> int | None:
-    if v is None:
-        return None
-    if type(v) is int:
+def _num(v: Any, field: str, name: str) -> int | None:
+    if v is None or type(v) is int:
         return v
     if isinstance(v, float) and v.is_integer():
         return int(v)
-    raise _Bad(field, v, "a whole number")
+    raise _Bad(f"{field}.{name}", v, "a whole number")
 
 
 def _meta(value: Any) -> str | None:
@@ -99,19 +97,19 @@ def parse_usage(raw: Any, field: str = "usage") -> Usage | None:
         return None
     if not isinstance(raw, dict):
         raise _Bad(field, raw, "an object")
-    cached = raw.get("cached_tokens")
-    details = raw.get("prompt_tokens_details")
-    if cached is None and isinstance(details, dict):
-        cached = details.get("cached_tokens")
-        field_cached = f"{field}.prompt_tokens_details.cached_tokens"
-    else:
-        field_cached = f"{field}.cached_tokens"
-    prompt = _num(raw.get("prompt_tokens"), f"{field}.prompt_tokens")
-    completion = _num(raw.get("completion_tokens"), f"{field}.completion_tokens")
-    total = _num(raw.get("total_tokens"), f"{field}.total_tokens")
+    get = raw.get
+    cached = get("cached_tokens")
+    where = field
+    if cached is None:
+        details = get("prompt_tokens_details")
+        if isinstance(details, dict):
+            cached, where = details.get("cached_tokens"), f"{field}.prompt_tokens_details"
+    prompt = _num(get("prompt_tokens"), field, "prompt_tokens")
+    completion = _num(get("completion_tokens"), field, "completion_tokens")
+    total = _num(get("total_tokens"), field, "total_tokens")
     if total is None and prompt is not None and completion is not None:
         total = prompt + completion
-    return Usage(prompt, completion, total, _num(cached, field_cached))
+    return Usage(prompt, completion, total, _num(cached, where, "cached_tokens"))
 
 
 def _text(value: Any, field: str) -> str | None:
@@ -211,8 +209,8 @@ def _completion(data: dict[str, Any]) -> Answer:
         tool_calls=_tool_calls(message.get("tool_calls"), "choices[0].message.tool_calls"),
         finish_reason=_finish_reason(choice.get("finish_reason"), "choices[0].finish_reason"),
         usage=usage,
-        model=_meta(data.get("model")),
-        response_id=_meta(data.get("id")),
+        model=model if type(model := data.get("model")) is str else _meta(model),
+        response_id=rid if type(rid := data.get("id")) is str else _meta(rid),
     )
 
 
@@ -274,9 +272,10 @@ class StreamAssembler:
         self.chunks += 1
         model = chunk.get("model")
         if model:
-            self.model = _meta(model) or self.model
+            self.model = model if type(model) is str else (_meta(model) or self.model)
         if self.response_id is None:
-            self.response_id = _meta(chunk.get("id"))
+            rid = chunk.get("id")
+            self.response_id = rid if type(rid) is str else _meta(rid)
         usage = chunk.get("usage")
         if usage is not None:
             self.usage = parse_usage(usage)

@@ -86,16 +86,24 @@ def ok_row(
     cached_tokens: int | None, cost_usd: float | None, model: str | None, attempts: int, latency_s: float,
     ttft_s: float | None, http_status: int, error_type: str | None, error_message: str | None, request_id: str | None,
 ) -> dict[str, Any]:
-    """A row for an answer (``ok``, or ``truncated``/``error`` by its finish reason)."""
+    """A row for an answer (``ok``, or ``truncated``/``error`` by its finish reason). On every
+    answer's path: values of the right type pass without a call."""
     return {
-        "id": rid, "row": pos, "status": status, "content": text(content),
-        "reasoning_content": text(reasoning_content), "tool_calls": text(tool_calls),
-        "finish_reason": text(finish_reason), "prompt_tokens": whole(prompt_tokens),
-        "completion_tokens": whole(completion_tokens), "total_tokens": whole(total_tokens),
-        "cached_tokens": whole(cached_tokens), "cost_usd": cost_usd, "model": text(model),
+        "id": rid, "row": pos, "status": status,
+        "content": content if type(content) is str else text(content),
+        "reasoning_content": reasoning_content if reasoning_content is None or type(reasoning_content) is str else text(reasoning_content),
+        "tool_calls": tool_calls if tool_calls is None or type(tool_calls) is str else text(tool_calls),
+        "finish_reason": finish_reason if finish_reason is None or type(finish_reason) is str else text(finish_reason),
+        "prompt_tokens": prompt_tokens if prompt_tokens is None or type(prompt_tokens) is int else whole(prompt_tokens),
+        "completion_tokens": completion_tokens if completion_tokens is None or type(completion_tokens) is int else whole(completion_tokens),
+        "total_tokens": total_tokens if total_tokens is None or type(total_tokens) is int else whole(total_tokens),
+        "cached_tokens": cached_tokens if cached_tokens is None or type(cached_tokens) is int else whole(cached_tokens),
+        "cost_usd": cost_usd,
+        "model": model if model is None or type(model) is str else text(model),
         "attempts": attempts, "latency_s": round(latency_s, 4),
         "ttft_s": None if ttft_s is None else round(ttft_s, 4), "http_status": http_status,
-        "error_type": error_type, "error_message": error_message, "request_id": text(request_id),
+        "error_type": error_type, "error_message": error_message,
+        "request_id": request_id if request_id is None or type(request_id) is str else text(request_id),
         "finished_at": now_ms(),
     }
 

@@ -160,7 +160,7 @@ class RowEngine:
         return delay
 
     def _answered(self, rid: str, pos: int, prepared: Prepared, reply: Reply, attempts: int, latency: float) -> dict[str, Any]:
-        if self.breaker is not None:
+        if self.breaker is not None and self.breaker.armed:
             self.breaker.succeeded()
         answer = reply.answer
         usage = answer.usage

@@ -41,6 +41,7 @@ from .sink import MANIFEST, Sink
 from .summary import Summary
 
 _END = object()  # the results queue's last item
+_TICK = object()  # wakes the writer to fsync the journal
 
 
 def kept_values(row: SourceRow, job: Job) -> dict[str, Any]:
@@ -208,8 +209,7 @@ class JobRun:
             if w is me or w in self.delivering or (self.engine is not None and w in self.engine.sending):
                 continue  # in flight, or handing over a paid answer: the grace period is theirs
             w.cancel()  # waiting for the queue, the limiter or a back-off: nothing was sent
-        grace = 0.0 if error is not None and not isinstance(error, JobError) else self.job.grace_s
-        self._grace = asyncio.get_running_loop().call_later(grace, self._abort)
+        self._grace = asyncio.get_running_loop().call_later(self.job.grace_s, self._abort)
 
     def _abort(self) -> None:
         """The grace period is over (or a second signal came): cancel what is still in flight."""
@@ -297,8 +297,7 @@ class JobRun:
                 if self.external_stop is not None:
                     self._watcher = group.create_task(self._watch(self.external_stop))
         except Exception as exc:  # noqa: BLE001 - a bug in a task: stop, write what is done, then raise it
-            first = _first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
-            self.error = self.error or JobError(f"internal error: {type(first).__name__}: {first}")
+            self.error = self.error or _first_error(exc)
         finally:
             self._closed = True
             with contextlib.suppress(asyncio.QueueFull):
@@ -404,35 +403,48 @@ class JobRun:
 
     async def _write(self) -> None:
         """The one writer: journal each batch at once, fsync at least every second while anything
-        is unsynced, roll a full (or old) segment into a part."""
+        is unsynced (a tick one second after the first unsynced write wakes it even when no
+        result comes), roll a full (or old) segment into a part."""
         job, sink, q = self.job, self.sink, self.results
+        loop = asyncio.get_running_loop()
         last_roll = last_sync = time.monotonic()
-        while True:
-            if q.empty() and self._closed:
-                return
-            try:
-                if sink.unsynced:
-                    async with asyncio.timeout(max(0.0, last_sync + 1.0 - time.monotonic())):
-                        item = await q.get()
-                else:
-                    item = await q.get()
-            except TimeoutError:
-                item = None
-            batch = [] if item is None else [item]
-            while not q.empty():
-                batch.append(q.get_nowait())
-            end = any(r is _END for r in batch)
-            rows = [r for r in batch if r is not _END]
-            full = sink.append(rows)
-            now = time.monotonic()
-            if full or (rows and now - last_roll >= job.flush_interval_s):
-                await asyncio.to_thread(sink.roll)
-                last_roll = last_sync = now
-            elif sink.unsynced and now - last_sync >= 1.0:
-                await asyncio.to_thread(sink.sync)
-                last_sync = now
-            if end:
-                return
+        tick: asyncio.TimerHandle | None = None
+
+        def wake() -> None:
+            nonlocal tick
+            tick = None
+            with contextlib.suppress(asyncio.QueueFull):  # full: the writer is awake anyway
+                q.put_nowait(_TICK)
+
+        try:
+            while True:
+                if q.empty() and self._closed:
+                    return
+                batch = [await q.get()]
+                while not q.empty():
+                    batch.append(q.get_nowait())
+                end = False
+                rows = []
+                for r in batch:
+                    if r is _END:
+                        end = True
+                    elif r is not _TICK:
+                        rows.append(r)
+                full = sink.append(rows)
+                now = time.monotonic()
+                if full or (rows and now - last_roll >= job.flush_interval_s):
+                    await asyncio.to_thread(sink.roll)
+                    last_roll = last_sync = now
+                elif sink.unsynced and now - last_sync >= 1.0:
+                    await asyncio.to_thread(sink.sync)
+                    last_sync = now
+                if sink.unsynced and tick is None:
+                    tick = loop.call_at(loop.time() + max(0.0, last_sync + 1.0 - now), wake)
+                if end:
+                    return
+        finally:
+            if tick is not None:
+                tick.cancel()
 
     async def _close(self) -> Summary:
         job, sink, summary = self.job, self.sink, self.summary
