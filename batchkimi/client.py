@@ -133,19 +133,15 @@ class Transport:
             answer, content=self.redact(answer.content), tool_calls=calls,
             reasoning_content=None if answer.reasoning_content is None else self.redact(answer.reasoning_content))
 
+    def _redact_error(self, exc: APIError) -> None:
+        exc.message = self.redact(exc.message)
+        if exc.request_id:
+            exc.request_id = self.redact(exc.request_id)
+        exc.args = (exc.message,)
+
     async def complete(self, body: dict, *, stream: bool, payload: bytes | None = None) -> Reply:
         """One attempt. Raises an :class:`APIError` subclass for anything but a complete answer.
         ``payload`` is ``body`` already encoded (the engine encodes it once, when it checks the row)."""
-        try:
-            return await self._complete(body, stream, payload)
-        except APIError as exc:
-            exc.message = self.redact(exc.message)
-            if exc.request_id:
-                exc.request_id = self.redact(exc.request_id)
-            exc.args = (exc.message,)
-            raise
-
-    async def _complete(self, body: dict, stream: bool, payload: bytes | None) -> Reply:
         assert self._session is not None, "use Transport as an async context manager"
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -199,7 +195,8 @@ class Transport:
                         answer = parse_completion(raw)
                     rid = request_id or answer.response_id
                     return Reply(self._redact_answer(answer), status, self.redact(rid) if rid else rid, _ratelimit_reset_s(headers))
-        except APIError:
+        except APIError as exc:  # the server's own words: the key never leaves in them
+            self._redact_error(exc)
             raise
         except aiohttp.ConnectionTimeoutError as exc:
             raise TransportError(f"cannot connect to {self.url} within {self.timeouts.connect_s:g}s", error_type="connect_timeout", retryable=True) from exc

@@ -347,39 +347,36 @@ class JobRun:
             await self.work.put(None)
 
     async def _work(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        task = asyncio.current_task()
         try:
-            await self._work_rows()
+            while not self.stopping:
+                item = await self.work.get()
+                if item is None or self.stopping:
+                    return
+                pos, rid, prepared, kept, where = item
+                try:
+                    row = await engine.process(rid, pos, prepared)
+                except RowAbandoned:
+                    return
+                except FatalAPIError as exc:
+                    self.stop(str(exc), fatal=str(exc))
+                    return
+                except Exception as exc:  # noqa: BLE001 - the row's request path itself failed
+                    self.stop(f"unexpected error on {where}",
+                              error=JobError(f"unexpected error on {where} (id {rid}): {type(exc).__name__}: {exc}"))
+                    return
+                row.update(kept)
+                self.delivering.add(task)  # type: ignore[arg-type]
+                try:
+                    await self._finish(row)  # a paid answer: never cancelled before it is queued
+                finally:
+                    self.delivering.discard(task)  # type: ignore[arg-type]
         finally:
             self._live -= 1
             if self._live == 0 and self._watcher is not None:
                 self._watcher.cancel()
-
-    async def _work_rows(self) -> None:
-        engine = self.engine
-        assert engine is not None
-        task = asyncio.current_task()
-        while not self.stopping:
-            item = await self.work.get()
-            if item is None or self.stopping:
-                return
-            pos, rid, prepared, kept, where = item
-            try:
-                row = await engine.process(rid, pos, prepared)
-            except RowAbandoned:
-                return
-            except FatalAPIError as exc:
-                self.stop(str(exc), fatal=str(exc))
-                return
-            except Exception as exc:  # noqa: BLE001 - the row's request path itself failed
-                self.stop(f"unexpected error on {where}",
-                          error=JobError(f"unexpected error on {where} (id {rid}): {type(exc).__name__}: {exc}"))
-                return
-            row.update(kept)
-            self.delivering.add(task)  # type: ignore[arg-type]
-            try:
-                await self._finish(row)  # a paid answer: never cancelled before it is queued
-            finally:
-                self.delivering.discard(task)  # type: ignore[arg-type]
 
     async def _finish(self, row: dict[str, Any]) -> None:
         s = self.summary
