@@ -9,13 +9,19 @@
     │   ├── DatasetError            the input cannot be used: names the file, row, column
     │   ├── OutputError             the output directory cannot be written or resumed
     │   └── FatalAPIError           the API refuses the whole job (401, 402, 403, quota,
-    │                               a wrong model or URL): stop early, nothing done is lost
+    │                               a wrong model or URL, the first rows all failing alike,
+    │                               an unreachable host): stop early, nothing done is lost
     └── APIError                    one request failed; after its retries it becomes a
         │                           result row with status "error", never ends the run
         ├── HTTPStatusError         the server answered with a non-2xx status
         ├── TransportError          connect failure, reset, timeout, stall, cut stream
-        └── ResponseError           a 2xx answer that is not a complete answer
-                                    (bad JSON, error event inside a stream, no [DONE])
+        └── ResponseError           a 2xx answer that is not a complete answer (bad JSON,
+                                    a field missing or of the wrong type, an error event
+                                    inside a stream, no [DONE])
+
+A job that stops for a JobError during a run first writes what is done (requests in flight
+get their grace period), so the same command resumes it. ``RowAbandoned`` (in
+:mod:`batchkimi.rowengine`) is not an error: a row a stopping engine did not send.
 
 ``APIError`` carries what the result row needs (``error_type``, ``http_status``,
 ``request_id``, ``retryable``, ``retry_after_s``).  aiohttp's exceptions are translated

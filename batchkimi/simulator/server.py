@@ -127,6 +127,7 @@ class Simulator:
             "requests": 0, "by_status": Counter(), "by_error": Counter(), "in_flight": 0, "peak_in_flight": 0,
             "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0, "streams": 0, "chunks": 0,
             "connections": 0, "client_disconnects": 0,
+            "admitted": 0, "admitted_first_s": None, "admitted_last_s": None,
             "per_key": defaultdict(lambda: {"requests": 0, "ok": 0, "rate_limited": 0, "tokens": 0}),
             "admitted_per_s": Counter(), "tokens_per_s": Counter(),
         }
@@ -139,6 +140,7 @@ class Simulator:
             "prompt_tokens": s["prompt_tokens"], "completion_tokens": s["completion_tokens"],
             "cached_tokens": s["cached_tokens"], "streams": s["streams"], "chunks": s["chunks"],
             "connections": s["connections"], "client_disconnects": s["client_disconnects"],
+            "admitted": s["admitted"], "admitted_first_s": s["admitted_first_s"], "admitted_last_s": s["admitted_last_s"],
             "per_key": {_mask(k): v for k, v in s["per_key"].items()},
             "admitted_per_s": {str(k): v for k, v in sorted(s["admitted_per_s"].items())},
             "tokens_per_s": {str(k): v for k, v in sorted(s["tokens_per_s"].items())},
@@ -226,7 +228,12 @@ class Simulator:
             admitted = True
             self.stats["in_flight"] += 1
             self.stats["peak_in_flight"] = max(self.stats["peak_in_flight"], self.stats["in_flight"])
-            self.stats["admitted_per_s"][int(time.monotonic() - self.started)] += 1
+            since = time.monotonic() - self.started
+            self.stats["admitted_per_s"][int(since)] += 1
+            self.stats["admitted"] += 1
+            if self.stats["admitted_first_s"] is None:
+                self.stats["admitted_first_s"] = since
+            self.stats["admitted_last_s"] = since
             if fault is None and self.cfg.overload_rate and self.rng.random() < self.cfg.overload_rate:
                 raise self._fault_error("overload")
             if fault == "slow":
