@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,8 @@ from aiohttp import web
 
 from .server import FAULTS, SimConfig, Simulator
 from .validate import SimError
+
+log = logging.getLogger("batchkimi.simulator")
 
 __all__ = ["FAULTS", "AppThread", "SimConfig", "SimError", "SimHandle", "Simulator", "serve", "serve_app_in_thread", "start_in_thread"]
 
@@ -34,7 +37,11 @@ class AppThread:
             handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for t in handlers:
                 t.cancel()
-            await asyncio.gather(*handlers, return_exceptions=True)
+            if handlers:
+                await asyncio.wait(handlers)
+            for t in handlers:  # cancelled is the expected end; anything else is said, not dropped
+                if not t.cancelled() and t.exception() is not None:
+                    log.warning("simulator handler ended with %r while stopping", t.exception())
 
         fut = asyncio.run_coroutine_threadsafe(shutdown(), self._loop)
         try:
