@@ -21,6 +21,7 @@ from typing import Any
 from .config import Job, resolve_api_key
 from .events import Hook, no_hook
 from .ratelimit import CompletionEstimate
+from .reader import read_rows
 from .rowengine import RowAbandoned, RowEngine
 from .runner import JobRun, check_resume, open_input, prepare_row, refuse_foreign_output
 from .sink import Sink
@@ -45,8 +46,6 @@ def dry_run(job: Job) -> DryRunReport:
     first: dict[str, Any] | None = None
     prompt_tokens = 0
     limit = job.limit if job.limit is not None else scan.rows
-    from .reader import read_rows
-
     for batch in read_rows(path, fmt):
         for row in batch:
             if row.pos >= limit:
