@@ -45,6 +45,8 @@ _TICK = object()  # wakes the writer to fsync the journal
 
 
 def kept_values(row: SourceRow, job: Job) -> dict[str, Any]:
+    if not job.keep_columns:
+        return {}
     out: dict[str, Any] = {}
     data = row.data or {}
     for column in job.keep_columns:
@@ -60,13 +62,12 @@ def kept_values(row: SourceRow, job: Job) -> dict[str, Any]:
 
 def prepare_row(row: SourceRow, job: Job, fmt: str, scan: InputScan) -> tuple[str, Prepared | str]:
     """(id, request) or (id, error message naming the place to fix)."""
-    generated = f"{scan.id_prefix}{row.pos}"
     if row.error is not None or row.data is None:
-        return generated, row.error or f"{row.where} is empty"
+        return f"{scan.id_prefix}{row.pos}", row.error or f"{row.where} is empty"
     rid = row_id(row, fmt, job.id_column, scan.has_id_column, scan.id_prefix)
     if rid is None:
         column = "custom_id" if fmt == "openai_batch" else job.id_column
-        return generated, f"{row.where}: column '{column}' is missing or empty"
+        return f"{scan.id_prefix}{row.pos}", f"{row.where}: column '{column}' is missing or empty"
     try:
         return rid, build_request(row.data, job, batch_line=fmt == "openai_batch")
     except RowInvalid as exc:
