@@ -72,6 +72,8 @@ def prepare_row(row: SourceRow, job: Job, fmt: str, scan: InputScan) -> tuple[st
         return rid, build_request(row.data, job, batch_line=fmt == "openai_batch")
     except RowInvalid as exc:
         return rid, f"{row.where}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - one row's odd values never stop the job
+        return rid, f"{row.where}: cannot make a request from this row ({type(exc).__name__}: {exc})"
 
 
 def open_input(job: Job, manifest: dict[str, Any] | None) -> tuple[Path, str, InputScan]:

@@ -444,3 +444,23 @@ def test_a_generated_id_never_collides_with_a_real_one(tmp_path: Path, simulator
     bounded(fast_job(tmp_path, h.base_url, input=str(data), max_tokens=2000))
     df = batchkimi.read_results(tmp_path / "out")
     assert df["id"].is_unique and df.loc[1, "status"] == "invalid" and df.loc[1, "id"] == "__row-1"
+
+
+def test_a_row_whose_request_cannot_be_built_is_invalid_and_the_job_goes_on(tmp_path: Path, simulator, monkeypatch) -> None:
+    """Whatever goes wrong building one row's request costs that row, named, not the job."""
+    from batchkimi import runner
+
+    real = runner.build_request
+
+    def fragile(row: dict, job: Job, **kw: Any) -> Any:
+        if row.get("id") == "r3":
+            raise KeyError("a value nobody expected")
+        return real(row, job, **kw)
+
+    monkeypatch.setattr(runner, "build_request", fragile)
+    h = simulator()
+    data = write_jsonl(tmp_path / "in.jsonl", rows(6))
+    summary = bounded(fast_job(tmp_path, h.base_url, input=str(data), max_tokens=2000))
+    df = batchkimi.read_results(tmp_path / "out").set_index("id")
+    assert summary.final_status == {"ok": 5, "invalid": 1}
+    assert "line 4 of in.jsonl: cannot make a request from this row (KeyError" in df.loc["r3", "error_message"]
