@@ -31,7 +31,14 @@ import orjson
 
 from . import __version__
 from .errors import APIError, ResponseError, TransportError
-from .response import Answer, StreamAssembler, error_from_response, parse_completion
+from .response import (
+    Answer,
+    StreamAssembler,
+    error_from_response,
+    looks_like_sse,
+    parse_completion,
+    parse_sse_body,
+)
 from .retry import parse_retry_after
 from .sse import SSEDecoder
 
@@ -55,6 +62,7 @@ class Reply:
     ratelimit_reset_s: float | None  # set when X-RateLimit-Remaining said 0
 
 
+REDACT_MIN_KEY_CHARS = 16  # real keys are long (Moonshot's: "sk-" and 48 more)
 _REQUEST_ID_HEADERS = ("x-request-id", "msh-request-id", "x-tc-requestid", "request-id")
 
 
@@ -89,6 +97,7 @@ class Transport:
     def __init__(self, base_url: str, api_key: str, timeouts: Timeouts = Timeouts()) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self._api_key = api_key
+        self._redact_key = api_key if len(api_key) >= REDACT_MIN_KEY_CHARS else ""
         self.timeouts = timeouts
         self._session: aiohttp.ClientSession | None = None
 
@@ -115,12 +124,14 @@ class Transport:
             self._session = None
 
     def redact(self, text: str) -> str:
-        """``text`` with the API key replaced by ``***``."""
-        key = self._api_key
+        """``text`` with the API key replaced by ``***``. A key shorter than
+        ``REDACT_MIN_KEY_CHARS`` (a local placeholder such as ``EMPTY`` or ``dummy``) is no secret,
+        and replacing it would mangle answers that happen to contain the word."""
+        key = self._redact_key
         return text.replace(key, "***") if key and key in text else text
 
     def _redact_answer(self, answer: Answer) -> Answer:
-        key = self._api_key
+        key = self._redact_key
         if not key or not (key in answer.content or (answer.reasoning_content is not None and key in answer.reasoning_content)
                            or (answer.tool_calls is not None and key in str(answer.tool_calls))):
             return answer
@@ -192,7 +203,8 @@ class Transport:
                         answer = asm.finish(ttft)
                     else:
                         raw = await resp.read()
-                        answer = parse_completion(raw)
+                        # A proxy may label an SSE stream text/plain, application/json or nothing.
+                        answer = parse_sse_body(raw) if looks_like_sse(raw) else parse_completion(raw)
                     rid = request_id or answer.response_id
                     return Reply(self._redact_answer(answer), status, self.redact(rid) if rid else rid, _ratelimit_reset_s(headers))
         except APIError as exc:  # the server's own words: the key never leaves in them

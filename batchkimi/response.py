@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from .errors import APIError, HTTPStatusError, ResponseError
+from .sse import SSEDecoder
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +213,23 @@ def _completion(data: dict[str, Any]) -> Answer:
         model=model if type(model := data.get("model")) is str else _meta(model),
         response_id=rid if type(rid := data.get("id")) is str else _meta(rid),
     )
+
+
+_SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
+
+
+def looks_like_sse(body: bytes) -> bool:
+    """A body that begins like Server-Sent Events (a JSON body never does)."""
+    return body.lstrip(b"\xef\xbb\xbf \t\r\n")[:6].startswith(_SSE_STARTS)
+
+
+def parse_sse_body(body: bytes) -> Answer:
+    """A whole SSE stream that arrived as one body (mislabelled by a proxy, or unpaced)."""
+    decoder, asm = SSEDecoder(), StreamAssembler()
+    for data in decoder.feed(body) + decoder.close():
+        if asm.add(data):
+            break
+    return asm.finish()
 
 
 class StreamAssembler:

@@ -212,3 +212,40 @@ def test_connection_refused_is_retryable_and_ends_as_error_row(tmp_path: Path) -
         port = s.getsockname()[1]
         row = one_row(tmp_path, f"http://127.0.0.1:{port}/v1", max_attempts=2, stop_after_failures=0)
     assert (row["status"], row["error_type"], row["attempts"]) == ("error", "connect_error", 2)
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/json", "application/octet-stream", ""])
+@pytest.mark.parametrize("stream", [True, False], ids=["stream-asked", "plain-asked"])
+def test_an_sse_stream_under_another_content_type_is_read_as_a_stream(tmp_path: Path, raw_server, ctype: str, stream: bool) -> None:
+    """Proxies label streams text/plain, application/json or nothing: the bytes decide, and the answer is whole."""
+    async def handler(request: web.Request) -> web.Response:
+        resp = web.Response(body=sse(*BASE))
+        resp.headers["Content-Type"] = ctype
+        if not ctype:
+            del resp.headers["Content-Type"]
+        return resp
+
+    srv = raw_server(handler)
+    row = one_row(tmp_path, srv.base_url, stream=stream)
+    assert (row["status"], row["content"], row["reasoning_content"], row["total_tokens"]) == ("ok", "Hello there", "Let me think.", 12)
+
+
+def test_a_half_stream_under_another_content_type_is_still_no_answer(tmp_path: Path, raw_server) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=sse(*BASE, done=False), content_type="text/plain")
+
+    row = one_row(tmp_path, raw_server(handler).base_url, max_attempts=2)
+    assert (row["status"], row["error_type"]) == ("error", "stream_cut")
+
+
+def test_a_short_placeholder_key_is_not_redacted_out_of_answers(tmp_path: Path, raw_server, monkeypatch) -> None:
+    """vLLM users pass api_key EMPTY or dummy: no secret, and the word must survive in answers."""
+    monkeypatch.setenv("TOKENHUB_API_KEY", "dummy")
+    body = {"id": "x", "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "a dummy variable holds tokens"}}], "usage": USAGE}
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(body)
+
+    row = one_row(tmp_path, raw_server(handler).base_url, stream=False, model="gpt-x")
+    assert row["content"] == "a dummy variable holds tokens"
