@@ -379,6 +379,9 @@ class StreamAssembler:
                 error_type="stream_cut",
                 retryable=True,
             )
+        if not self.chunks:
+            raise ResponseError("the stream sent data: [DONE] and nothing before it: no answer came",
+                                error_type="bad_stream", retryable=True)
         tool_calls = None
         if self.tools:
             tool_calls = []

@@ -224,3 +224,10 @@ def test_a_rate_limit_error_mentioning_a_quota_is_still_a_rate_limit() -> None:
     err = error_from_response(429, body)
     assert (err.retryable, err.fatal) == (True, False)
     assert error_from_response(429, b'{"error":{"type":"x","message":"your quota is exhausted"}}').fatal
+
+
+def test_a_stream_of_nothing_but_done_is_no_answer() -> None:
+    """[DONE] alone: complete, but nothing came. Never an ok row with empty content."""
+    with pytest.raises(ResponseError) as info:
+        assemble(b"data: [DONE]\n\n").finish()
+    assert info.value.error_type == "bad_stream" and info.value.retryable
