@@ -30,6 +30,25 @@ into ``TransportError`` in exactly one place, ``batchkimi.client``.
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def json_type(value: Any) -> str:
+    """A JSON value's type as a message says it: "an object", "an array", "null"..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
 
 class BatchKimiError(Exception):
     """Base of every batchkimi error."""

@@ -5,6 +5,7 @@ after writing what is done (:class:`SafeHook`)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,3 +74,5 @@ class SafeHook:
                 self.error = exc
                 if self.on_error is not None:
                     self.on_error(exc)
+                else:  # a RowEngine used alone: nobody stops on it, so at least say it
+                    logging.getLogger("batchkimi").error("the hook raised on %r; the row goes on", event, exc_info=exc)

@@ -32,7 +32,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import DatasetError
+from .errors import DatasetError, json_type
 
 BATCH_ROWS = 1024
 _BOM = b"\xef\xbb\xbf"
@@ -48,18 +48,19 @@ def reading(path: Path, where: str = "") -> Iterator[None]:
         yield
     except DatasetError:
         raise
-    except FileNotFoundError:
-        raise DatasetError(f"the input {path} does not exist") from None
     except _READ_ERRORS as exc:
-        at = f" at {where}" if where else ""
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
-        if isinstance(exc, EOFError):
-            why = "the compressed stream ends early (a truncated file?)"
-        raise DatasetError(f"cannot read {path}{at}: {why}") from exc
+        raise read_error(path, where, exc) from exc
 
 
-_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
-               bool: "true or false", type(None): "null"}
+def read_error(path: Path, where: str, exc: BaseException) -> DatasetError:
+    if isinstance(exc, FileNotFoundError):
+        return DatasetError(f"the input {path} does not exist")
+    at = f" at {where}" if where else ""
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
+    if isinstance(exc, EOFError):
+        why = "the compressed stream ends early (a truncated file?)"
+    return DatasetError(f"cannot read {path}{at}: {why}")
+
 
 
 @dataclass(slots=True)
@@ -90,8 +91,6 @@ def detect_format(path: Path, declared: str = "auto") -> str:
     if name.endswith((".parquet", ".pq")):
         return "parquet"
     if name.endswith((".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz")):
-        if not path.exists():
-            raise DatasetError(f"the input {path} does not exist")
         for row in _iter_jsonl(path, stop_after=1):
             if row.data is not None and "custom_id" in row.data and isinstance(row.data.get("body"), dict):
                 return "openai_batch"
@@ -125,8 +124,7 @@ def _iter_jsonl(path: Path, stop_after: int | None = None, skip_until: int = 0) 
             try:
                 raw = next(lines, None)
             except _READ_ERRORS as exc:  # a truncated or damaged gzip stream, an I/O error
-                with reading(path, f"line {lineno + 1}"):
-                    raise exc from None
+                raise read_error(path, f"line {lineno + 1}", exc) from exc
             if raw is None:
                 return
             lineno += 1
@@ -151,8 +149,7 @@ def _iter_jsonl(path: Path, stop_after: int | None = None, skip_until: int = 0) 
                 if isinstance(value, dict):
                     yield SourceRow(pos, where, value)
                 else:
-                    kind = _JSON_TYPES.get(type(value), type(value).__name__)
-                    yield SourceRow(pos, where, None, f"{where} is {kind}, not a JSON object")
+                    yield SourceRow(pos, where, None, f"{where} is {json_type(value)}, not a JSON object")
             pos += 1
             if stop_after is not None and pos >= stop_after:
                 return

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from .errors import APIError, HTTPStatusError, ResponseError
+from .errors import APIError, HTTPStatusError, ResponseError, json_type
 from .sse import SSEDecoder
 
 
@@ -53,23 +53,7 @@ class _Bad(Exception):
 
     def __init__(self, field: str, value: Any, expected: str) -> None:
         shown = snippet(orjson.dumps(value, default=str), 60) if value is not None else "null"
-        super().__init__(f"the reply's {field} is {_json_type(value)} {shown}, expected {expected}")
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
+        super().__init__(f"the reply's {field} is {json_type(value)} {shown}, expected {expected}")
 
 
 def _bad_response(message: str) -> ResponseError:
@@ -180,7 +164,7 @@ def parse_completion(body: bytes) -> Answer:
             f"the 200 response is not JSON: {snippet(body)}", error_type="bad_response", retryable=True
         ) from None
     if not isinstance(data, dict):
-        raise _bad_response(f"the 200 response is {_json_type(data)}, not a JSON object")
+        raise _bad_response(f"the 200 response is {json_type(data)}, not a JSON object")
     if "error" in data and data["error"]:
         raise error_from_payload(data, http_status=200)
     try:

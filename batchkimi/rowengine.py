@@ -27,7 +27,7 @@ import orjson
 
 from .breaker import FailureBreaker
 from .client import Reply, Timeouts, Transport
-from .config import Job
+from .config import SIMULATOR, Job
 from .errors import APIError, FatalAPIError
 from .events import AttemptFinished, AttemptStarted, Hook, SafeHook, no_hook
 from .ratelimit import Clock, CompletionEstimate, Limiter, MonotonicClock, RateLimiter
@@ -213,7 +213,7 @@ async def endpoint(job: Job, api_key: str, base_url: str | None = None) -> Async
     in this process (on a free loopback port) for as long as the transport is open."""
     url = base_url or job.base_url
     sim = None
-    if url == "simulator":
+    if url == SIMULATOR:
         # The simulator is a product of its own: imported only here, only when asked for.
         from .simulator import start_in_thread
 

@@ -35,7 +35,7 @@ from .errors import ConfigError, FatalAPIError, JobError, OutputError
 from .events import Hook, RowFinished, RunStarted, SafeHook, Stopping
 from .reader import InputScan, SourceRow, columns_seen, detect_format, read_rows, row_id, scan_input
 from .request import Prepared, RowInvalid, build_request
-from .results import invalid_row, kept_column_name
+from .results import invalid_row, kept_column_name, text
 from .rowengine import RowAbandoned, RowEngine, endpoint, limiter_of, policy_of
 from .sink import MANIFEST, Sink
 from .summary import Summary
@@ -47,17 +47,8 @@ _TICK = object()  # wakes the writer to fsync the journal
 def kept_values(row: SourceRow, job: Job) -> dict[str, Any]:
     if not job.keep_columns:
         return {}
-    out: dict[str, Any] = {}
     data = row.data or {}
-    for column in job.keep_columns:
-        value = data.get(column)
-        if value is not None and not isinstance(value, str):
-            try:
-                value = orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-            except (TypeError, orjson.JSONEncodeError):
-                value = str(value)
-        out[kept_column_name(column)] = value
-    return out
+    return {kept_column_name(column): text(data.get(column)) for column in job.keep_columns}
 
 
 def prepare_row(row: SourceRow, job: Job, fmt: str, scan: InputScan) -> tuple[str, Prepared | str]:

@@ -153,9 +153,8 @@ def validate(body: dict[str, Any], key_models: list[str] | None, unknown_model_s
                 "a string or an array of strings")
         if isinstance(stop, list) and len(stop) > 5:
             raise invalid("Invalid request: stop may hold at most 5 strings")
-    for name in ("seed",):
-        if body.get(name) is not None:
-            _expect(body, name, _whole(body[name]), "an integer")
+    if body.get("seed") is not None:
+        _expect(body, "seed", _whole(body["seed"]), "an integer")
     for name in ("prompt_cache_key", "safety_identifier", "user"):
         if body.get(name) is not None:
             _expect(body, name, isinstance(body[name], str), "a string")
