@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,16 @@ def _arith(prompt: str, accuracy: float, rng: random.Random) -> str | None:
     return str(int(value)) if float(value).is_integer() else f"{value:.4g}"
 
 
+def _describe(m: Any) -> str:
+    """What the simulated model "sees": the kind, format and size (it never looks at pixels)."""
+    fmt = (m.mime or "").split("/")[-1] or "linked"
+    if m.kind == "image" and m.width:
+        return f"A {m.width}x{m.height} {fmt} image ({m.tokens} image tokens)"
+    if m.size_bytes:
+        return f"A {fmt} video of {m.size_bytes:,} bytes"
+    return f"A linked {m.kind}"
+
+
 def _filler(rng: random.Random, n_words: int) -> str:
     return " ".join(_FILLER[(i + rng.randrange(len(_FILLER))) % len(_FILLER)] for i in range(n_words))
 
@@ -145,6 +156,7 @@ def answer(
     bad_tool_args: bool,
     call_index_base: int = 0,
     every_tool: bool = False,
+    media: Sequence[Any] = (),
 ) -> Reply:
     last = messages[-1] if messages else {}
     prompt = text_of(last.get("content"))
@@ -181,6 +193,11 @@ def answer(
         content = orjson.dumps({"answer": result}).decode() if json_mode else f"The answer is {result}."
     elif last.get("role") == "tool":
         content = f"Based on the tool result, {text_of(last.get('content'))[:120]}"
+    elif media:
+        words = max(3, int(answer_words * rng.uniform(0.3, 0.8)))
+        seen = "; ".join(_describe(m) for m in media)
+        body = f"{seen}. " + _filler(rng, words).capitalize() + "."
+        content = orjson.dumps({"answer": body}).decode() if json_mode else body
     else:
         words = max(3, int(answer_words * rng.uniform(0.5, 1.5)))
         topic = " ".join(question.split()[:8])

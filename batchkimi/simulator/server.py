@@ -127,6 +127,8 @@ class Simulator:
             "requests": 0, "by_status": Counter(), "by_error": Counter(), "in_flight": 0, "peak_in_flight": 0,
             "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0, "streams": 0, "chunks": 0,
             "connections": 0, "client_disconnects": 0,
+            "body_bytes": 0, "body_bytes_in_flight": 0, "peak_body_bytes_in_flight": 0,
+            "images": 0, "videos": 0, "media_urls": 0,
             "admitted": 0, "admitted_first_s": None, "admitted_last_s": None,
             "per_key": defaultdict(lambda: {"requests": 0, "ok": 0, "rate_limited": 0, "tokens": 0}),
             "admitted_per_s": Counter(), "tokens_per_s": Counter(),
@@ -140,6 +142,8 @@ class Simulator:
             "prompt_tokens": s["prompt_tokens"], "completion_tokens": s["completion_tokens"],
             "cached_tokens": s["cached_tokens"], "streams": s["streams"], "chunks": s["chunks"],
             "connections": s["connections"], "client_disconnects": s["client_disconnects"],
+            "body_bytes": s["body_bytes"], "peak_body_bytes_in_flight": s["peak_body_bytes_in_flight"],
+            "images": s["images"], "videos": s["videos"], "media_urls": s["media_urls"],
             "admitted": s["admitted"], "admitted_first_s": s["admitted_first_s"], "admitted_last_s": s["admitted_last_s"],
             "per_key": {_mask(k): v for k, v in s["per_key"].items()},
             "admitted_per_s": {str(k): v for k, v in sorted(s["admitted_per_s"].items())},
@@ -200,10 +204,16 @@ class Simulator:
         key: str | None = None
         admitted = False
         completion_tokens = 0
+        body_bytes = 0
         try:
             key = self._auth(request)
             self.stats["per_key"][key]["requests"] += 1
             raw = await request.read()
+            body_bytes = len(raw)
+            s = self.stats
+            s["body_bytes"] += body_bytes
+            s["body_bytes_in_flight"] += body_bytes
+            s["peak_body_bytes_in_flight"] = max(s["peak_body_bytes_in_flight"], s["body_bytes_in_flight"])
             if len(raw) > self.cfg.max_body_bytes:
                 raise SimError(self.cfg.body_too_large_status, "invalid_request_error",
                                f"Invalid request: request body of {len(raw)} bytes exceeds the 100 MB limit", code="400004")
@@ -215,7 +225,9 @@ class Simulator:
                 raise SimError(400, "invalid_request_error", "Invalid request: the body must be a JSON object", code="400001")
             req = validate(body, self.cfg.key_models.get(key), self.cfg.unknown_model_status)
             model, thinking, max_tokens = req.model, req.thinking, req.max_tokens
-            prompt_tokens = estimate_messages_tokens(req.messages)
+            for seen in req.media:
+                self.stats["media_urls" if seen.mime is None else f"{seen.kind}s"] += 1
+            prompt_tokens = req.prompt_tokens
             if prompt_tokens + max_tokens > CONTEXT:
                 raise invalid(f"Your request exceeded model token limit : {CONTEXT}")
             fault = self._fault(body, request)
@@ -240,7 +252,7 @@ class Simulator:
                 await asyncio.sleep(self.cfg.slow_first_byte_s)
             cached = self._cached(key, body["messages"]) if self.cfg.cache_prefixes else 0
             reply = answer(
-                req.messages, seed=self.cfg.seed, thinking=thinking, tools=req.tools,
+                req.light_messages or req.messages, seed=self.cfg.seed, media=req.media, thinking=thinking, tools=req.tools,
                 tool_choice=req.tool_choice, json_mode=req.json_mode, every_tool=fault == "parallel_tools",
                 accuracy=self.cfg.accuracy, reasoning_words=self.cfg.reasoning_words, answer_words=self.cfg.answer_words,
                 bad_tool_args=fault == "bad_args" or (self.cfg.bad_tool_args_rate > 0 and self.rng.random() < self.cfg.bad_tool_args_rate),
@@ -302,6 +314,7 @@ class Simulator:
             self._count(500, key, bug.etype)
             return self.error_response(bug, rid)
         finally:
+            self.stats["body_bytes_in_flight"] -= body_bytes
             if admitted:
                 self.stats["in_flight"] -= 1
                 self.limits.done(key, completion_tokens)  # type: ignore[arg-type]
@@ -478,7 +491,7 @@ class Simulator:
                 raise invalid("Invalid request: the body must be a JSON object", upstream=False, code="400001")
             req = validate({"model": body.get("model"), "messages": body.get("messages")}, self.cfg.key_models.get(key),
                            self.cfg.unknown_model_status)
-            total = estimate_messages_tokens(req.messages)
+            total = req.prompt_tokens
             return web.Response(body=orjson.dumps({"data": {"total_tokens": total}}), content_type="application/json")
         except SimError as err:
             return self.error_response(err, rid)

@@ -8,8 +8,16 @@ would make the tests that use it tautological.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import base64
+import binascii
+import hashlib
+import io
+from dataclasses import dataclass, field
 from typing import Any
+
+from PIL import Image
+
+from ..tokens import URL_MEDIA_TOKENS, estimate_messages_tokens, image_tokens, video_tokens
 
 MODELS = {
     "kimi-k2.6": {"created": 1776643200, "video": True},
@@ -19,6 +27,9 @@ CONTEXT = 262144
 DEFAULT_MAX_TOKENS = 32768
 _FIXED = (("top_p", 0.95), ("n", 1), ("presence_penalty", 0), ("frequency_penalty", 0))
 _ROLES = ("system", "user", "assistant", "tool")
+# Kimi's accepted types, as the MIME type of a data URL.
+IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP", "image/gif": "GIF"}
+VIDEO_TYPES = frozenset("video/" + f for f in "mp4 mpeg mov avi x-flv mpg webm wmv 3gpp".split())
 
 
 class SimError(Exception):
@@ -49,6 +60,22 @@ class ChatRequest:
     json_mode: bool
     tools: list[dict[str, Any]] | None
     tool_choice: Any
+    prompt_tokens: int = 0
+    media: list[SeenMedia] = field(default_factory=list)
+    light_messages: list[dict[str, Any]] | None = None  # messages with each data URL replaced by its digest
+
+
+@dataclass(frozen=True)
+class SeenMedia:
+    """An image or video the simulated model "sees": what its caption and its usage come from."""
+
+    kind: str  # image | video
+    mime: str | None
+    width: int | None
+    height: int | None
+    size_bytes: int | None
+    tokens: int
+    digest: str  # of the data, or of the URL
 
 
 def _is_number(v: Any) -> bool:
@@ -159,6 +186,8 @@ def validate(body: dict[str, Any], key_models: list[str] | None, unknown_model_s
         if body.get(name) is not None:
             _expect(body, name, isinstance(body[name], str), "a string")
 
+    media: list[SeenMedia] = []
+    tokens_of: dict[int, int] = {}
     for i, m in enumerate(messages):  # type: ignore[arg-type]
         if not isinstance(m, dict) or m.get("role") not in _ROLES:
             raise invalid(f"Invalid request: messages[{i}] has no valid role")
@@ -177,7 +206,10 @@ def validate(body: dict[str, Any], key_models: list[str] | None, unknown_model_s
             raise invalid(f"Your request exceeded model token limit : {CONTEXT}")
         if isinstance(content, list):
             for part in content:
-                _check_part(part, model, i)
+                seen = _check_part(part, model, i)
+                if seen is not None:
+                    media.append(seen)
+                    tokens_of[id(part)] = seen.tokens
 
     max_tokens: Any = DEFAULT_MAX_TOKENS
     for name in ("max_completion_tokens", "max_tokens"):  # the first wins when both are sent
@@ -187,24 +219,72 @@ def validate(body: dict[str, Any], key_models: list[str] | None, unknown_model_s
                 raise invalid(f"Invalid request: {name} must be a positive integer, got {value!r}")
             max_tokens = value
             break
+    prompt_tokens = estimate_messages_tokens(messages, lambda part: tokens_of.get(id(part), URL_MEDIA_TOKENS))  # type: ignore[arg-type]
+    light = _light(messages) if media else None  # type: ignore[arg-type]
     return ChatRequest(model, messages, thinking, max_tokens, bool(stream), include_usage, json_mode,  # type: ignore[arg-type]
-                       tools, choice)
+                       tools, choice, prompt_tokens, media, light)
 
 
-def _check_part(part: Any, model: str, i: int) -> None:
+def _light(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for p in content:
+                if isinstance(p, dict) and p.get("type") in ("image_url", "video_url"):
+                    ref = p.get(p["type"])
+                    url = ref.get("url") if isinstance(ref, dict) else ref
+                    if isinstance(url, str) and url.startswith("data:"):
+                        url = f"{url[:url.find(',')]},sha256:{hashlib.sha256(url.encode()).hexdigest()}"
+                    p = {"type": p["type"], p["type"]: {"url": url}}
+                parts.append(p)
+            m = {**m, "content": parts}
+        out.append(m)
+    return out
+
+
+def _check_part(part: Any, model: str, i: int) -> SeenMedia | None:
     if not isinstance(part, dict):
         raise invalid(f"Invalid request: messages[{i}] has a content part that is not an object")
     kind = part.get("type")
     if kind == "text":
         if not isinstance(part.get("text"), str):
             raise invalid(f"Invalid request: messages[{i}] has a text part without text")
-        return
-    if kind in ("image_url", "video_url"):
-        ref = part.get(kind)
-        url = ref.get("url") if isinstance(ref, dict) else ref
-        if kind == "video_url" and not MODELS[model]["video"]:
-            raise invalid(f"Invalid request: model {model} does not support video input")
-        if not isinstance(url, str) or not url.startswith(("data:image/", "data:video/", "http://", "https://")):
-            raise invalid(f"unsupported {kind.split('_')[0]} url")
-        return
-    raise invalid(f"Invalid request: unknown content part type {kind!r}")
+        return None
+    if kind not in ("image_url", "video_url"):
+        raise invalid(f"Invalid request: unknown content part type {kind!r}")
+    what = kind.split("_")[0]
+    ref = part.get(kind)
+    url = ref.get("url") if isinstance(ref, dict) else ref
+    if kind == "video_url" and not MODELS[model]["video"]:
+        raise invalid(f"Invalid request: model {model} does not support video input")
+    if not isinstance(url, str):
+        raise invalid(f"unsupported {what} url")
+    if url.startswith(("http://", "https://")):
+        # TokenHub fetches public URLs; the simulator cannot, so it charges a flat count
+        return SeenMedia(what, None, None, None, None, URL_MEDIA_TOKENS, hashlib.sha256(url.encode()).hexdigest()[:16])
+    if not url.startswith("data:"):
+        raise invalid(f"unsupported {what} url")
+    head, sep, data = url.partition(",")
+    mime = head[5:].split(";")[0].lower()
+    if not sep or not head.endswith(";base64"):
+        raise invalid(f"Invalid request: the {what} data URL must be base64")
+    accepted = IMAGE_TYPES if what == "image" else VIDEO_TYPES
+    if mime not in accepted:
+        raise invalid(f"Invalid request: unsupported {what} format {mime or '(none)'}")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(f"Invalid request: the {what} data is not valid base64") from None
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    if what == "video":
+        return SeenMedia("video", mime, None, None, len(raw), video_tokens(len(raw)), digest)
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            fmt, (width, height) = img.format, img.size
+    except Exception:  # noqa: BLE001 - whatever Pillow raises, the image is unreadable
+        raise invalid("Invalid request: the image cannot be decoded") from None
+    if fmt not in IMAGE_TYPES.values():
+        raise invalid(f"Invalid request: unsupported image format {str(fmt).lower()}")
+    return SeenMedia("image", mime, width, height, len(raw), image_tokens(width, height), digest)
