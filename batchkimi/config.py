@@ -43,13 +43,23 @@ class Job:
 
     # input
     input: str | None = None
-    input_format: str = "auto"  # auto | jsonl | parquet | openai_batch
+    input_format: str = "auto"  # auto | jsonl | parquet | openai_batch | folder
     id_column: str = "id"
     prompt_column: str = "prompt"
     system_column: str = "system"
     messages_column: str = "messages"
     keep_columns: tuple[str, ...] = ()
     limit: int | None = None
+    # media (images and videos)
+    image_columns: tuple[str, ...] = ("image", "images")
+    video_columns: tuple[str, ...] = ("video", "videos")
+    media_root: str | None = None  # local paths resolve here; None: the dataset's folder
+    media_url_prefix: str | None = None  # send https://cdn/<path under media_root> instead of bytes
+    max_image_side: int | None = None  # downscale images whose longest side is longer
+    max_request_mb: float = 100.0  # Kimi's limit on one request body
+    max_mb_in_flight: float = 256.0  # request bytes held at once, job-wide (media rows)
+    include: tuple[str, ...] = ()  # folder inputs: shell patterns over the relative path
+    exclude: tuple[str, ...] = ()
     # output
     output: str | None = None
     # endpoint
@@ -134,7 +144,8 @@ class Job:
     def public_dict(self) -> dict[str, Any]:
         """The resolved job as plain data, for the manifest and --dry-run. Holds no secret."""
         out = dataclasses.asdict(self)
-        out["keep_columns"] = list(self.keep_columns)
+        for key in ("keep_columns", "image_columns", "video_columns", "include", "exclude"):
+            out[key] = list(getattr(self, key))
         out["tools"] = list(self.tools) if self.tools is not None else None
         out["prices"] = {k: list(v) for k, v in self.prices.items()}
         return out
@@ -147,7 +158,7 @@ class Job:
             "input_format id_column prompt_column system_column messages_column model "
             "prompt_template system thinking thinking_keep max_tokens temperature top_p n "
             "presence_penalty frequency_penalty tools tool_choice response_format stop "
-            "extra_body"
+            "extra_body image_columns video_columns media_root media_url_prefix max_image_side"
         ).split()
         d = self.public_dict()
         out = {k: d[k] for k in keys}
@@ -159,20 +170,22 @@ class Job:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Job)}
-_PATH_KEYS = ("input", "output", "api_key_file")
-_INT_KEYS = {"limit", "max_tokens", "n", "concurrency", "max_attempts", "rows_per_part", "stop_after_failures"}
+_PATH_KEYS = ("input", "output", "api_key_file", "media_root")
+_INT_KEYS = {"limit", "max_tokens", "n", "concurrency", "max_attempts", "rows_per_part", "stop_after_failures",
+             "max_image_side"}
 _FLOAT_KEYS = {
     "temperature", "top_p", "presence_penalty", "frequency_penalty", "rpm", "tpm",
     "max_retry_time_s", "backoff_base_s", "backoff_max_s", "max_retry_after_s",
     "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "attempt_timeout_s",
-    "grace_s", "flush_interval_s",
+    "grace_s", "flush_interval_s", "max_request_mb", "max_mb_in_flight",
 }
 _BOOL_KEYS = {"stream", "include_usage", "retry_errors", "kimi_rules"}
 _STR_KEYS = {
     "input", "input_format", "id_column", "prompt_column", "system_column", "messages_column",
     "output", "base_url", "api_key_env", "api_key_file", "model", "prompt_template", "system",
-    "thinking", "thinking_keep",
+    "thinking", "thinking_keep", "media_root", "media_url_prefix",
 }
+_LIST_KEYS = {"keep_columns", "image_columns", "video_columns", "include", "exclude"}
 
 
 def load_job(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Job:
@@ -229,11 +242,11 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise bad("a string")
         return value
-    if key == "keep_columns":
+    if key in _LIST_KEYS:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-            raise bad("a list of column names")
+            raise bad("a list of patterns" if key in ("include", "exclude") else "a list of column names")
         return tuple(value)
     if key == "tools":
         if not isinstance(value, list | tuple) or not all(isinstance(t, dict) for t in value):
@@ -257,8 +270,18 @@ def _coerce(key: str, value: Any, where: str) -> Any:
 
 def check_job(job: Job) -> None:
     """Refuse, before anything is read or sent, a job that cannot work or that Kimi would reject."""
-    if job.input_format not in ("auto", "jsonl", "parquet", "openai_batch"):
-        raise ConfigError(f"input_format must be auto, jsonl, parquet or openai_batch, got {job.input_format!r}")
+    if job.input_format not in ("auto", "jsonl", "parquet", "openai_batch", "folder"):
+        raise ConfigError(f"input_format must be auto, jsonl, parquet, openai_batch or folder, got {job.input_format!r}")
+    if job.max_image_side is not None and job.max_image_side < 14:
+        raise ConfigError(f"max_image_side must be at least 14 pixels, got {job.max_image_side}")
+    for key in ("max_request_mb", "max_mb_in_flight"):
+        if getattr(job, key) <= 0:
+            raise ConfigError(f"{key} must be more than 0, got {getattr(job, key):g}")
+    if job.media_url_prefix is not None and not job.media_url_prefix.startswith(("http://", "https://")):
+        raise ConfigError(f"media_url_prefix must start with http:// or https://, got {job.media_url_prefix!r}")
+    both = set(job.image_columns) & set(job.video_columns)
+    if both:
+        raise ConfigError(f"{', '.join(sorted(both))} cannot be both an image and a video column")
     if job.thinking not in (None, "enabled", "disabled"):
         raise ConfigError(f"thinking must be 'enabled' or 'disabled', got {job.thinking!r}")
     if job.thinking_keep not in (None, "all"):

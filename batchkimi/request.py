@@ -14,8 +14,10 @@ Values that are not strings enter a prompt as JSON (a Parquet struct or list as
 as JSON makes the row invalid instead of failing later in the transport.
 
 A row that cannot make a request raises :class:`RowInvalid`, naming the column to fix.
-Images and videos enter through :func:`media_parts`, the one place the user turn's content
-becomes a list of parts.
+Images and videos (see :mod:`batchkimi.media`) come from the job's image and video columns,
+after the prompt in the user turn, or from ``image_url``/``video_url`` parts of ``messages``.
+A local file is checked here and stands in the encoded body as a placeholder: its bytes are
+read only when the request is sent.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import orjson
 
 from . import kimi
 from .config import Job
-from .tokens import estimate_messages_tokens
+from .media import Collector, MediaInvalid, MediaItem, MediaSettings, settings_for
+from .tokens import URL_MEDIA_TOKENS, estimate_messages_tokens
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -48,7 +51,14 @@ class RowInvalid(Exception):
 class Prepared:
     body: dict[str, Any]
     prompt_tokens_estimate: int
-    payload: bytes  # ``body`` as the JSON bytes sent
+    payload: bytes  # ``body`` as the JSON bytes sent (with a placeholder per local file)
+    media: tuple[MediaItem, ...] = ()  # the row's images and videos, checked
+    request_bytes: int = 0  # the size of the request sent, local files included (estimated)
+
+    @property
+    def reads_files(self) -> bool:
+        """Whether files must be read when this request is sent."""
+        return any(item.path is not None for item in self.media)
 
 
 def as_text(value: Any) -> str:
@@ -79,11 +89,6 @@ def render_template(template: str, row: dict[str, Any]) -> str:
         return as_text(value)
 
     return _PLACEHOLDER.sub(sub, template)
-
-
-def media_parts(row: dict[str, Any], job: Job) -> list[dict[str, Any]]:
-    """Image and video parts for the user turn. None yet: the media issue fills this in."""
-    return []
 
 
 def _check_messages(messages: Any, job: Job, column: str) -> list[dict[str, Any]]:
@@ -117,14 +122,25 @@ def _check_messages(messages: Any, job: Job, column: str) -> list[dict[str, Any]
     return clean
 
 
-def build_request(row: dict[str, Any], job: Job, *, batch_line: bool = False) -> Prepared:
-    """The chat-completion body for one row."""
+def build_request(row: dict[str, Any], job: Job, *, batch_line: bool = False,
+                  media: MediaSettings | None = None) -> Prepared:
+    """The chat-completion body for one row. ``media`` defaults to the job's media keys with
+    no dataset folder: URLs pass, a local path is read only under the job's ``media_root``."""
+    collector = Collector(media if media is not None else settings_for(job, None))
+    try:
+        return _build(row, job, batch_line, collector)
+    except MediaInvalid as exc:
+        raise RowInvalid(str(exc)) from None
+
+
+def _build(row: dict[str, Any], job: Job, batch_line: bool, collector: Collector) -> Prepared:
     overrides: dict[str, Any] = {}
     if batch_line:
         line_body = row.get("body")
         if not isinstance(line_body, dict):
             raise RowInvalid("key 'body' must be an object (OpenAI batch format)")
         messages = _check_messages(line_body.get("messages"), job, "body.messages")
+        messages = collector.message_parts(messages, "body.messages")
         for key, value in line_body.items():
             if key in _ROW_BODY_KEYS:
                 overrides[key] = value
@@ -132,7 +148,12 @@ def build_request(row: dict[str, Any], job: Job, *, batch_line: bool = False) ->
         if unknown:
             raise RowInvalid(f"body has keys batchkimi does not send: {', '.join(sorted(unknown))}")
     elif row.get(job.messages_column) is not None:
+        for column in (*collector.s.image_columns, *collector.s.video_columns):
+            if row.get(column) is not None:
+                raise RowInvalid(f"column '{column}' is set, and the conversation comes from '{job.messages_column}': "
+                                 f"put the {column.rstrip('s')} in an image_url or video_url part of a message")
         messages = _check_messages(row[job.messages_column], job, job.messages_column)
+        messages = collector.message_parts(messages, job.messages_column)
     else:
         if job.prompt_template is not None:
             prompt = render_template(job.prompt_template, row)
@@ -147,7 +168,7 @@ def build_request(row: dict[str, Any], job: Job, *, batch_line: bool = False) ->
         if not prompt.strip():
             raise RowInvalid("the prompt is empty")
         system = row.get(job.system_column) or job.system
-        parts = media_parts(row, job)
+        parts = collector.column_parts(row)
         content: Any = [{"type": "text", "text": prompt}, *parts] if parts else prompt
         messages = []
         if system:
@@ -181,7 +202,26 @@ def build_request(row: dict[str, Any], job: Job, *, batch_line: bool = False) ->
         payload = orjson.dumps(body, default=str, option=orjson.OPT_NON_STR_KEYS)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise RowInvalid(f"the row holds a value that cannot be sent as JSON ({exc})") from None
-    return Prepared(body, estimate_messages_tokens(messages), payload)
+    if not collector.items:
+        return Prepared(body, estimate_messages_tokens(messages), payload, request_bytes=len(payload))
+    items = tuple(collector.items)
+    tokens_by_url = {(i.marker or i.ref): i.tokens for i in items}
+
+    def media_tokens(part: dict[str, Any]) -> int:
+        ref = part.get(part.get("type", ""))
+        url = ref.get("url") if isinstance(ref, dict) else ref
+        return tokens_by_url.get(url, URL_MEDIA_TOKENS) if isinstance(url, str) else URL_MEDIA_TOKENS
+
+    size = len(payload) + sum(i.body_bytes - len(i.marker) for i in items if i.marker is not None)
+    limit = collector.s.max_request_bytes
+    if size > limit:
+        biggest = max(items, key=lambda i: i.body_bytes)
+        raise RowInvalid(f"the request would be about {size / 1e6:,.1f} MB, over the {limit / 1e6:g} MB limit "
+                         f"(the largest item: {biggest.where}, {biggest.ref!r}, {biggest.body_bytes / 1e6:,.1f} MB "
+                         "as base64); set max_image_side to send smaller images, or split the row")
+    return Prepared(body, estimate_messages_tokens(messages, media_tokens), payload, items, size)
+
+
 
 
 def _check_row_overrides(overrides: dict[str, Any], job: Job) -> None:

@@ -15,6 +15,21 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
+# Per image or video of a row: never its bytes, enough to tell a changed file.
+MEDIA_TYPE = pa.list_(pa.struct([
+    ("path", pa.string()),  # as the row named it (relative to the media root), or the URL
+    ("kind", pa.string()),  # image | video
+    ("source", pa.string()),  # file (sent as base64) | url | data (a data URL in the row)
+    ("mime", pa.string()),
+    ("bytes", pa.int64()),  # the file's size
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("sent_width", pa.int32()),  # after downscaling (max_image_side)
+    ("sent_height", pa.int32()),
+    ("sent_bytes", pa.int64()),  # the bytes encoded into the request
+    ("sha256", pa.string()),  # of the file's content
+]))
+
 RESULT_FIELDS: list[tuple[str, pa.DataType]] = [
     ("id", pa.string()),
     ("row", pa.int64()),
@@ -37,6 +52,8 @@ RESULT_FIELDS: list[tuple[str, pa.DataType]] = [
     ("error_message", pa.string()),
     ("request_id", pa.string()),
     ("finished_at", pa.timestamp("ms", tz="UTC")),
+    ("media", MEDIA_TYPE),
+    ("media_gone", pa.bool_()),
 ]
 RESULT_COLUMNS = [name for name, _ in RESULT_FIELDS]
 STATUSES = ("ok", "error", "invalid", "truncated")

@@ -12,13 +12,17 @@ Guarantees, whatever happens to a request:
 - after :meth:`RowEngine.stop`, no new attempt starts: a row waiting for the limiter or for its
   back-off raises :class:`RowAbandoned` (it is pending, to be sent on resume), and so does a
   row whose attempt in flight fails retryably;
-- a hook that raises never loses the row it was told about (see :class:`~batchkimi.events.SafeHook`).
+- a hook that raises never loses the row it was told about (see :class:`~batchkimi.events.SafeHook`);
+- a row with local images or videos waits for the job's :class:`~batchkimi.media.ByteBudget`
+  before its files are read (in a thread), holds it while it is sent and retried, and gives it
+  back however it ends; a file that cannot be read then is that row's ``error`` row.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -30,6 +34,7 @@ from .client import Reply, Timeouts, Transport
 from .config import SIMULATOR, Job
 from .errors import APIError, FatalAPIError
 from .events import AttemptFinished, AttemptStarted, Hook, SafeHook, no_hook
+from .media import ByteBudget, MediaInvalid, materialize
 from .ratelimit import Clock, CompletionEstimate, Limiter, MonotonicClock, RateLimiter
 from .request import Prepared
 from .response import is_overload
@@ -62,6 +67,7 @@ class RowEngine:
         clock: Clock | None = None,
         rng: Callable[[], float] | None = None,
         breaker: FailureBreaker | None = None,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.job = job
         self.transport = transport
@@ -71,6 +77,7 @@ class RowEngine:
         self.clock = clock or MonotonicClock()
         self.rng = rng or random.random
         self.breaker = breaker
+        self.budget = budget or budget_of(job)
         self.requests = 0
         self.retries = 0
         self.stopping = False
@@ -95,6 +102,34 @@ class RowEngine:
         Raises :class:`~batchkimi.errors.FatalAPIError` when the API refuses the job itself
         (auth, quota, wrong model or URL, the breaker): every other request would fail alike;
         :class:`RowAbandoned` when stopping."""
+        if not prepared.media:
+            return await self._send(rid, pos, prepared)
+        if not prepared.reads_files:
+            row = await self._send(rid, pos, prepared)
+            row["media"] = [item.record() for item in prepared.media]
+            return row
+        if self.stopping:
+            raise RowAbandoned
+        need = prepared.request_bytes
+        await self.budget.acquire(need)
+        try:
+            if self.stopping:
+                raise RowAbandoned
+            job = self.job
+            try:
+                payload, records = await asyncio.to_thread(
+                    materialize, prepared.payload, prepared.media, job.max_image_side, int(job.max_request_mb * 1_000_000))
+            except MediaInvalid as exc:
+                return error_row(rid, pos, model=job.model, attempts=0, latency_s=0.0, http_status=None,
+                                 error_type="media_unreadable", error_message=str(exc), request_id=None)
+            row = await self._send(rid, pos, dataclasses.replace(prepared, payload=payload, media=()))
+            del payload
+        finally:
+            self.budget.release(need)
+        row["media"] = records
+        return row
+
+    async def _send(self, rid: str, pos: int, prepared: Prepared) -> dict[str, Any]:
         attempts = 0
         first_start = self.clock.now()
         streaming = bool(prepared.body.get("stream"))
@@ -196,6 +231,10 @@ class RowEngine:
 
 def timeouts_of(job: Job) -> Timeouts:
     return Timeouts(job.connect_timeout_s, job.first_byte_timeout_s, job.idle_timeout_s, job.attempt_timeout_s)
+
+
+def budget_of(job: Job) -> ByteBudget:
+    return ByteBudget(int(job.max_mb_in_flight * 1_000_000))
 
 
 def limiter_of(job: Job) -> RateLimiter:

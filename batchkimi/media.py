@@ -1,0 +1,584 @@
+"""Images and videos: found in a row, checked before anything is sent, read when sent.
+
+A row names its media in image and video columns (``image``, ``images``, ``video``,
+``videos`` by default: a path or URL each, or a list of them) or as ``image_url`` /
+``video_url`` parts of its ``messages``. Each reference is one of:
+
+- an ``http(s)://`` URL: sent untouched (TokenHub fetches it);
+- a ``data:`` URL: sent untouched, but decoded once to check its type and count its tokens;
+- a local path (or ``file://`` URL): resolved under the *media root*, checked, and read,
+  base64-encoded and put in the request only when that request is about to be sent.
+
+Checking (:func:`collect`, run when the row is prepared, so ``--dry-run`` sees it too) refuses,
+naming the column and the file: a path that leaves the media root (``..``, an absolute path
+elsewhere, a symbolic link out), anything but a regular file, a missing or unreadable file,
+content that is not an image or video Kimi takes (the type comes from the bytes: Pillow for
+images, puremagic for video containers; a file's name is never trusted), a video for a model
+that takes none, and a request that would pass the body limit.
+
+:func:`materialize` (called by the row engine, in a thread, under the job's
+:class:`ByteBudget`) reads each file once: its sha256, an optional downscale to
+``max_image_side``, base64 into the request bytes. Neither the bytes nor the base64 ever reach
+the journal or the output: a row keeps, per item, its path, type, sizes and sha256.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import hashlib
+import io
+import os
+import secrets
+import stat
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import puremagic
+from PIL import Image
+
+from .tokens import URL_MEDIA_TOKENS, image_tokens, video_tokens
+
+# What Kimi takes, as the MIME type in a data URL.
+IMAGE_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+# Kimi's video list names ``video/<format>`` for: mp4, mpeg, mov, avi, x-flv, mpg, webm, wmv, 3gpp.
+_VIDEO_BY_MIME = {
+    "video/mp4": "video/mp4", "video/x-m4v": "video/mp4",
+    "video/quicktime": "video/mov",
+    "video/avi": "video/avi", "video/x-msvideo": "video/avi", "video/msvideo": "video/avi",
+    "video/x-flv": "video/x-flv",
+    "video/webm": "video/webm",
+    "video/x-ms-wmv": "video/wmv", "video/x-ms-asf": "video/wmv",
+    "video/mpeg": "video/mpeg", "video/dvd": "video/mpeg", "video/mp2p": "video/mpeg",
+    "video/3gpp": "video/3gpp", "video/3gpp2": "video/3gpp",
+}
+_VIDEO_BY_EXT = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/mov", ".avi": "video/avi", ".flv": "video/x-flv",
+                 ".webm": "video/webm", ".wmv": "video/wmv", ".asf": "video/wmv", ".mpg": "video/mpeg",
+                 ".mpeg": "video/mpeg", ".vob": "video/mpeg", ".3gp": "video/3gpp", ".3ga": "video/3gpp"}
+VIDEO_MIMES = frozenset(_VIDEO_BY_MIME.values()) | {"video/mpg"}
+IMAGE_MIMES = frozenset(IMAGE_MIME.values())
+SNIFF_BYTES = 8192
+_SAVE = {"PNG": {}, "JPEG": {"quality": 90}, "WEBP": {"quality": 90}, "GIF": {}}
+# One marker per process: a row's text cannot guess it, so it never collides with a prompt.
+_MARK = f"batchkimi-media-{secrets.token_hex(8)}-"
+
+# Pillow warns (and past 2x, refuses) above this many pixels; its header read costs nothing.
+Image.MAX_IMAGE_PIXELS = 200_000_000
+
+
+class MediaInvalid(Exception):
+    """This row's media cannot be sent; the message names the column and the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sniffed:
+    kind: str  # image | video
+    mime: str
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MediaItem:
+    """One image or video of a row, as checked when the row was prepared."""
+
+    kind: str  # image | video
+    source: str  # file | url | data
+    ref: str  # as the row wrote it (a data URL shortened)
+    where: str  # the column or message part it came from
+    mime: str | None = None
+    path: str | None = None  # the resolved file (source "file", or a file sent by URL prefix)
+    marker: str | None = None  # the placeholder in the encoded body (source "file" only)
+    size_bytes: int | None = None
+    mtime_ns: int | None = None
+    width: int | None = None
+    height: int | None = None
+    send_width: int | None = None
+    send_height: int | None = None
+    tokens: int = URL_MEDIA_TOKENS
+    body_bytes: int = 0  # what it adds to the request body (an estimate when downscaled)
+    sha256: str | None = None  # known here for data URLs; for files, when read
+
+    def record(self, **sent: Any) -> dict[str, Any]:
+        """What the output keeps of this item: never its bytes."""
+        return {
+            "path": self.ref, "kind": self.kind, "source": self.source, "mime": self.mime,
+            "bytes": self.size_bytes, "width": self.width, "height": self.height,
+            "sent_width": self.send_width, "sent_height": self.send_height,
+            "sent_bytes": sent.get("sent_bytes"), "sha256": sent.get("sha256", self.sha256),
+        }
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    """The job's media keys, resolved for one input (see :func:`settings_for`)."""
+
+    image_columns: tuple[str, ...]
+    video_columns: tuple[str, ...]
+    root: Path | None  # None: local paths are refused
+    url_prefix: str | None
+    max_image_side: int | None
+    max_request_bytes: int
+    video_ok: bool  # the model takes video
+    model: str
+
+
+# ---- type from content ---------------------------------------------------------------------
+def sniff_file(path: str) -> Sniffed:
+    """The kind and Kimi MIME type of a file, from its bytes; raises MediaInvalid."""
+    try:
+        with Image.open(path) as img:
+            return _image(img)
+    except MediaInvalid:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise MediaInvalid(f"is too large an image to read ({exc})") from None
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError):
+        pass  # not an image Pillow knows: perhaps a video
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+    except OSError as exc:
+        raise MediaInvalid(f"cannot be read ({exc.strerror or exc})") from None
+    return _video(head)
+
+
+def classify(path: str) -> str | None:
+    """"image", "video" or None, from a file's bytes: what a folder walk keeps. An image Kimi
+    does not take (a BMP, say) is still an image: its row says why it cannot be sent."""
+    try:
+        with Image.open(path) as img:
+            if img.format != "MPEG":
+                return "image"
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError, Image.DecompressionBombError):
+        pass
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+        guesses = puremagic.magic_string(head) if head else []
+    except (OSError, puremagic.PureError, ValueError):
+        return None
+    for g in guesses:
+        mime = g.mime_type or ""
+        if mime.startswith("video/") or mime in ("application/x-matroska",) or g.extension.lower() in _VIDEO_BY_EXT:
+            return "video"
+    return None
+
+
+def sniff_bytes(data: bytes) -> Sniffed:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return _image(img)
+    except MediaInvalid:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise MediaInvalid(f"is too large an image to read ({exc})") from None
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError):
+        pass
+    return _video(data[:SNIFF_BYTES])
+
+
+def _image(img: Image.Image) -> Sniffed:
+    fmt = img.format or "unknown"
+    mime = IMAGE_MIME.get(fmt)
+    if mime is None:
+        if fmt == "MPEG":
+            raise OSError("an MPEG stream: try it as a video")
+        raise MediaInvalid(f"is a {fmt} image; Kimi takes png, jpeg, webp and gif")
+    width, height = img.size
+    return Sniffed("image", mime, int(width), int(height))
+
+
+def _video(head: bytes) -> Sniffed:
+    if not head:
+        raise MediaInvalid("is empty")
+    try:
+        guesses = puremagic.magic_string(head)
+    except (puremagic.PureError, ValueError):
+        guesses = []
+    found = [m for g in guesses if (m := _VIDEO_BY_MIME.get(g.mime_type) or _VIDEO_BY_EXT.get(g.extension.lower()))]
+    if found:
+        # ISO media files (mp4, mov, 3gp) share one container, and puremagic offers several
+        # names for them; its first guess is right but for 3GP, which it ranks below mp4. The
+        # major brand in the file's ftyp box decides between the names it offered.
+        brand_3gp = head[4:8] == b"ftyp" and head[8:11] in (b"3gp", b"3g2")
+        return Sniffed("video", "video/3gpp" if brand_3gp and "video/3gpp" in found else found[0])
+    seen = next((g.mime_type or g.name for g in guesses if g.mime_type or g.name), None)
+    what = f"its content looks like {seen}" if seen else "its content is not a known image or video format"
+    raise MediaInvalid(f"is not an image or video Kimi takes ({what})")
+
+
+# ---- sizes and tokens ----------------------------------------------------------------------
+def send_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """The pixel size sent: the longest side brought down to ``max_side``, aspect kept."""
+    if not max_side or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def data_url_bytes(mime: str, raw_bytes: int) -> int:
+    return len("data:;base64,") + len(mime) + 4 * ((raw_bytes + 2) // 3)
+
+
+# ---- references ----------------------------------------------------------------------------
+def _local_ref(ref: str) -> str | None:
+    """The path a reference names, or None for a URL sent as it is."""
+    low = ref[:8].lower()
+    if low.startswith(("http://", "https://", "data:")):
+        return None
+    if low.startswith("file://"):
+        parsed = urllib.parse.urlsplit(ref)
+        if parsed.netloc not in ("", "localhost"):
+            raise MediaInvalid(f"{ref!r} names a file on another host")
+        return urllib.parse.unquote(parsed.path)
+    if "://" in ref[:16]:
+        raise MediaInvalid(f"{ref!r}: only http(s), data and file URLs, or local paths, are understood")
+    return ref
+
+
+def resolve(ref: str, root: Path) -> Path:
+    """``ref`` as a regular file inside ``root`` (symbolic links followed, then checked)."""
+    candidate = Path(ref).expanduser() if ref.startswith("~") else Path(ref)
+    target = candidate if candidate.is_absolute() else root / candidate
+    real = Path(os.path.realpath(target))  # every link that exists followed; "..", "." gone
+    if not real.is_relative_to(root):  # before existence: a dataset learns nothing of other folders
+        raise MediaInvalid(f"{ref!r} is outside the media root {root}; "
+                           "set media_root to a folder that holds it, if that is intended")
+    try:
+        st = real.stat()
+    except FileNotFoundError:
+        raise MediaInvalid(f"{ref!r} does not exist (looked for {target})") from None
+    except OSError as exc:
+        raise MediaInvalid(f"{ref!r} cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise MediaInvalid(f"{ref!r} is not a regular file")
+    return real
+
+
+def _refs(value: Any, column: str) -> list[tuple[str, str]]:
+    """(reference, where) for a column's value: a string, or a list of strings."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [(value, column)] if value.strip() else []
+    if isinstance(value, list | tuple):
+        out = []
+        for i, v in enumerate(value):
+            if v is None or (isinstance(v, str) and not v.strip()):
+                continue
+            if not isinstance(v, str):
+                raise MediaInvalid(f"column '{column}'[{i}] must be a path or URL string, got {type(v).__name__}")
+            out.append((v, f"{column}[{i}]"))
+        return out
+    if hasattr(value, "tolist"):  # a numpy array from Parquet
+        return _refs(value.tolist(), column)
+    raise MediaInvalid(f"column '{column}' must be a path or URL, or a list of them; got {type(value).__name__}")
+
+
+class Collector:
+    """Turns one row's media references into request parts and :class:`MediaItem` s."""
+
+    def __init__(self, settings: MediaSettings) -> None:
+        self.s = settings
+        self.items: list[MediaItem] = []
+        self.body_bytes = 0
+
+    def part(self, kind: str, ref: str, where: str) -> dict[str, Any]:
+        item = self._item(kind, ref, where)
+        self.items.append(item)
+        self.body_bytes += item.body_bytes
+        url = item.marker if item.marker is not None else self._url(item, ref)
+        return {"type": f"{kind}_url", f"{kind}_url": {"url": url}}
+
+    def _url(self, item: MediaItem, ref: str) -> str:
+        if item.source == "url" and item.path is not None and self.s.url_prefix:
+            rel = Path(item.path).relative_to(self.s.root) if self.s.root else Path(ref)
+            return self.s.url_prefix.rstrip("/") + "/" + urllib.parse.quote(rel.as_posix())
+        return ref
+
+    def _item(self, kind: str, ref: str, where: str) -> MediaItem:
+        try:
+            local = _local_ref(ref)
+        except MediaInvalid as exc:
+            raise MediaInvalid(f"{where}: {exc}") from None
+        if local is None:
+            if ref[:5].lower() == "data:":
+                return self._data_item(kind, ref, where)
+            if kind == "video" and not self.s.video_ok:
+                raise MediaInvalid(f"{where}: {self.s.model} takes no video (use kimi-k2.6)")
+            return MediaItem(kind, "url", ref, where, tokens=URL_MEDIA_TOKENS, body_bytes=len(ref))
+        if self.s.root is None:
+            raise MediaInvalid(f"{where}: {ref!r} is a local path, and no media_root is set")
+        try:
+            real = resolve(local, self.s.root)
+        except MediaInvalid as exc:
+            raise MediaInvalid(f"{where}: {exc}") from None
+        try:
+            sniffed = sniff_file(str(real))
+            st = real.stat()
+        except MediaInvalid as exc:
+            raise MediaInvalid(f"{where}: {_name(ref)} {exc}") from None
+        except OSError as exc:
+            raise MediaInvalid(f"{where}: {_name(ref)} cannot be read ({exc.strerror or exc})") from None
+        if sniffed.kind != kind:
+            raise MediaInvalid(f"{where}: {ref!r} holds {'an image' if sniffed.kind == 'image' else 'a video'} "
+                               f"({sniffed.mime}), not {'an image' if kind == 'image' else 'a video'}: "
+                               f"move it to a{'n image' if sniffed.kind == 'image' else ' video'} column")
+        if kind == "video" and not self.s.video_ok:
+            raise MediaInvalid(f"{where}: {ref!r} is a video, and {self.s.model} takes no video (use kimi-k2.6)")
+        rel = real.relative_to(self.s.root).as_posix()
+        if sniffed.width is not None and sniffed.height is not None:
+            sw, sh = send_size(sniffed.width, sniffed.height, self.s.max_image_side if sniffed.mime != "image/gif" else None)
+            tokens = image_tokens(sw, sh)
+        else:
+            sw = sh = None
+            tokens = video_tokens(st.st_size)
+        by_url = self.s.url_prefix is not None
+        marker = None if by_url else f"{_MARK}{len(self.items)}"
+        body = len(self.s.url_prefix or "") + len(rel) + 8 if by_url else data_url_bytes(sniffed.mime, st.st_size)
+        return MediaItem(kind, "url" if by_url else "file", rel if not Path(local).is_absolute() else str(real), where,
+                         mime=sniffed.mime, path=str(real), marker=marker, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns,
+                         width=sniffed.width, height=sniffed.height, send_width=sw, send_height=sh,
+                         tokens=tokens, body_bytes=body)
+
+    def _data_item(self, kind: str, ref: str, where: str) -> MediaItem:
+        head, sep, b64 = ref.partition(",")
+        declared = head[5:].split(";")[0].lower()
+        if not sep or not head.lower().endswith(";base64"):
+            raise MediaInvalid(f"{where}: a data URL must be 'data:<type>;base64,<data>'")
+        try:
+            raw = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise MediaInvalid(f"{where}: the data URL's base64 is damaged") from None
+        try:
+            sniffed = sniff_bytes(raw)
+        except MediaInvalid as exc:
+            raise MediaInvalid(f"{where}: the data URL ({declared or 'no type'}) {exc}") from None
+        if sniffed.kind != kind:
+            raise MediaInvalid(f"{where}: the data URL holds {'an image' if sniffed.kind == 'image' else 'a video'} "
+                               f"({sniffed.mime}) in a {kind}_url part")
+        if kind == "video" and not self.s.video_ok:
+            raise MediaInvalid(f"{where}: a video, and {self.s.model} takes no video (use kimi-k2.6)")
+        if sniffed.width is not None and sniffed.height is not None:
+            tokens = image_tokens(sniffed.width, sniffed.height)
+        else:
+            tokens = video_tokens(len(raw))
+        short = f"data:{declared};base64,...({len(raw)} bytes)"
+        return MediaItem(kind, "data", short, where, mime=declared or sniffed.mime, size_bytes=len(raw),
+                         width=sniffed.width, height=sniffed.height, send_width=sniffed.width, send_height=sniffed.height,
+                         tokens=tokens, body_bytes=len(ref), sha256=hashlib.sha256(raw).hexdigest())
+
+    # ---- where references live ---------------------------------------------------------
+    def column_parts(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        parts = []
+        for kind, columns in (("image", self.s.image_columns), ("video", self.s.video_columns)):
+            for column in columns:
+                for ref, where in _refs(row.get(column), column):
+                    parts.append(self.part(kind, ref, f"column '{where}'" if "[" not in where else where))
+        return parts
+
+    def message_parts(self, messages: list[dict[str, Any]], column: str) -> list[dict[str, Any]]:
+        """``messages`` with each local image/video part swapped for its placeholder."""
+        out = []
+        for i, m in enumerate(messages):
+            content = m.get("content")
+            if not isinstance(content, list) or not any(_is_media_part(p) for p in content):
+                out.append(m)
+                continue
+            parts = []
+            for j, p in enumerate(content):
+                if not _is_media_part(p):
+                    parts.append(p)
+                    continue
+                kind = p["type"].split("_")[0]
+                ref_obj = p.get(p["type"])
+                url = ref_obj.get("url") if isinstance(ref_obj, dict) else ref_obj
+                where = f"{column}[{i}].content[{j}]"
+                if not isinstance(url, str) or not url.strip():
+                    raise MediaInvalid(f"{where}.{p['type']}.url must be a URL or a path")
+                new = self.part(kind, url, where)
+                if isinstance(ref_obj, dict):  # keep other keys (such as "detail") as they were
+                    new[p["type"]] = {**ref_obj, "url": new[p["type"]]["url"]}
+                parts.append(new)
+            out.append({**m, "content": parts})
+        return out
+
+
+def _is_media_part(p: Any) -> bool:
+    return isinstance(p, dict) and p.get("type") in ("image_url", "video_url")
+
+
+def _name(ref: str) -> str:
+    return repr(ref if len(ref) <= 200 else ref[:200] + "...")
+
+
+def has_media(row: dict[str, Any], settings: MediaSettings, messages_keys: tuple[str, ...]) -> bool:
+    """Cheap: might this row hold media (so its preparation reads files)?"""
+    for column in (*settings.image_columns, *settings.video_columns):
+        if row.get(column) is not None:
+            return True
+    for key in messages_keys:
+        value = row.get(key)
+        if key == "body" and isinstance(value, dict):
+            value = value.get("messages")
+        if isinstance(value, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in value):
+            return True
+    return False
+
+
+# ---- at send time --------------------------------------------------------------------------
+def read_item(item: MediaItem, max_side: int | None) -> tuple[bytes | None, dict[str, Any]]:
+    """The bytes to send for a file item (None when it goes by URL) and its output record."""
+    assert item.path is not None
+    try:
+        with open(item.path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise MediaInvalid(f"{item.where}: {item.ref!r} cannot be read any more ({exc.strerror or exc})") from None
+    sha = hashlib.sha256(data).hexdigest()
+    if item.size_bytes is not None and len(data) != item.size_bytes:
+        raise MediaInvalid(f"{item.where}: {item.ref!r} changed while the job ran ({item.size_bytes} bytes when "
+                           f"checked, {len(data)} when read): run again to send it as it is now")
+    if item.source == "url":
+        return None, item.record(sha256=sha)
+    sent_w, sent_h = item.width, item.height
+    if item.kind == "image" and item.width and item.height and (item.send_width, item.send_height) != (item.width, item.height):
+        data, (sent_w, sent_h) = _downscale(data, (item.send_width or 1, item.send_height or 1), item)
+    return data, item.record(sha256=sha, sent_bytes=len(data)) | {"sent_width": sent_w, "sent_height": sent_h}
+
+
+def _downscale(data: bytes, size: tuple[int, int], item: MediaItem) -> tuple[bytes, tuple[int, int]]:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format or "PNG"
+            small = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            if fmt == "JPEG" and small.mode not in ("RGB", "L", "CMYK"):
+                small = small.convert("RGB")
+            out = io.BytesIO()
+            small.save(out, format=fmt, **_SAVE.get(fmt, {}))
+            return out.getvalue(), small.size
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise MediaInvalid(f"{item.where}: {item.ref!r} cannot be decoded to downscale it ({exc})") from None
+
+
+def materialize(payload: bytes, items: tuple[MediaItem, ...], max_side: int | None,
+                max_request_bytes: int) -> tuple[bytes, list[dict[str, Any]]]:
+    """The request bytes with every file placeholder filled, and each item's record."""
+    pieces: list[bytes] = []
+    records: list[dict[str, Any]] = []
+    rest_at = 0
+    for item in items:
+        if item.path is None:
+            records.append(item.record())
+            continue
+        data, record = read_item(item, max_side)
+        records.append(record)
+        if data is None or item.marker is None:
+            continue
+        marker = item.marker.encode()
+        at = payload.index(marker, rest_at)
+        pieces.append(payload[rest_at:at])
+        pieces.append(f"data:{item.mime};base64,".encode())
+        pieces.append(base64.b64encode(data))
+        del data
+        rest_at = at + len(marker)
+    pieces.append(payload[rest_at:])
+    out = b"".join(pieces)
+    if len(out) > max_request_bytes:
+        raise MediaInvalid(f"the request is {len(out):,} bytes, over the {max_request_bytes:,}-byte limit "
+                           "(set max_image_side to send smaller images, or send fewer items per row)")
+    return out, records
+
+
+def with_marker_note(body: Any, items: tuple[MediaItem, ...]) -> Any:
+    """``body`` for display: each placeholder replaced by what will be sent in its place."""
+    notes = {i.marker: f"data:{i.mime};base64,<{i.ref}: {i.size_bytes:,} bytes, read when sent>"
+             for i in items if i.marker is not None}
+    if not notes:
+        return body
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return notes.get(v, v) if isinstance(v, str) else v
+
+    return walk(body)
+
+
+# ---- the budget of bytes in flight -----------------------------------------------------------
+class ByteBudget:
+    """Request bytes held at once, job-wide: a row waits here before its files are read. A row
+    bigger than the whole budget goes alone. First come, first served."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = max(1, int(limit_bytes))
+        self.used = 0
+        self.peak = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    def _fits(self, n: int) -> bool:
+        return self.used == 0 or self.used + n <= self.limit
+
+    async def acquire(self, n: int) -> None:
+        if not self._waiters and self._fits(n):
+            self._take(n)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (n, fut)
+        self._waiters.append(entry)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release(n)  # granted just as we were cancelled: give it back
+            else:
+                self._waiters.remove(entry)
+                self._wake()
+            raise
+
+    def _take(self, n: int) -> None:
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            n, fut = self._waiters[0]
+            if fut.done():
+                self._waiters.popleft()
+                continue
+            if not self._fits(n):
+                return
+            self._waiters.popleft()
+            self._take(n)
+            fut.set_result(None)
+
+
+def settings_for(job: Any, input_path: Path | None) -> MediaSettings:
+    """The job's media keys for one input: local paths resolve under ``media_root``, else the
+    input's folder (a folder input is its own root)."""
+    if job.media_root:
+        root: Path | None = Path(os.path.realpath(Path(job.media_root).expanduser()))
+    elif input_path is not None:
+        p = Path(input_path)
+        root = Path(os.path.realpath(p if p.is_dir() else p.parent))
+    else:
+        root = None
+    from .kimi import takes_video
+
+    return MediaSettings(
+        image_columns=tuple(job.image_columns), video_columns=tuple(job.video_columns), root=root,
+        url_prefix=job.media_url_prefix, max_image_side=job.max_image_side,
+        max_request_bytes=int(job.max_request_mb * 1_000_000),
+        video_ok=takes_video(job.model) or not job.applies_kimi_rules, model=job.model,
+    )
