@@ -47,6 +47,9 @@ def cli() -> None:
 @click.option("--limit", type=int, help="Only the first N rows.", show_default="all")
 @click.option("--id-column", help="The id column; without one, ids come from row positions.", show_default="id")
 @click.option("--keep-columns", help="Input columns to copy to the output, comma-separated.")
+@click.option("--media-root", help="Folder that local image/video paths resolve in (none may leave it).",
+              show_default="the dataset's folder")
+@click.option("--max-image-side", type=int, help="Downscale images whose longest side is longer (pixels).")
 @click.option("--api-key-env", help="Environment variable holding the API key.", show_default="TOKENHUB_API_KEY")
 @click.option("--api-key-file", help="A file holding the API key.")
 @click.option("--max-attempts", type=int, help="Attempts per row at most.", show_default="6")
@@ -60,6 +63,47 @@ def run(job_file: Path | None, input_: str | None, dry_run: bool, quiet: bool, o
         json_summary: bool, **flags: Any) -> None:
     """Run JOB_FILE (a TOML job), with any key overridden by a flag; or flags alone."""
     flags["input"] = input_
+    _go(job_file, flags, dry_run=dry_run, quiet=quiet, overwrite=overwrite, json_summary=json_summary)
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--output", required=True, help="Output directory (Parquet parts + _manifest.json).")
+@click.option("--prompt", "prompt_template", required=True,
+              help="What to ask about each file, e.g. 'Describe this image in one sentence.' ({id} is its path).")
+@click.option("--job", "job_file", type=click.Path(dir_okay=False, path_type=Path), help="A job file for every other key.")
+@click.option("--include", multiple=True, help="Only paths matching this pattern, e.g. '*.jpg' (repeatable).")
+@click.option("--exclude", multiple=True, help="Skip paths matching this pattern, e.g. 'raw/*' (repeatable).")
+@click.option("--base-url", help="OpenAI-compatible base URL, or 'simulator' for the built-in one.",
+              show_default="https://tokenhub-intl.tencentcloudmaas.com/v1")
+@click.option("--model", help="kimi-k2.6 (images and videos) or kimi-k2.5 (images).", show_default="kimi-k2.6")
+@click.option("--system", help="A system prompt for every file.")
+@click.option("--stream/--no-stream", default=None, help="Stream answers.", show_default="when thinking is on")
+@click.option("--thinking/--no-thinking", default=None, help="Kimi's thinking mode.", show_default="Kimi's default, on")
+@click.option("--max-tokens", type=int, help="Answer budget (reasoning + answer).", show_default="32768 with thinking")
+@click.option("--max-image-side", type=int, help="Downscale images whose longest side is longer (pixels).")
+@click.option("--media-url-prefix", help="Send <prefix>/<relative path> URLs instead of the files' bytes.")
+@click.option("--concurrency", type=int, help="Requests in flight at most.", show_default="32")
+@click.option("--rpm", type=float, help="Requests per minute (your account's limit); 0: adapt to 429s.", show_default="0")
+@click.option("--tpm", type=float, help="Tokens per minute (your account's limit); 0: no cap.", show_default="0")
+@click.option("--limit", type=int, help="Only the first N files.", show_default="all")
+@click.option("--overwrite", is_flag=True, help="Delete the output directory first and start fresh.")
+@click.option("--dry-run", is_flag=True, help="Walk the folder, check every file, show the first request; send nothing.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json-summary", is_flag=True, help="Print the summary as JSON on stdout.")
+def caption(folder: Path, job_file: Path | None, dry_run: bool, quiet: bool, overwrite: bool, json_summary: bool,
+            **flags: Any) -> None:
+    """Caption every image and video under FOLDER (recursively; the type comes from each
+    file's bytes). Rerun the same command to send only new and changed files."""
+    flags["input"] = str(folder)
+    flags["input_format"] = "folder"
+    for key in ("include", "exclude"):
+        flags[key] = tuple(flags[key]) or None
+    _go(job_file, flags, dry_run=dry_run, quiet=quiet, overwrite=overwrite, json_summary=json_summary)
+
+
+def _go(job_file: Path | None, flags: dict[str, Any], *, dry_run: bool, quiet: bool, overwrite: bool,
+        json_summary: bool) -> None:
     if flags.get("thinking") is not None:
         flags["thinking"] = "enabled" if flags["thinking"] else "disabled"
     try:

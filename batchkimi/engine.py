@@ -14,50 +14,87 @@ signal skips the grace period.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .config import Job, resolve_api_key
 from .events import Hook, no_hook
+from .folder import INDEX, FolderScan, read_index, stale_positions
+from .media import with_marker_note
 from .ratelimit import CompletionEstimate
 from .reader import read_rows
 from .rowengine import RowAbandoned, RowEngine
-from .runner import JobRun, check_resume, open_input, prepare_row, refuse_foreign_output
+from .runner import (
+    JobRun,
+    check_resume,
+    input_format,
+    media_settings,
+    open_folder,
+    open_input,
+    prepare_row,
+    refuse_foreign_output,
+)
 from .sink import Sink
 from .summary import DryRunReport, Summary
 
 __all__ = ["RowAbandoned", "RowEngine", "Summary", "dry_run", "run", "run_async"]
+INVALID_SHOWN = 50  # rows named one by one in a dry run's report
 
 
 def dry_run(job: Job) -> DryRunReport:
-    """Check every row, count each status, render the first request; send nothing (and so
-    need no API key)."""
+    """Check every row (its images and videos included), count each status, render the first
+    request; send nothing (and so need no API key), write nothing."""
     sink = Sink(Path(job.output), job.keep_columns) if job.output else None
     if sink is not None:
         refuse_foreign_output(sink.dir)
     manifest = sink.read_manifest() if sink is not None and sink.dir.exists() else None
-    path, fmt, scan = open_input(job, manifest)
+    if input_format(job) != "folder":
+        path, fmt, scan = open_input(job, manifest)
+        if sink is not None and manifest:
+            check_resume(manifest, job, scan, sink.dir)
+        done = sink.compact(scan.rows, rewrite=False).done if sink is not None and manifest else None
+        return _dry_run(job, path, fmt, scan, done, None)
     if sink is not None and manifest:
-        check_resume(manifest, job, scan, sink.dir)
-    done = sink.compact(scan.rows, rewrite=False).done if sink is not None and manifest else None
+        check_resume(manifest, job, None, sink.dir)
+    old = read_index(sink.dir / INDEX) if sink is not None and manifest else []
+    with tempfile.TemporaryDirectory(prefix="batchkimi-dry-run-") as tmp:
+        path, scan, folder = open_folder(job, Path(tmp) / INDEX, old)
+        done = None
+        if sink is not None and manifest:
+            done = sink.compact(scan.rows, rewrite=False).done
+            stale = stale_positions(sink.dir, folder.entries)
+            done[stale] = False
+            folder.changed = stale.tolist()
+        gone = [p for p, e in enumerate(folder.entries) if e.get("gone")]
+        if gone:
+            done = done if done is not None else np.zeros(scan.rows, dtype=bool)
+            done[gone] = True
+        return _dry_run(job, path, "jsonl", scan, done, folder)
+
+
+def _dry_run(job: Job, path: Path, fmt: str, scan: Any, done: Any, folder: FolderScan | None) -> DryRunReport:
     status: Counter[str] = Counter()
     invalid: list[str] = []
     first: dict[str, Any] | None = None
     prompt_tokens = 0
+    media = media_settings(job, folder=folder is not None)
     limit = job.limit if job.limit is not None else scan.rows
     for batch in read_rows(path, fmt):
         for row in batch:
             if row.pos >= limit:
                 break
-            rid, prepared = prepare_row(row, job, fmt, scan)
-            if isinstance(prepared, str):
-                status["invalid"] += 1
-                if len(invalid) < 5:
-                    invalid.append(prepared)
-                continue
             if done is not None and row.pos < len(done) and done[row.pos]:
                 status["already_done"] += 1
+                continue
+            rid, prepared = prepare_row(row, job, fmt, scan, media, folder=folder is not None)
+            if isinstance(prepared, str):
+                status["invalid"] += 1
+                if len(invalid) < INVALID_SHOWN:
+                    invalid.append(prepared)
                 continue
             status["to_send"] += 1
             prompt_tokens += prepared.prompt_tokens_estimate
@@ -66,12 +103,12 @@ def dry_run(job: Job) -> DryRunReport:
                     "url": (job.base_url.rstrip("/") + "/chat/completions") if not job.uses_simulator else "simulator",
                     "headers": {"Authorization": "Bearer ***", "Content-Type": "application/json"},
                     "id": rid,
-                    "body": prepared.body,
+                    "body": with_marker_note(prepared.body, prepared.media),
                 }
     est = CompletionEstimate(job.effective_max_tokens)
     return DryRunReport(
         total_rows=min(limit, scan.rows),
-        already_done=int(done.sum()) if done is not None else 0,
+        already_done=status.get("already_done", 0),
         status=status,
         invalid_examples=invalid,
         first_request=first,
@@ -80,6 +117,7 @@ def dry_run(job: Job) -> DryRunReport:
         max_completion_tokens=job.effective_max_tokens,
         prices=job.prices,
         model=job.model,
+        notes=folder.lines() if folder is not None else [],
     )
 
 

@@ -82,11 +82,13 @@ class InputScan:
 
 
 def detect_format(path: Path, declared: str = "auto") -> str:
-    """``jsonl``, ``parquet`` or ``openai_batch``."""
+    """``jsonl``, ``parquet``, ``openai_batch`` or ``folder`` (of images and videos: a folder
+    holding any ``.parquet`` file is a Parquet dataset)."""
     if declared != "auto":
         return declared
     if path.is_dir():
-        return "parquet"
+        has_parquet = any(p.name.endswith(".parquet") and not p.name.startswith((".", "_")) for p in path.rglob("*.parquet"))
+        return "parquet" if has_parquet else "folder"
     name = path.name.lower()
     if name.endswith((".parquet", ".pq")):
         return "parquet"

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
+import re
 import signal
 import threading
 import time
@@ -26,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from . import __version__
@@ -33,6 +36,17 @@ from .breaker import FailureBreaker
 from .config import Job
 from .errors import ConfigError, FatalAPIError, JobError, OutputError
 from .events import Hook, RowFinished, RunStarted, SafeHook, Stopping
+from .folder import (
+    INDEX,
+    FolderScan,
+    mark_gone,
+    read_index,
+    scan_folder,
+    stale_positions,
+    write_index,
+)
+from .media import MediaSettings, has_media, settings_for
+from .parts import ResumeState
 from .reader import InputScan, SourceRow, columns_seen, detect_format, read_rows, row_id, scan_input
 from .request import Prepared, RowInvalid, build_request
 from .results import invalid_row, kept_column_name, text
@@ -40,6 +54,7 @@ from .rowengine import RowAbandoned, RowEngine, endpoint, limiter_of, policy_of
 from .sink import MANIFEST, Sink
 from .summary import Summary
 
+_FOLDER_COLUMN = re.compile(r"^column '(image|video)': ")
 _END = object()  # the results queue's last item
 _TICK = object()  # wakes the writer to fsync the journal
 
@@ -51,8 +66,19 @@ def kept_values(row: SourceRow, job: Job) -> dict[str, Any]:
     return {kept_column_name(column): text(data.get(column)) for column in job.keep_columns}
 
 
-def prepare_row(row: SourceRow, job: Job, fmt: str, scan: InputScan) -> tuple[str, Prepared | str]:
-    """(id, request) or (id, error message naming the place to fix)."""
+def prepare_row(row: SourceRow, job: Job, fmt: str, scan: InputScan,
+                media: MediaSettings | None = None, *, folder: bool = False) -> tuple[str, Prepared | str]:
+    """(id, request) or (id, error message naming the place to fix). Reads the headers of the
+    row's local images and videos: call it from a thread when :func:`row_has_media`. A
+    ``folder`` row is a line of the media index: its id is the file's relative path."""
+    if folder and row.data is not None:
+        rid = str(row.data.get("id"))
+        try:
+            return rid, build_request(row.data, job, media=media)
+        except RowInvalid as exc:
+            return rid, f"{rid}: {_FOLDER_COLUMN.sub('', str(exc))}"
+        except Exception as exc:  # noqa: BLE001 - one file's oddity never stops the job
+            return rid, f"{rid}: cannot make a request from this file ({type(exc).__name__}: {exc})"
     if row.error is not None or row.data is None:
         return f"{scan.id_prefix}{row.pos}", row.error or f"{row.where} is empty"
     rid = row_id(row, fmt, job.id_column, scan.has_id_column, scan.id_prefix)
@@ -60,19 +86,45 @@ def prepare_row(row: SourceRow, job: Job, fmt: str, scan: InputScan) -> tuple[st
         column = "custom_id" if fmt == "openai_batch" else job.id_column
         return f"{scan.id_prefix}{row.pos}", f"{row.where}: column '{column}' is missing or empty"
     try:
-        return rid, build_request(row.data, job, batch_line=fmt == "openai_batch")
+        return rid, build_request(row.data, job, batch_line=fmt == "openai_batch", media=media)
     except RowInvalid as exc:
         return rid, f"{row.where}: {exc}"
     except Exception as exc:  # noqa: BLE001 - one row's odd values never stop the job
         return rid, f"{row.where}: cannot make a request from this row ({type(exc).__name__}: {exc})"
 
 
-def open_input(job: Job, manifest: dict[str, Any] | None) -> tuple[Path, str, InputScan]:
-    """The input's path, format and scan (from the manifest when the file is unchanged)."""
+def row_has_media(row: SourceRow, media: MediaSettings, job: Job) -> bool:
+    return row.data is not None and has_media(row.data, media, (job.messages_column, "body"))
+
+
+def media_settings(job: Job, *, folder: bool) -> MediaSettings:
+    """The job's media settings; a folder's index names each file in ``image`` or ``video``."""
+    media = settings_for(job, Path(job.input or "."))
+    return dataclasses.replace(media, image_columns=("image",), video_columns=("video",)) if folder else media
+
+
+def input_format(job: Job) -> str:
     if not job.input:
         raise ConfigError("no input: set 'input' in the job file or pass --input")
-    path = Path(job.input)
-    fmt = detect_format(path, job.input_format)
+    return detect_format(Path(job.input), job.input_format)
+
+
+def open_folder(job: Job, index: Path, old: list[dict[str, Any]]) -> tuple[Path, InputScan, FolderScan]:
+    """Walk the input folder against the previous index ``old``, write the new one to ``index``
+    and scan it as the job's input."""
+    assert job.input
+    if not job.prompt_template:
+        raise ConfigError("a folder of images and videos needs a prompt: set prompt_template (or pass --prompt)")
+    folder = scan_folder(Path(job.input), old, tuple(job.include), tuple(job.exclude))
+    write_index(index, folder.entries)
+    scan = scan_input(index, "jsonl", "id") if folder.entries else InputScan(0, "", True, 0, 0)
+    return index, scan, folder
+
+
+def open_input(job: Job, manifest: dict[str, Any] | None) -> tuple[Path, str, InputScan]:
+    """The input's path, format and scan (from the manifest when the file is unchanged)."""
+    fmt = input_format(job)
+    path = Path(job.input or "")
     scan: InputScan | None = None
     if manifest:
         old = manifest.get("input", {})
@@ -105,11 +157,17 @@ def refuse_foreign_output(out: Path) -> None:
         )
 
 
-def check_resume(manifest: dict[str, Any] | None, job: Job, scan: InputScan, out: Path) -> None:
+def check_resume(manifest: dict[str, Any] | None, job: Job, scan: InputScan | None, out: Path) -> None:
+    """Refuse to resume over results of another input (``scan`` None: a folder, whose index
+    carries its own history) or of other requests."""
     if not manifest:
         return
     fresh = f"Use a new --output, or pass --overwrite to delete {out} and start fresh."
-    if manifest.get("input", {}).get("fingerprint") != scan.fingerprint:
+    was_folder = manifest.get("input", {}).get("format") == "folder"
+    if was_folder != (scan is None):
+        kind = "a folder of images and videos" if was_folder else "a dataset file"
+        raise OutputError(f"{out} holds the results of {kind}. {fresh}")
+    if scan is not None and manifest.get("input", {}).get("fingerprint") != scan.fingerprint:
         raise OutputError(f"the input changed since {out} was written (its fingerprint differs). {fresh}")
     old = manifest.get("request_settings", {})
     new = orjson.loads(orjson.dumps(job.request_settings()))
@@ -123,7 +181,7 @@ def check_resume(manifest: dict[str, Any] | None, job: Job, scan: InputScan, out
 
 
 def manifest_of(job: Job, path: Path, fmt: str, scan: InputScan, old: dict[str, Any] | None, state: str,
-                summary: Summary | None = None) -> dict[str, Any]:
+                summary: Summary | None = None, folder: FolderScan | None = None) -> dict[str, Any]:
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     runs = list((old or {}).get("runs", []))
     if summary is None:
@@ -137,8 +195,8 @@ def manifest_of(job: Job, path: Path, fmt: str, scan: InputScan, old: dict[str, 
         "job": job.public_dict(),
         "request_settings": job.request_settings(),
         "input": {
-            "path": str(path),
-            "format": fmt,
+            "path": str(folder.root if folder is not None else path),
+            "format": "folder" if folder is not None else fmt,
             "fingerprint": scan.fingerprint,
             "rows": scan.rows,
             "has_id_column": scan.has_id_column,
@@ -182,6 +240,7 @@ class JobRun:
         self._live = 0
         self._watcher: asyncio.Task[None] | None = None
         self._where = ""
+        self.folder: FolderScan | None = None
 
     # ---- stopping ------------------------------------------------------------------------
     def stop(self, reason: str, *, error: BaseException | None = None, fatal: str | None = None) -> None:
@@ -226,9 +285,21 @@ class JobRun:
         job, out = self.job, self.sink.dir
         refuse_foreign_output(out)
         manifest = None if self.overwrite else self.sink.read_manifest()
-        self.path, self.fmt, self.scan = open_input(job, manifest)
-        check_resume(manifest, job, self.scan, out)
-        self.sink.prepare(overwrite=self.overwrite)
+        if input_format(job) == "folder":
+            check_resume(manifest, job, None, out)
+            self.sink.prepare(overwrite=self.overwrite)  # the index is the output's: lock first
+            try:
+                old = await asyncio.to_thread(read_index, out / INDEX)
+                self.path, self.scan, self.folder = await asyncio.to_thread(open_folder, job, out / INDEX, old)
+                self.fmt = "jsonl"
+            except BaseException:
+                self.sink.unlock()
+                raise
+        else:
+            self.path, self.fmt, self.scan = open_input(job, manifest)
+            check_resume(manifest, job, self.scan, out)
+            self.sink.prepare(overwrite=self.overwrite)
+        self.media = media_settings(job, folder=self.folder is not None)
         try:
             return await self._execute(manifest)
         finally:
@@ -239,14 +310,19 @@ class JobRun:
     async def _execute(self, manifest: dict[str, Any] | None) -> Summary:
         job, sink, scan = self.job, self.sink, self.scan
         state = sink.compact(scan.rows)
+        self.limit = min(scan.rows, job.limit) if job.limit is not None else scan.rows
+        unsendable = 0
+        if self.folder is not None:
+            state, unsendable = await asyncio.to_thread(self._folder_state, state)
         self.done = state.done
-        self.first_pending = state.first_pending()
         if not job.retry_errors:
             self.done[sink.positions_with_status(["error", "truncated"])] = True
-        self.limit = min(scan.rows, job.limit) if job.limit is not None else scan.rows
-        already = int(self.done[: self.limit].sum())
-        self.summary = Summary(str(sink.dir), self.limit, already)
-        self.manifest = manifest_of(job, self.path, self.fmt, scan, manifest, "running")
+        self.first_pending = int(np.flatnonzero(~self.done)[0]) if (~self.done).any() else len(self.done)
+        already = int(self.done[: self.limit].sum()) - unsendable
+        self.summary = Summary(str(sink.dir), self.limit - unsendable, already)
+        if self.folder is not None:
+            self.summary.notes = self.folder.lines()
+        self.manifest = manifest_of(job, self.path, self.fmt, scan, manifest, "running", folder=self.folder)
         sink.write_manifest(self.manifest)
         self.hook(RunStarted(self.limit, already, self.limit - already))
         # Bounded queues: flat memory whatever the dataset's size.
@@ -280,6 +356,23 @@ class JobRun:
             if self._grace is not None:
                 self._grace.cancel()
         return await self._close()
+
+    def _folder_state(self, state: ResumeState) -> tuple[ResumeState, int]:
+        """A folder's resume state: changed files pending again, gone files never sent (their
+        rows marked); and how many gone files below the limit have no row at all."""
+        assert self.folder is not None
+        sink, entries = self.sink, self.folder.entries
+        if mark_gone(sink, entries):
+            state = sink.compact(self.scan.rows)
+        done = state.done
+        stale = stale_positions(sink.dir, entries)
+        done[stale] = False
+        self.folder.changed = stale.tolist()
+        gone = np.array([p for p, e in enumerate(entries) if e.get("gone") and p < self.limit], dtype=np.int64)
+        has_row = np.zeros(len(done), dtype=bool)
+        has_row[state.latest_rows] = True
+        done[gone] = True  # nothing to send
+        return state, int((~has_row[gone]).sum())
 
     async def _produce(self, n_workers: int) -> None:
         """The feeder and the workers; when they are all done, the writer may finish."""
@@ -319,8 +412,12 @@ class JobRun:
         job = self.job
         self._where = str(self.path)
         try:
+            media, folder = self.media, self.folder is not None
             for n, row in enumerate(self._rows_to_send()):
-                rid, prepared = prepare_row(row, job, self.fmt, self.scan)
+                if row_has_media(row, media, job):  # reads file headers: not on the event loop
+                    rid, prepared = await asyncio.to_thread(prepare_row, row, job, self.fmt, self.scan, media, folder=folder)
+                else:
+                    rid, prepared = prepare_row(row, job, self.fmt, self.scan, media)
                 if isinstance(prepared, str):
                     inv = invalid_row(rid, row.pos, prepared)
                     inv.update(kept_values(row, job))
@@ -455,7 +552,7 @@ class JobRun:
         if self.hook.error is not None and self.error is None:
             self.error = JobError(f"the progress hook raised {type(self.hook.error).__name__}: {self.hook.error}")
         state = "failed" if self.error or self.fatal else "interrupted" if summary.interrupted else "finished"
-        sink.write_manifest(manifest_of(job, self.path, self.fmt, self.scan, self.manifest, state, summary))
+        sink.write_manifest(manifest_of(job, self.path, self.fmt, self.scan, self.manifest, state, summary, self.folder))
         if self.error is not None:
             raise self.error
         return summary

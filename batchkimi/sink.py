@@ -214,6 +214,16 @@ class Sink:
     def close(self) -> None:
         self.roll()
 
+    def write_part(self, table: pa.Table) -> None:
+        """A part of rows made outside the journal (rows rewritten before a run starts): it is
+        newer than every part so far, so it supersedes their copies of those rows."""
+        self._seq += 1
+        path = parts.part_path(self.dir, self._seq)
+        try:
+            parts.write_table_atomic(parts.conform_table(table, self.schema), path)
+        except OSError as exc:
+            raise self._os_error(exc, f"write {path.name}") from exc
+
     def _segment_to_part(self, seg: Path, seq: int) -> None:
         table = parts.segment_to_table(seg, self.schema)
         if table is None or table.num_rows == 0:

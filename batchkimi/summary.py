@@ -41,6 +41,7 @@ class Summary:
     interrupted: bool = False
     stop_reason: str | None = None
     fatal: str | None = None
+    notes: list[str] = field(default_factory=list)  # what the input said (a folder's walk)
 
     @property
     def pending_rows(self) -> int:
@@ -62,7 +63,7 @@ class Summary:
         return 0
 
     def lines(self) -> list[str]:
-        out = []
+        out = list(self.notes)
         final = ", ".join(f"{k} {v}" for k, v in sorted(self.final_status.items())) or "none"
         run = ", ".join(f"{k} {v}" for k, v in sorted(self.run_status.items())) or "nothing"
         out.append(f"output: {self.output}  ({self.total_rows} input rows: {final}; pending {self.pending_rows})")
@@ -120,6 +121,7 @@ class DryRunReport:
     max_completion_tokens: int | None
     prices: Any
     model: str
+    notes: list[str] = field(default_factory=list)
 
     @property
     def to_send(self) -> int:
@@ -127,9 +129,12 @@ class DryRunReport:
 
     def lines(self) -> list[str]:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.status.items()))
-        out = [f"{self.total_rows} rows: {counts}; {self.already_done} already done in the output"]
+        out = [*self.notes, f"{self.total_rows} rows: {counts}; {self.already_done} already done in the output"]
         for example in self.invalid_examples:
             out.append(f"  invalid: {example}")
+        more = self.status.get("invalid", 0) - len(self.invalid_examples)
+        if more > 0:
+            out.append(f"  ... and {more} more invalid rows")
         low = cost_usd(self.prices, self.model, self.prompt_tokens_estimate, self.expected_completion_tokens * self.to_send, 0)
         if low is not None:
             line = (
