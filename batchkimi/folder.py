@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from . import parts
 from .errors import ConfigError, OutputError
-from .media import classify
+from .media import inspect
 
 INDEX = "_media_index.jsonl"
 
@@ -173,13 +173,17 @@ def scan_folder(root: Path, old: list[dict[str, Any]], include: tuple[str, ...] 
         pos = at.get(rel)
         entry = entries[pos] if pos is not None else None
         same_stamp = entry is not None and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
-        kind = entry["kind"] if same_stamp and entry is not None else classify(str(root / rel))
-        if kind is None:
-            scan.skipped["files that are not images or videos"] += 1
-            if len(scan.skipped_examples) < 5:
-                scan.skipped_examples.append(rel)
-            continue
-        line = {"id": rel, "kind": kind, kind: rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if same_stamp and entry is not None:
+            kind, found = entry["kind"], {k: entry[k] for k in ("mime", "width", "height", "problem") if k in entry}
+        else:
+            seen_as = inspect(str(root / rel))
+            if seen_as is None:
+                scan.skipped["files that are not images or videos"] += 1
+                if len(scan.skipped_examples) < 5:
+                    scan.skipped_examples.append(rel)
+                continue
+            kind, found = seen_as
+        line = {"id": rel, "kind": kind, kind: rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, **found}
         if entry is None:
             at[rel] = len(entries)
             seen.add(len(entries))

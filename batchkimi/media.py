@@ -28,13 +28,15 @@ import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import hashlib
 import io
 import os
 import secrets
 import stat
 import urllib.parse
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,16 @@ class MediaItem:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What a folder walk found in a file, trusted while the file's size and time are the same."""
+
+    size: int
+    mtime_ns: int
+    sniffed: Sniffed | None = None
+    problem: str | None = None
+
+
 @dataclass(frozen=True)
 class MediaSettings:
     """The job's media keys, resolved for one input (see :func:`settings_for`)."""
@@ -125,6 +137,7 @@ class MediaSettings:
     max_request_bytes: int
     video_ok: bool  # the model takes video
     model: str
+    dirs: dict[str, str] = field(default_factory=dict, compare=False, repr=False)  # real paths of folders
 
 
 # ---- type from content ---------------------------------------------------------------------
@@ -166,6 +179,35 @@ def classify(path: str) -> str | None:
         mime = g.mime_type or ""
         if mime.startswith("video/") or mime in ("application/x-matroska",) or g.extension.lower() in _VIDEO_BY_EXT:
             return "video"
+    return None
+
+
+def inspect(path: str) -> tuple[str, dict[str, Any]] | None:
+    """A folder walk's look at a file: (kind, what to remember of it) for an image or video,
+    None for anything else. A file that is an image or video Kimi cannot take is kept with its
+    problem, so that its row says why."""
+    try:
+        s = sniff_file(path)
+    except MediaInvalid as exc:
+        kind = classify(path)
+        return (kind, {"problem": str(exc)}) if kind is not None else None
+    found: dict[str, Any] = {"mime": s.mime}
+    if s.width is not None:
+        found.update(width=s.width, height=s.height)
+    return s.kind, found
+
+
+def known_from(entry: Mapping[str, Any]) -> Known | None:
+    """The :class:`Known` a folder index line records, if it records one."""
+    try:
+        if entry.get("problem"):
+            return Known(int(entry["size"]), int(entry["mtime_ns"]), problem=str(entry["problem"]))
+        if entry.get("mime"):
+            w, h = entry.get("width"), entry.get("height")
+            sniffed = Sniffed(str(entry["kind"]), str(entry["mime"]), int(w) if w else None, int(h) if h else None)
+            return Known(int(entry["size"]), int(entry["mtime_ns"]), sniffed)
+    except (KeyError, TypeError, ValueError):
+        pass
     return None
 
 
@@ -241,23 +283,38 @@ def _local_ref(ref: str) -> str | None:
     return ref
 
 
-def resolve(ref: str, root: Path) -> Path:
-    """``ref`` as a regular file inside ``root`` (symbolic links followed, then checked)."""
-    candidate = Path(ref).expanduser() if ref.startswith("~") else Path(ref)
-    target = candidate if candidate.is_absolute() else root / candidate
-    real = Path(os.path.realpath(target))  # every link that exists followed; "..", "." gone
-    if not real.is_relative_to(root):  # before existence: a dataset learns nothing of other folders
+def resolve(ref: str, root: Path, dirs: dict[str, str] | None = None) -> tuple[str, os.stat_result]:
+    """``ref`` as a regular file inside ``root``: its real path (symbolic links followed, then
+    checked) and its stat. ``dirs`` caches the real path of folders (many files share one)."""
+    root_s = str(root)
+    prefix = root_s if root_s.endswith(os.sep) else root_s + os.sep
+    name_ = os.path.expanduser(ref) if ref.startswith("~") else ref
+    target = name_ if os.path.isabs(name_) else os.path.join(root_s, name_)
+    head, name = os.path.split(target)
+    if name in ("", ".", "..") or dirs is None:
+        real = os.path.realpath(target)  # every link that exists followed; "..", "." gone
+    else:
+        real_head = dirs.get(head)
+        if real_head is None:
+            if len(dirs) > 10_000:
+                dirs.clear()
+            real_head = dirs[head] = os.path.realpath(head)
+        real = os.path.join(real_head, name)
+        with contextlib.suppress(OSError):
+            if stat.S_ISLNK(os.lstat(real).st_mode):
+                real = os.path.realpath(real)
+    if not real.startswith(prefix):  # before existence: a dataset learns nothing of other folders
         raise MediaInvalid(f"{ref!r} is outside the media root {root}; "
                            "set media_root to a folder that holds it, if that is intended")
     try:
-        st = real.stat()
+        st = os.stat(real)
     except FileNotFoundError:
         raise MediaInvalid(f"{ref!r} does not exist (looked for {target})") from None
     except OSError as exc:
         raise MediaInvalid(f"{ref!r} cannot be read ({exc.strerror or exc})") from None
     if not stat.S_ISREG(st.st_mode):
         raise MediaInvalid(f"{ref!r} is not a regular file")
-    return real
+    return real, st
 
 
 def _refs(value: Any, column: str) -> list[tuple[str, str]]:
@@ -283,8 +340,9 @@ def _refs(value: Any, column: str) -> list[tuple[str, str]]:
 class Collector:
     """Turns one row's media references into request parts and :class:`MediaItem` s."""
 
-    def __init__(self, settings: MediaSettings) -> None:
+    def __init__(self, settings: MediaSettings, known: Mapping[str, Known] | None = None) -> None:
         self.s = settings
+        self.known = known
         self.items: list[MediaItem] = []
         self.body_bytes = 0
 
@@ -315,23 +373,27 @@ class Collector:
         if self.s.root is None:
             raise MediaInvalid(f"{where}: {ref!r} is a local path, and no media_root is set")
         try:
-            real = resolve(local, self.s.root)
+            real, st = resolve(local, self.s.root, self.s.dirs)
         except MediaInvalid as exc:
             raise MediaInvalid(f"{where}: {exc}") from None
+        known = self.known.get(local) if self.known else None
         try:
-            sniffed = sniff_file(str(real))
-            st = real.stat()
+            if known is not None and (known.size, known.mtime_ns) == (st.st_size, st.st_mtime_ns):
+                if known.problem is not None:  # what the folder walk found in these very bytes
+                    raise MediaInvalid(known.problem)
+                assert known.sniffed is not None
+                sniffed = known.sniffed
+            else:
+                sniffed = sniff_file(real)
         except MediaInvalid as exc:
             raise MediaInvalid(f"{where}: {_name(ref)} {exc}") from None
-        except OSError as exc:
-            raise MediaInvalid(f"{where}: {_name(ref)} cannot be read ({exc.strerror or exc})") from None
         if sniffed.kind != kind:
             raise MediaInvalid(f"{where}: {ref!r} holds {'an image' if sniffed.kind == 'image' else 'a video'} "
                                f"({sniffed.mime}), not {'an image' if kind == 'image' else 'a video'}: "
                                f"move it to a{'n image' if sniffed.kind == 'image' else ' video'} column")
         if kind == "video" and not self.s.video_ok:
             raise MediaInvalid(f"{where}: {ref!r} is a video, and {self.s.model} takes no video (use kimi-k2.6)")
-        rel = real.relative_to(self.s.root).as_posix()
+        rel = os.path.relpath(real, self.s.root)
         if sniffed.width is not None and sniffed.height is not None:
             sw, sh = send_size(sniffed.width, sniffed.height, self.s.max_image_side if sniffed.mime != "image/gif" else None)
             tokens = image_tokens(sw, sh)
@@ -341,8 +403,8 @@ class Collector:
         by_url = self.s.url_prefix is not None
         marker = None if by_url else f"{_MARK}{len(self.items)}"
         body = len(self.s.url_prefix or "") + len(rel) + 8 if by_url else data_url_bytes(sniffed.mime, st.st_size)
-        return MediaItem(kind, "url" if by_url else "file", rel if not Path(local).is_absolute() else str(real), where,
-                         mime=sniffed.mime, path=str(real), marker=marker, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns,
+        return MediaItem(kind, "url" if by_url else "file", rel if not os.path.isabs(local) else real, where,
+                         mime=sniffed.mime, path=real, marker=marker, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns,
                          width=sniffed.width, height=sniffed.height, send_width=sw, send_height=sh,
                          tokens=tokens, body_bytes=body)
 

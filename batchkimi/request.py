@@ -23,6 +23,7 @@ read only when the request is sent.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ import orjson
 
 from . import kimi
 from .config import Job
-from .media import Collector, MediaInvalid, MediaItem, MediaSettings, settings_for
+from .media import Collector, Known, MediaInvalid, MediaItem, MediaSettings, settings_for
 from .tokens import URL_MEDIA_TOKENS, estimate_messages_tokens
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -123,10 +124,11 @@ def _check_messages(messages: Any, job: Job, column: str) -> list[dict[str, Any]
 
 
 def build_request(row: dict[str, Any], job: Job, *, batch_line: bool = False,
-                  media: MediaSettings | None = None) -> Prepared:
+                  media: MediaSettings | None = None, known: Mapping[str, Known] | None = None) -> Prepared:
     """The chat-completion body for one row. ``media`` defaults to the job's media keys with
-    no dataset folder: URLs pass, a local path is read only under the job's ``media_root``."""
-    collector = Collector(media if media is not None else settings_for(job, None))
+    no dataset folder: URLs pass, a local path is read only under the job's ``media_root``.
+    ``known``: what a folder walk already found in the row's files (by path)."""
+    collector = Collector(media if media is not None else settings_for(job, None), known)
     try:
         return _build(row, job, batch_line, collector)
     except MediaInvalid as exc:

@@ -45,7 +45,7 @@ from .folder import (
     stale_positions,
     write_index,
 )
-from .media import MediaSettings, has_media, settings_for
+from .media import MediaSettings, has_media, known_from, settings_for
 from .parts import ResumeState
 from .reader import InputScan, SourceRow, columns_seen, detect_format, read_rows, row_id, scan_input
 from .request import Prepared, RowInvalid, build_request
@@ -54,6 +54,7 @@ from .rowengine import RowAbandoned, RowEngine, endpoint, limiter_of, policy_of
 from .sink import MANIFEST, Sink
 from .summary import Summary
 
+PREPARE_IN_THREAD = 32  # rows with media checked per trip to a worker thread
 _FOLDER_COLUMN = re.compile(r"^column '(image|video)': ")
 _END = object()  # the results queue's last item
 _TICK = object()  # wakes the writer to fsync the journal
@@ -73,8 +74,9 @@ def prepare_row(row: SourceRow, job: Job, fmt: str, scan: InputScan,
     ``folder`` row is a line of the media index: its id is the file's relative path."""
     if folder and row.data is not None:
         rid = str(row.data.get("id"))
+        known = known_from(row.data)
         try:
-            return rid, build_request(row.data, job, media=media)
+            return rid, build_request(row.data, job, media=media, known={rid: known} if known is not None else None)
         except RowInvalid as exc:
             return rid, f"{rid}: {_FOLDER_COLUMN.sub('', str(exc))}"
         except Exception as exc:  # noqa: BLE001 - one file's oddity never stops the job
@@ -292,6 +294,7 @@ class JobRun:
                 old = await asyncio.to_thread(read_index, out / INDEX)
                 self.path, self.scan, self.folder = await asyncio.to_thread(open_folder, job, out / INDEX, old)
                 self.fmt = "jsonl"
+                del old  # a line per file: not kept for the whole run
             except BaseException:
                 self.sink.unlock()
                 raise
@@ -322,6 +325,7 @@ class JobRun:
         self.summary = Summary(str(sink.dir), self.limit - unsendable, already)
         if self.folder is not None:
             self.summary.notes = self.folder.lines()
+            self.folder.entries = []  # the index is on disk; a dict per file is not kept for the run
         self.manifest = manifest_of(job, self.path, self.fmt, scan, manifest, "running", folder=self.folder)
         sink.write_manifest(self.manifest)
         self.hook(RunStarted(self.limit, already, self.limit - already))
@@ -411,22 +415,33 @@ class JobRun:
     async def _feed(self, n_workers: int) -> None:
         job = self.job
         self._where = str(self.path)
+        media, folder, fmt, scan = self.media, self.folder is not None, self.fmt, self.scan
+        held: list[SourceRow] = []  # rows with media, prepared together in a thread
+
+        def prepare_held(rows: list[SourceRow]) -> list[tuple[str, Prepared | str]]:
+            return [prepare_row(r, job, fmt, scan, media, folder=folder) for r in rows]
+
+        async def flush() -> None:
+            rows = held[:]
+            held.clear()
+            for row, (rid, prepared) in zip(rows, await asyncio.to_thread(prepare_held, rows), strict=True):
+                await self._hand_over(row, rid, prepared)
+
         try:
-            media, folder = self.media, self.folder is not None
             for n, row in enumerate(self._rows_to_send()):
                 if row_has_media(row, media, job):  # reads file headers: not on the event loop
-                    rid, prepared = await asyncio.to_thread(prepare_row, row, job, self.fmt, self.scan, media, folder=folder)
-                else:
-                    rid, prepared = prepare_row(row, job, self.fmt, self.scan, media)
-                if isinstance(prepared, str):
-                    inv = invalid_row(rid, row.pos, prepared)
-                    inv.update(kept_values(row, job))
-                    await self._finish(inv)
-                else:
-                    await self.work.put((row.pos, rid, prepared, kept_values(row, job), row.where))
-                    self.summary.sent_rows += 1
+                    held.append(row)
+                    if len(held) >= PREPARE_IN_THREAD:
+                        await flush()
+                    continue
+                if held:
+                    await flush()
+                rid, prepared = prepare_row(row, job, fmt, scan, media)
+                await self._hand_over(row, rid, prepared)
                 if n % 1024 == 1023:
                     await asyncio.sleep(0)  # let the workers and the writer in on a fast reader
+            if held and not self.stopping:
+                await flush()
         except JobError as exc:
             self.stop(str(exc), error=exc)
             return
@@ -436,6 +451,16 @@ class JobRun:
             return
         for _ in range(n_workers):
             await self.work.put(None)
+
+    async def _hand_over(self, row: SourceRow, rid: str, prepared: Prepared | str) -> None:
+        """A prepared row to the workers; a row that cannot be sent straight to the writer."""
+        if isinstance(prepared, str):
+            inv = invalid_row(rid, row.pos, prepared)
+            inv.update(kept_values(row, self.job))
+            await self._finish(inv)
+        else:
+            await self.work.put((row.pos, rid, prepared, kept_values(row, self.job), row.where))
+            self.summary.sent_rows += 1
 
     async def _work(self) -> None:
         engine = self.engine

@@ -46,7 +46,7 @@ LOCK = ".lock"
 
 class Sink:
     def __init__(self, out_dir: Path, keep_columns: Iterable[str] = (), rows_per_part: int = 10000,
-                 bytes_per_part: int = 32 << 20) -> None:
+                 bytes_per_part: int = 2 << 20) -> None:
         self.dir = Path(out_dir)
         self.keep_columns = tuple(keep_columns)
         self.schema = result_schema(self.keep_columns)

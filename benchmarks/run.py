@@ -185,6 +185,39 @@ def memory(small: int, large: int) -> list[Row]:
              "target <= 1.2x", verdict(ratio <= 1.2))]
 
 
+def media(small: int, large: int, concurrency: int = 32) -> list[Row]:
+    """Captioning folders of generated 320x240 JPEGs: peak memory as the folder grows, and the
+    client's CPU per image against a minimal read-base64-POST loop on the same files."""
+    folders = {n: WORK / f"images_{n}" for n in (small, large)}
+    for n, folder in folders.items():
+        run_scenario("media_client.py", "gen", str(folder), str(n), timeout=3600)
+    rows: list[Row] = []
+    with SimProcess() as sim:
+        peaks: dict[int, float] = {}
+        for n in (small, large):
+            got = run_scenario("media_client.py", "caption", sim.base_url, str(folders[n]), str(WORK / "out_media"), str(concurrency))
+            assert got["ok"] == n, got
+            peaks[n] = got["peak_rss_mb"]
+        ratio = peaks[large] / peaks[small]
+        rows.append(("9. media folders", f"peak RSS captioning {small:,} vs {large:,} images (C={concurrency})",
+                     f"{peaks[small]:.0f} MB vs {peaks[large]:.0f} MB = **{ratio:.2f}x**", "target <= 1.2x", verdict(ratio <= 1.2)))
+        cpu, base_cpu, ratios, rates, base_rates = [], [], [], [], []
+        for _ in range(REPEATS):
+            base = run_scenario("media_client.py", "baseline", sim.base_url, str(folders[small]), str(concurrency))
+            bk = run_scenario("media_client.py", "caption", sim.base_url, str(folders[small]), str(WORK / "out_media"), str(concurrency))
+            assert base["ok"] == small and bk["ok"] == small, (base, bk)
+            cpu.append(bk["cpu_s"] / small * 1000)
+            base_cpu.append(base["cpu_s"] / small * 1000)
+            ratios.append(bk["cpu_s"] / base["cpu_s"])
+            rates.append(small / bk["wall_s"])
+            base_rates.append(small / base["wall_s"])
+        rows.append(("9. media folders", f"client CPU per image, {small:,} images (walk, check, hash, base64, send, write)",
+                     f"{statistics.median(cpu):.2f} ms vs {statistics.median(base_cpu):.2f} ms for the minimal loop "
+                     f"(**{spread(ratios)}x**); {statistics.median(rates):.0f} vs {statistics.median(base_rates):.0f} images/s",
+                     "reported", ""))
+    return rows
+
+
 def resume(rows: int) -> list[Row]:
     done = rows - 1000
     run_scenario("engine_client.py", "prepare", str(rows), str(done))
@@ -250,7 +283,7 @@ def machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes and shorter rate runs")
-    ap.add_argument("--only", default="overhead,waiting,streams,memory,resume,overload,rate")
+    ap.add_argument("--only", default="overhead,waiting,streams,memory,media,resume,overload,rate")
     ap.add_argument("--repeats", type=int, default=None, help="runs of each speed figure (default 3; --quick 2)")
     ap.add_argument("--rate-repeats", type=int, default=None, help="runs of each rate-accuracy scenario (default 5; --quick 1)")
     ap.add_argument("--output", default=str(HERE / "RESULTS.md"))
@@ -264,6 +297,7 @@ def main() -> None:
         "waiting": lambda: waiting(4000 if q else 16000, 1000 if q else 2000, 5.0),
         "streams": lambda: streams(2000 if q else 4000, 1000 if q else 2000, 20.0),
         "memory": lambda: memory(10_000, 200_000 if q else 1_000_000),
+        "media": lambda: media(1000, 10_000),
         "resume": lambda: resume(201_000 if q else 1_001_000),
         "overload": lambda: overload(5000 if q else 5000, 200, 0.3, 0.005),
         "rate": lambda: rate(90 if q else 180, rate_repeats),
