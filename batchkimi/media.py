@@ -601,7 +601,8 @@ class ByteBudget:
             if fut.done() and not fut.cancelled():
                 self.release(n)  # granted just as we were cancelled: give it back
             else:
-                self._waiters.remove(entry)
+                with contextlib.suppress(ValueError):  # already dropped by _wake, as a cancelled future
+                    self._waiters.remove(entry)
                 self._wake()
             raise
 

@@ -477,3 +477,83 @@ def test_media_columns_are_configurable_and_lists_are_read(tmp_path: Path, raw_s
                   image_columns=("photo", "gallery"))
     assert batchkimi.run(job).final_status == {"ok": 1}
     assert len(media_parts(srv.requests[0]["body"])) == 3
+
+
+def test_rows_waiting_for_the_bytes_budget_are_not_read_or_sent_after_a_stop(tmp_path: Path, raw_server) -> None:
+    """A budget that holds one image at a time and 1 s answers: at the stop, the other rows wait
+    for the budget. None of them is sent; the one in flight finishes and is written; a rerun
+    sends the rest once each."""
+    holder: dict[str, Any] = {}
+    seen: list[str] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        seen.append(media_parts(body)[0]["image_url"]["url"][-40:])
+        if len(seen) == 1:
+            holder["loop"].call_soon_threadsafe(holder["stop"].set)
+        await asyncio.sleep(1.0)
+        return web.json_response(answer_json())
+
+    srv = raw_server(slow)
+    (tmp_path / "data").mkdir()
+    for i in range(6):
+        picture(tmp_path / "data" / f"n{i}.png", (120, 120), "PNG", noise=True)  # ~43 KB each
+    job = job_for(tmp_path, srv.base_url, [{"id": f"n{i}", "image": f"n{i}.png"} for i in range(6)],
+                  concurrency=6, max_mb_in_flight=0.05, grace_s=5)
+
+    async def go() -> batchkimi.Summary:
+        holder["loop"], holder["stop"] = asyncio.get_running_loop(), asyncio.Event()
+        return await asyncio.wait_for(batchkimi.run_async(job, stop=holder["stop"]), 30)
+
+    summary = asyncio.run(go())
+    assert summary.interrupted and len(seen) == 1 and summary.final_status == {"ok": 1}
+    again = batchkimi.run(job)
+    assert again.final_status == {"ok": 6} and len(seen) == 6 and len(set(seen)) == 6
+
+
+def test_video_tokens_follow_the_file_size_on_both_sides(tmp_path: Path, simulator) -> None:
+    h = simulator()
+    (tmp_path / "data").mkdir()
+    shutil.copy(VIDEOS / "clip.mp4", tmp_path / "data" / "small.mp4")
+    big = tmp_path / "data" / "big.mp4"
+    big.write_bytes((VIDEOS / "clip.mp4").read_bytes() + b"\0" * 3_000_000)  # the same header, 3 MB more
+    job = job_for(tmp_path, h.base_url, [{"id": "s", "video": "small.mp4"}, {"id": "b", "video": "big.mp4"}],
+                  prompt_template="Summarise this video.")
+    report = engine.dry_run(job)
+    assert batchkimi.run(job).final_status == {"ok": 2}
+    df = read_results(job.output).set_index("id")
+    text = text_tokens("Summarise this video.")
+    assert df.loc["s", "prompt_tokens"] == text + 1024  # at least 1,024
+    assert df.loc["b", "prompt_tokens"] == text + big.stat().st_size // 1024
+    assert report.prompt_tokens_estimate == df["prompt_tokens"].sum()
+
+
+def test_byte_budget_is_first_come_first_served_and_never_leaks() -> None:
+    from batchkimi.media import ByteBudget
+
+    async def go() -> None:
+        b = ByteBudget(100)
+        await b.acquire(60)
+        order: list[str] = []
+
+        async def take(name: str, n: int) -> None:
+            await b.acquire(n)
+            order.append(name)
+
+        big = asyncio.create_task(take("big", 500))  # larger than the budget: goes alone
+        small = asyncio.create_task(take("small", 10))  # fits now, but queues behind big
+        gone = asyncio.create_task(take("gone", 10))
+        await asyncio.sleep(0.01)
+        assert order == [] and b.used == 60
+        gone.cancel()
+        await asyncio.sleep(0)
+        b.release(60)
+        await asyncio.sleep(0.01)
+        assert order == ["big"] and b.used == 500
+        b.release(500)
+        await small
+        assert order == ["big", "small"] and b.used == 10 and b.peak == 500
+        b.release(10)
+        assert b.used == 0 and not b._waiters
+
+    asyncio.run(go())
