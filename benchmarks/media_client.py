@@ -2,7 +2,8 @@
 (read the file, base64 it, POST it with aiohttp, parse the answer) as the baseline.
 
 python media_client.py gen FOLDER N                       # N distinct 320x240 JPEGs (kept between runs)
-python media_client.py caption BASE_URL FOLDER OUTPUT C   # batchkimi caption, in-process
+python media_client.py genvideo FOLDER N MB               # N distinct MB-sized "mp4" files (a real header, then noise)
+python media_client.py caption BASE_URL FOLDER OUTPUT C [MB_IN_FLIGHT]   # batchkimi caption, in-process
 python media_client.py baseline BASE_URL FOLDER C         # the minimal loop
 """
 
@@ -42,12 +43,28 @@ def gen(folder: Path, n: int) -> None:
     emit({"images": n, "generated": n})
 
 
-def caption(base_url: str, folder: str, output: str, concurrency: int) -> None:
+def genvideo(folder: Path, n: int, mb: int) -> None:
+    head = (Path(__file__).resolve().parents[1] / "sample_data" / "media" / "videos" / "clip.mp4").read_bytes()
+    size = mb * 1_000_000
+    folder.mkdir(parents=True, exist_ok=True)
+    files = sorted(folder.glob("*.mp4"))
+    if len(files) == n and all(f.stat().st_size == size for f in files):
+        emit({"videos": n, "generated": 0})
+        return
+    shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        (folder / f"v{i:05d}.mp4").write_bytes(head + os.urandom(size - len(head)))
+    emit({"videos": n, "generated": n})
+
+
+def caption(base_url: str, folder: str, output: str, concurrency: int, mb_in_flight: float = 256.0) -> None:
     import batchkimi
 
     shutil.rmtree(output, ignore_errors=True)
     job = batchkimi.Job(input=folder, input_format="folder", output=output, base_url=base_url, thinking="disabled",
-                        stream=False, max_tokens=64, concurrency=concurrency, prompt_template=PROMPT)
+                        stream=False, max_tokens=64, concurrency=concurrency, prompt_template=PROMPT,
+                        max_mb_in_flight=mb_in_flight)
     c0, t0 = cpu_s(), time.perf_counter()
     summary = batchkimi.run(job)
     emit({"ok": summary.final_status.get("ok", 0), "wall_s": time.perf_counter() - t0, "cpu_s": cpu_s() - c0,
@@ -96,7 +113,9 @@ if __name__ == "__main__":
     what = sys.argv[1]
     if what == "gen":
         gen(Path(sys.argv[2]), int(sys.argv[3]))
+    elif what == "genvideo":
+        genvideo(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
     elif what == "caption":
-        caption(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        caption(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), *(float(a) for a in sys.argv[6:7]))
     else:
         baseline(sys.argv[2], sys.argv[3], int(sys.argv[4]))

@@ -215,7 +215,29 @@ def media(small: int, large: int, concurrency: int = 32) -> list[Row]:
                      f"{statistics.median(cpu):.2f} ms vs {statistics.median(base_cpu):.2f} ms for the minimal loop "
                      f"(**{spread(ratios)}x**); {statistics.median(rates):.0f} vs {statistics.median(base_rates):.0f} images/s",
                      "reported", ""))
+    rows += media_videos(40, 160, 6, budget_mb=64)
     return rows
+
+
+def media_videos(small: int, large: int, mb: int, budget_mb: int, concurrency: int = 32) -> list[Row]:
+    """Large files under the bytes-in-flight budget: 32 workers, but only budget_mb of requests
+    held at once, however many videos the folder has."""
+    peaks: dict[int, float] = {}
+    with SimProcess(latency_ms=200) as sim:
+        for n in (small, large):
+            folder = WORK / f"videos_{n}x{mb}"
+            run_scenario("media_client.py", "genvideo", str(folder), str(n), str(mb), timeout=3600)
+            got = run_scenario("media_client.py", "caption", sim.base_url, str(folder), str(WORK / "out_media"),
+                               str(concurrency), str(budget_mb))
+            assert got["ok"] == n, got
+            peaks[n] = got["peak_rss_mb"]
+        held = sim.stats()["peak_body_bytes_in_flight"] / 1e6
+    ratio = peaks[large] / peaks[small]
+    unbounded = concurrency * mb * 4 / 3
+    return [("9. media folders", f"peak RSS captioning {small} vs {large} videos of {mb} MB, C={concurrency}, "
+             f"max_mb_in_flight={budget_mb}",
+             f"{peaks[small]:.0f} MB vs {peaks[large]:.0f} MB = **{ratio:.2f}x**; at most {held:.0f} MB of requests at the "
+             f"simulator at once (without the budget: {unbounded:.0f} MB)", "target <= 1.2x", verdict(ratio <= 1.2))]
 
 
 def resume(rows: int) -> list[Row]:
