@@ -73,7 +73,12 @@ Image.MAX_IMAGE_PIXELS = 200_000_000
 
 
 class MediaInvalid(Exception):
-    """This row's media cannot be sent; the message names the column and the file."""
+    """This row's media cannot be sent; the message names the column and the file. ``kind``:
+    "image" or "video" when the bytes are one Kimi cannot take, else None."""
+
+    def __init__(self, message: str, *, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,54 +148,68 @@ class MediaSettings:
 # ---- type from content ---------------------------------------------------------------------
 def sniff_file(path: str) -> Sniffed:
     """The kind and Kimi MIME type of a file, from its bytes; raises MediaInvalid."""
-    try:
-        with Image.open(path) as img:
-            return _image(img)
-    except MediaInvalid:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise MediaInvalid(f"is too large an image to read ({exc})") from None
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError):
-        pass  # not an image Pillow knows: perhaps a video
+    found = _as_image(path)
+    if found is not None:
+        return found
     try:
         with open(path, "rb") as fh:
             head = fh.read(SNIFF_BYTES)
     except OSError as exc:
         raise MediaInvalid(f"cannot be read ({exc.strerror or exc})") from None
-    return _video(head)
+    return _as_video(head)
 
 
-def classify(path: str) -> str | None:
-    """"image", "video" or None, from a file's bytes: what a folder walk keeps. An image Kimi
-    does not take (a BMP, say) is still an image: its row says why it cannot be sent."""
+def sniff_bytes(data: bytes) -> Sniffed:
+    return _as_image(io.BytesIO(data)) or _as_video(data[:SNIFF_BYTES])
+
+
+def _as_image(source: Any) -> Sniffed | None:
+    """Pillow's reading of an image header; None when Pillow knows no such image (perhaps a
+    video); MediaInvalid (kind "image") for an image Kimi does not take."""
     try:
-        with Image.open(path) as img:
-            if img.format != "MPEG":
-                return "image"
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError, Image.DecompressionBombError):
-        pass
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(SNIFF_BYTES)
-        guesses = puremagic.magic_string(head) if head else []
-    except (OSError, puremagic.PureError, ValueError):
+        with Image.open(source) as img:
+            fmt = img.format or "unknown"
+            width, height = img.size
+    except Image.DecompressionBombError as exc:
+        raise MediaInvalid(f"is too large an image to read ({exc})", kind="image") from None
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError):
         return None
-    for g in guesses:
-        mime = g.mime_type or ""
-        if mime.startswith("video/") or mime in ("application/x-matroska",) or g.extension.lower() in _VIDEO_BY_EXT:
-            return "video"
-    return None
+    mime = IMAGE_MIME.get(fmt)
+    if mime is not None:
+        return Sniffed("image", mime, int(width), int(height))
+    if fmt == "MPEG":  # Pillow reads MPEG video frames too: a video container, then
+        return None
+    raise MediaInvalid(f"is a {fmt} image; Kimi takes png, jpeg, webp and gif", kind="image")
+
+
+def _as_video(head: bytes) -> Sniffed:
+    if not head:
+        raise MediaInvalid("is empty")
+    try:
+        guesses = puremagic.magic_string(head)
+    except (puremagic.PureError, ValueError):
+        guesses = []
+    found = [m for g in guesses if (m := _VIDEO_BY_MIME.get(g.mime_type) or _VIDEO_BY_EXT.get(g.extension.lower()))]
+    if found:
+        # ISO media files (mp4, mov, 3gp) share one container, and puremagic offers several
+        # names for them; its first guess is right but for 3GP, which it ranks below mp4. The
+        # major brand in the file's ftyp box decides between the names it offered.
+        brand_3gp = head[4:8] == b"ftyp" and head[8:11] in (b"3gp", b"3g2")
+        return Sniffed("video", "video/3gpp" if brand_3gp and "video/3gpp" in found else found[0])
+    seen = next((g.mime_type or g.name for g in guesses if g.mime_type or g.name), None)
+    what = f"its content looks like {seen}" if seen else "its content is not a known image or video format"
+    kind = "video" if seen and (seen.startswith("video/") or "matroska" in seen) else None
+    raise MediaInvalid(f"is not an image or video Kimi takes ({what})", kind=kind)
 
 
 def inspect(path: str) -> tuple[str, dict[str, Any]] | None:
     """A folder walk's look at a file: (kind, what to remember of it) for an image or video,
-    None for anything else. A file that is an image or video Kimi cannot take is kept with its
-    problem, so that its row says why."""
+    None for anything else. A file that is an image or video Kimi cannot take (a BMP, an mkv)
+    is kept with its problem, so that its row says why."""
     try:
         s = sniff_file(path)
     except MediaInvalid as exc:
-        kind = classify(path)
-        return (kind, {"problem": str(exc)}) if kind is not None else None
+        return (exc.kind, {"problem": str(exc)}) if exc.kind is not None else None
     found: dict[str, Any] = {"mime": s.mime}
     if s.width is not None:
         found.update(width=s.width, height=s.height)
@@ -209,49 +228,6 @@ def known_from(entry: Mapping[str, Any]) -> Known | None:
     except (KeyError, TypeError, ValueError):
         pass
     return None
-
-
-def sniff_bytes(data: bytes) -> Sniffed:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return _image(img)
-    except MediaInvalid:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise MediaInvalid(f"is too large an image to read ({exc})") from None
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError):
-        pass
-    return _video(data[:SNIFF_BYTES])
-
-
-def _image(img: Image.Image) -> Sniffed:
-    fmt = img.format or "unknown"
-    mime = IMAGE_MIME.get(fmt)
-    if mime is None:
-        if fmt == "MPEG":
-            raise OSError("an MPEG stream: try it as a video")
-        raise MediaInvalid(f"is a {fmt} image; Kimi takes png, jpeg, webp and gif")
-    width, height = img.size
-    return Sniffed("image", mime, int(width), int(height))
-
-
-def _video(head: bytes) -> Sniffed:
-    if not head:
-        raise MediaInvalid("is empty")
-    try:
-        guesses = puremagic.magic_string(head)
-    except (puremagic.PureError, ValueError):
-        guesses = []
-    found = [m for g in guesses if (m := _VIDEO_BY_MIME.get(g.mime_type) or _VIDEO_BY_EXT.get(g.extension.lower()))]
-    if found:
-        # ISO media files (mp4, mov, 3gp) share one container, and puremagic offers several
-        # names for them; its first guess is right but for 3GP, which it ranks below mp4. The
-        # major brand in the file's ftyp box decides between the names it offered.
-        brand_3gp = head[4:8] == b"ftyp" and head[8:11] in (b"3gp", b"3g2")
-        return Sniffed("video", "video/3gpp" if brand_3gp and "video/3gpp" in found else found[0])
-    seen = next((g.mime_type or g.name for g in guesses if g.mime_type or g.name), None)
-    what = f"its content looks like {seen}" if seen else "its content is not a known image or video format"
-    raise MediaInvalid(f"is not an image or video Kimi takes ({what})")
 
 
 # ---- sizes and tokens ----------------------------------------------------------------------

@@ -560,3 +560,20 @@ def test_byte_budget_is_first_come_first_served_and_never_leaks() -> None:
         assert b.used == 0 and not b._waiters
 
     asyncio.run(go())
+
+
+def test_a_folder_keeps_images_kimi_cannot_take_as_invalid_rows_that_say_why(tmp_path: Path, simulator) -> None:
+    h = simulator()
+    photos = tmp_path / "photos"
+    picture(photos / "ok.png", (30, 30), "PNG")
+    picture(photos / "old.bmp", (30, 30), "BMP")
+    (photos / "notes.txt").write_text("hello")
+    r = caption(photos, tmp_path / "out", h.base_url, "--dry-run")
+    assert r.exit_code == 0 and "invalid: old.bmp: 'old.bmp' is a BMP image" in r.output, r.output
+    r = caption(photos, tmp_path / "out", h.base_url)
+    assert r.exit_code == 3  # a row could not be sent
+    df = read_results(tmp_path / "out").set_index("id")
+    assert sorted(df.index) == ["ok.png", "old.bmp"] and df.loc["old.bmp", "status"] == "invalid"
+    picture(photos / "old.bmp", (30, 30), "PNG")  # fixed in place: now a PNG under the same name
+    r = caption(photos, tmp_path / "out", h.base_url)
+    assert r.exit_code == 0 and read_results(tmp_path / "out").set_index("id").loc["old.bmp", "status"] == "ok"
