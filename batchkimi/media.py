@@ -29,6 +29,7 @@ import base64
 import binascii
 import collections
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -143,6 +144,10 @@ class MediaSettings:
     video_ok: bool  # the model takes video
     model: str
     dirs: dict[str, str] = field(default_factory=dict, compare=False, repr=False)  # real paths of folders
+
+    @functools.cached_property
+    def columns(self) -> tuple[str, ...]:
+        return (*self.image_columns, *self.video_columns)
 
 
 # ---- type from content ---------------------------------------------------------------------
@@ -413,6 +418,11 @@ class Collector:
 
     # ---- where references live ---------------------------------------------------------
     def column_parts(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        for c in self.s.columns:
+            if row.get(c) is not None:
+                break
+        else:
+            return []  # most rows: no media, nothing more to look at
         parts = []
         for kind, columns in (("image", self.s.image_columns), ("video", self.s.video_columns)):
             for column in columns:

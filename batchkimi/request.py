@@ -48,7 +48,7 @@ class RowInvalid(Exception):
     """This row cannot become a request; the message names the column or key to fix."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Prepared:
     body: dict[str, Any]
     prompt_tokens_estimate: int
