@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,33 @@ class _Fail(click.ClickException):
     exit_code = EXIT_JOB_ERROR
 
 
+# Options that more than one command takes, written once.
+_OPTIONS: dict[str, Callable[[Any], Any]] = {
+    "base-url": click.option("--base-url", help="OpenAI-compatible base URL, or 'simulator' for the built-in one.",
+                  show_default="https://tokenhub-intl.tencentcloudmaas.com/v1"),
+    "system": click.option("--system", help="A system prompt for every row."),
+    "stream": click.option("--stream/--no-stream", default=None, help="Stream answers.", show_default="when thinking is on"),
+    "thinking": click.option("--thinking/--no-thinking", default=None, help="Kimi's thinking mode.", show_default="Kimi's default, on"),
+    "max-tokens": click.option("--max-tokens", type=int, help="Answer budget (reasoning + answer).", show_default="32768 with thinking"),
+    "concurrency": click.option("--concurrency", type=int, help="Requests in flight at most.", show_default="32"),
+    "rpm": click.option("--rpm", type=float, help="Requests per minute (your account's limit); 0: adapt to 429s.", show_default="0"),
+    "tpm": click.option("--tpm", type=float, help="Tokens per minute (your account's limit); 0: no cap.", show_default="0"),
+    "max-image-side": click.option("--max-image-side", type=int, help="Downscale images whose longest side is longer (pixels)."),
+    "overwrite": click.option("--overwrite", is_flag=True, help="Delete the output directory first and start fresh."),
+    "quiet": click.option("--quiet", is_flag=True, help="No progress bar."),
+    "json-summary": click.option("--json-summary", is_flag=True, help="Print the summary as JSON on stdout."),
+}
+
+
+def _shared(*names: str) -> Callable[[Any], Any]:
+    def apply(f: Any) -> Any:
+        for name in reversed(names):
+            f = _OPTIONS[name](f)
+        return f
+
+    return apply
+
+
 @click.group()
 @click.version_option(package_name="batchkimi")
 def cli() -> None:
@@ -33,32 +61,24 @@ def cli() -> None:
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--input", "input_", help="JSONL, JSONL.gz, Parquet (file or folder) or OpenAI batch file.")
 @click.option("--output", help="Output directory (Parquet parts + _manifest.json).")
-@click.option("--base-url", help="OpenAI-compatible base URL, or 'simulator' for the built-in one.",
-              show_default="https://tokenhub-intl.tencentcloudmaas.com/v1")
+@_shared("base-url")
 @click.option("--model", help="kimi-k2.6 or kimi-k2.5, or a TokenHub service id (ep-...).", show_default="kimi-k2.6")
 @click.option("--prompt-template", help="Template over each row, e.g. 'Classify: {text}'.")
-@click.option("--system", help="A system prompt for every row.")
-@click.option("--stream/--no-stream", default=None, help="Stream answers.", show_default="when thinking is on")
-@click.option("--thinking/--no-thinking", default=None, help="Kimi's thinking mode.", show_default="Kimi's default, on")
-@click.option("--max-tokens", type=int, help="Answer budget (reasoning + answer).", show_default="32768 with thinking")
-@click.option("--concurrency", type=int, help="Requests in flight at most.", show_default="32")
-@click.option("--rpm", type=float, help="Requests per minute (your account's limit); 0: adapt to 429s.", show_default="0")
-@click.option("--tpm", type=float, help="Tokens per minute (your account's limit); 0: no cap.", show_default="0")
+@_shared("system", "stream", "thinking", "max-tokens", "concurrency", "rpm", "tpm")
 @click.option("--limit", type=int, help="Only the first N rows.", show_default="all")
 @click.option("--id-column", help="The id column; without one, ids come from row positions.", show_default="id")
 @click.option("--keep-columns", help="Input columns to copy to the output, comma-separated.")
 @click.option("--media-root", help="Folder that local image/video paths resolve in (none may leave it).",
               show_default="the dataset's folder")
-@click.option("--max-image-side", type=int, help="Downscale images whose longest side is longer (pixels).")
+@_shared("max-image-side")
 @click.option("--api-key-env", help="Environment variable holding the API key.", show_default="TOKENHUB_API_KEY")
 @click.option("--api-key-file", help="A file holding the API key.")
 @click.option("--max-attempts", type=int, help="Attempts per row at most.", show_default="6")
 @click.option("--stop-after-failures", type=int, help="Stop when the first N rows all fail alike; 0: never.", show_default="20")
 @click.option("--retry-errors/--no-retry-errors", default=None, help="On resume, retry rows that failed.", show_default="retry")
-@click.option("--overwrite", is_flag=True, help="Delete the output directory first and start fresh.")
+@_shared("overwrite")
 @click.option("--dry-run", is_flag=True, help="Check every row, show the first request; send nothing.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--json-summary", is_flag=True, help="Print the summary as JSON on stdout.")
+@_shared("quiet", "json-summary")
 def run(job_file: Path | None, input_: str | None, dry_run: bool, quiet: bool, overwrite: bool,
         json_summary: bool, **flags: Any) -> None:
     """Run JOB_FILE (a TOML job), with any key overridden by a flag; or flags alone."""
@@ -74,23 +94,14 @@ def run(job_file: Path | None, input_: str | None, dry_run: bool, quiet: bool, o
 @click.option("--job", "job_file", type=click.Path(dir_okay=False, path_type=Path), help="A job file for every other key.")
 @click.option("--include", multiple=True, help="Only paths matching this pattern, e.g. '*.jpg' (repeatable).")
 @click.option("--exclude", multiple=True, help="Skip paths matching this pattern, e.g. 'raw/*' (repeatable).")
-@click.option("--base-url", help="OpenAI-compatible base URL, or 'simulator' for the built-in one.",
-              show_default="https://tokenhub-intl.tencentcloudmaas.com/v1")
 @click.option("--model", help="kimi-k2.6 (images and videos) or kimi-k2.5 (images).", show_default="kimi-k2.6")
 @click.option("--system", help="A system prompt for every file.")
-@click.option("--stream/--no-stream", default=None, help="Stream answers.", show_default="when thinking is on")
-@click.option("--thinking/--no-thinking", default=None, help="Kimi's thinking mode.", show_default="Kimi's default, on")
-@click.option("--max-tokens", type=int, help="Answer budget (reasoning + answer).", show_default="32768 with thinking")
-@click.option("--max-image-side", type=int, help="Downscale images whose longest side is longer (pixels).")
+@_shared("base-url", "stream", "thinking", "max-tokens", "max-image-side", "concurrency", "rpm", "tpm")
 @click.option("--media-url-prefix", help="Send <prefix>/<relative path> URLs instead of the files' bytes.")
-@click.option("--concurrency", type=int, help="Requests in flight at most.", show_default="32")
-@click.option("--rpm", type=float, help="Requests per minute (your account's limit); 0: adapt to 429s.", show_default="0")
-@click.option("--tpm", type=float, help="Tokens per minute (your account's limit); 0: no cap.", show_default="0")
 @click.option("--limit", type=int, help="Only the first N files.", show_default="all")
-@click.option("--overwrite", is_flag=True, help="Delete the output directory first and start fresh.")
+@_shared("overwrite")
 @click.option("--dry-run", is_flag=True, help="Walk the folder, check every file, show the first request; send nothing.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--json-summary", is_flag=True, help="Print the summary as JSON on stdout.")
+@_shared("quiet", "json-summary")
 def caption(folder: Path, job_file: Path | None, dry_run: bool, quiet: bool, overwrite: bool, json_summary: bool,
             **flags: Any) -> None:
     """Caption every image and video under FOLDER (recursively; the type comes from each

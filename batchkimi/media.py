@@ -244,6 +244,15 @@ def send_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def _cost(sniffed: Sniffed, size_bytes: int, max_side: int | None) -> tuple[int | None, int | None, int]:
+    """(width sent, height sent, tokens): an image by its tiles at the size sent (a GIF is never
+    downscaled), a video by its bytes."""
+    if sniffed.width is None or sniffed.height is None:
+        return None, None, video_tokens(size_bytes)
+    sw, sh = send_size(sniffed.width, sniffed.height, max_side if sniffed.mime != "image/gif" else None)
+    return sw, sh, image_tokens(sw, sh)
+
+
 def data_url_bytes(mime: str, raw_bytes: int) -> int:
     return len("data:;base64,") + len(mime) + 4 * ((raw_bytes + 2) // 3)
 
@@ -368,19 +377,9 @@ class Collector:
                 sniffed = sniff_file(real)
         except MediaInvalid as exc:
             raise MediaInvalid(f"{where}: {_name(ref)} {exc}") from None
-        if sniffed.kind != kind:
-            raise MediaInvalid(f"{where}: {ref!r} holds {'an image' if sniffed.kind == 'image' else 'a video'} "
-                               f"({sniffed.mime}), not {'an image' if kind == 'image' else 'a video'}: "
-                               f"move it to a{'n image' if sniffed.kind == 'image' else ' video'} column")
-        if kind == "video" and not self.s.video_ok:
-            raise MediaInvalid(f"{where}: {ref!r} is a video, and {self.s.model} takes no video (use kimi-k2.6)")
+        self._accept(sniffed, kind, where, repr(ref))
         rel = os.path.relpath(real, self.s.root)
-        if sniffed.width is not None and sniffed.height is not None:
-            sw, sh = send_size(sniffed.width, sniffed.height, self.s.max_image_side if sniffed.mime != "image/gif" else None)
-            tokens = image_tokens(sw, sh)
-        else:
-            sw = sh = None
-            tokens = video_tokens(st.st_size)
+        sw, sh, tokens = _cost(sniffed, st.st_size, self.s.max_image_side)
         by_url = self.s.url_prefix is not None
         marker = None if by_url else f"{_MARK}{len(self.items)}"
         body = len(self.s.url_prefix or "") + len(rel) + 8 if by_url else data_url_bytes(sniffed.mime, st.st_size)
@@ -388,6 +387,14 @@ class Collector:
                          mime=sniffed.mime, path=real, marker=marker, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns,
                          width=sniffed.width, height=sniffed.height, send_width=sw, send_height=sh,
                          tokens=tokens, body_bytes=body)
+
+    def _accept(self, sniffed: Sniffed, kind: str, where: str, what: str) -> None:
+        """Refuse an image where a video was named (or the reverse), and video for a model without it."""
+        if sniffed.kind != kind:
+            held, named = ("an image", "a video") if sniffed.kind == "image" else ("a video", "an image")
+            raise MediaInvalid(f"{where}: {what} holds {held} ({sniffed.mime}), not {named}: name it as {held}")
+        if kind == "video" and not self.s.video_ok:
+            raise MediaInvalid(f"{where}: {what} is a video, and {self.s.model} takes no video (use kimi-k2.6)")
 
     def _data_item(self, kind: str, ref: str, where: str) -> MediaItem:
         head, sep, b64 = ref.partition(",")
@@ -402,15 +409,8 @@ class Collector:
             sniffed = sniff_bytes(raw)
         except MediaInvalid as exc:
             raise MediaInvalid(f"{where}: the data URL ({declared or 'no type'}) {exc}") from None
-        if sniffed.kind != kind:
-            raise MediaInvalid(f"{where}: the data URL holds {'an image' if sniffed.kind == 'image' else 'a video'} "
-                               f"({sniffed.mime}) in a {kind}_url part")
-        if kind == "video" and not self.s.video_ok:
-            raise MediaInvalid(f"{where}: a video, and {self.s.model} takes no video (use kimi-k2.6)")
-        if sniffed.width is not None and sniffed.height is not None:
-            tokens = image_tokens(sniffed.width, sniffed.height)
-        else:
-            tokens = video_tokens(len(raw))
+        self._accept(sniffed, kind, where, "the data URL")
+        _, _, tokens = _cost(sniffed, len(raw), None)  # sent as it is: never downscaled
         short = f"data:{declared};base64,...({len(raw)} bytes)"
         return MediaItem(kind, "data", short, where, mime=declared or sniffed.mime, size_bytes=len(raw),
                          width=sniffed.width, height=sniffed.height, send_width=sniffed.width, send_height=sniffed.height,
