@@ -220,41 +220,39 @@ def stale_positions(out: Path, entries: list[dict[str, Any]]) -> np.ndarray:
     want = {pos: e["sha256"] for pos, e in enumerate(entries) if e.get("sha256") and not e.get("gone")}
     if not want:
         return np.zeros(0, dtype=np.int64)
+    wanted = np.fromiter(want, dtype=np.int64, count=len(want))
     newest: dict[int, tuple[int, str | None]] = {}
     for path in parts.part_paths(out):
         seq = parts.part_seq(path)
         t = pq.read_table(path, columns=["row", "media"])
-        rows = t.column("row").to_pylist()
-        media = t.column("media").to_pylist()
-        for r, m in zip(rows, media, strict=True):
-            if r in want and (r not in newest or newest[r][0] < seq):
+        t = t.filter(pa.array(np.isin(t.column("row").to_numpy(), wanted)))  # only those rows reach Python
+        for r, m in zip(t.column("row").to_pylist(), t.column("media").to_pylist(), strict=True):
+            if r not in newest or newest[r][0] < seq:
                 newest[r] = (seq, (m[0] or {}).get("sha256") if m else None)
     return np.array(sorted(p for p, (_, sha) in newest.items() if sha != want[p]), dtype=np.int64)
 
 
 def mark_gone(sink: Any, entries: list[dict[str, Any]]) -> int:
     """Give the rows of gone files ``media_gone = true`` (and take it from files that came back),
-    as a new part that supersedes their old copies; the number of rows changed."""
-    gone = {pos for pos, e in enumerate(entries) if e.get("gone")}
-    found: dict[int, tuple[int, bool]] = {}
-    for path in parts.part_paths(sink.dir):
-        t = pq.read_table(path, columns=["row", "media_gone"])
-        seq = parts.part_seq(path)
-        for r, g in zip(t.column("row").to_pylist(), t.column("media_gone").to_pylist(), strict=True):
-            if r not in found or found[r][0] < seq:
-                found[r] = (seq, bool(g))
-    flip = {r for r, (_, g) in found.items() if g != (r in gone)}
-    if not flip:
-        return 0
+    as a new part that supersedes their old copies; the number of rows changed. Call it after
+    :meth:`~batchkimi.sink.Sink.compact`: each row is then in one part only."""
+    gone = np.fromiter((pos for pos, e in enumerate(entries) if e.get("gone")), dtype=np.int64)
     tables = []
     for path in parts.part_paths(sink.dir):
-        seq = parts.part_seq(path)
-        mine = [r for r in flip if found[r][0] == seq]
-        if not mine:
-            continue
-        t = pq.read_table(path)
-        t = t.filter(pc.is_in(t.column("row"), value_set=pa.array(mine, pa.int64())))
-        marks = pa.array([(r in gone) or None for r in t.column("row").to_pylist()], pa.bool_())
-        tables.append(t.set_column(t.schema.get_field_index("media_gone"), "media_gone", marks))
-    sink.write_part(pa.concat_tables(tables))
-    return len(flip)
+        t = pq.read_table(path, columns=["row", "media_gone"])
+        rows = t.column("row").to_numpy()
+        marked = pc.fill_null(t.column("media_gone"), False).to_numpy(zero_copy_only=False)
+        flip = marked != np.isin(rows, gone)
+        if flip.any():
+            t = pq.read_table(path).filter(pa.array(flip))
+            t = t.set_column(t.schema.get_field_index("media_gone"), "media_gone",
+                             pa.array(np.isin(t.column("row").to_numpy(), gone)).cast(pa.bool_()))
+            tables.append(t)
+    if not tables:
+        return 0
+    changed = pa.concat_tables(tables)
+    # a file that came back is unmarked with null, as rows of files never gone are
+    changed = changed.set_column(changed.schema.get_field_index("media_gone"), "media_gone",
+                                 pc.if_else(changed.column("media_gone"), True, pa.scalar(None, pa.bool_())))
+    sink.write_part(changed)
+    return changed.num_rows

@@ -320,7 +320,7 @@ class JobRun:
         self.done = state.done
         if not job.retry_errors:
             self.done[sink.positions_with_status(["error", "truncated"])] = True
-        self.first_pending = int(np.flatnonzero(~self.done)[0]) if (~self.done).any() else len(self.done)
+        self.first_pending = state.first_pending()  # state.done is self.done: the marks above count
         already = int(self.done[: self.limit].sum()) - unsendable
         self.summary = Summary(str(sink.dir), self.limit - unsendable, already)
         if self.folder is not None:
