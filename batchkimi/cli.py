@@ -1,7 +1,8 @@
 """``batchkimi``: thin click glue over the library.
 
 Exit codes: 0 every row ok; 1 a job-level error; 2 usage; 3 finished with failed rows;
-130 interrupted (run the same command to resume).
+4 stopped at its budget; 5 ``compare`` found a regression; 130 interrupted (run the same
+command to resume).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .config import Job, load_job, resolve_api_key
 from .errors import JobError, MissingKeyError
 
 EXIT_OK, EXIT_JOB_ERROR, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_BUDGET, EXIT_REGRESSION = 4, 5
 
 
 class _Fail(click.ClickException):
@@ -39,6 +41,10 @@ _OPTIONS: dict[str, Callable[[Any], Any]] = {
     "overwrite": click.option("--overwrite", is_flag=True, help="Delete the output directory first and start fresh."),
     "quiet": click.option("--quiet", is_flag=True, help="No progress bar."),
     "json-summary": click.option("--json-summary", is_flag=True, help="Print the summary as JSON on stdout."),
+    "max-cost": click.option("--max-cost", "max_cost_usd", type=float,
+                             help="Stop sending once this run's cost (USD, estimated, in flight counted) would pass this."),
+    "max-tokens-total": click.option("--max-tokens-total", "max_total_tokens", type=int,
+                                     help="Stop sending once this run's tokens (in flight counted) would pass this."),
 }
 
 
@@ -76,7 +82,7 @@ def cli() -> None:
 @click.option("--max-attempts", type=int, help="Attempts per row at most.", show_default="6")
 @click.option("--stop-after-failures", type=int, help="Stop when the first N rows all fail alike; 0: never.", show_default="20")
 @click.option("--retry-errors/--no-retry-errors", default=None, help="On resume, retry rows that failed.", show_default="retry")
-@_shared("overwrite")
+@_shared("max-cost", "max-tokens-total", "overwrite")
 @click.option("--dry-run", is_flag=True, help="Check every row, show the first request; send nothing.")
 @_shared("quiet", "json-summary")
 def run(job_file: Path | None, input_: str | None, dry_run: bool, quiet: bool, overwrite: bool,
@@ -99,7 +105,7 @@ def run(job_file: Path | None, input_: str | None, dry_run: bool, quiet: bool, o
 @_shared("base-url", "stream", "thinking", "max-tokens", "max-image-side", "concurrency", "rpm", "tpm")
 @click.option("--media-url-prefix", help="Send <prefix>/<relative path> URLs instead of the files' bytes.")
 @click.option("--limit", type=int, help="Only the first N files.", show_default="all")
-@_shared("overwrite")
+@_shared("max-cost", "max-tokens-total", "overwrite")
 @click.option("--dry-run", is_flag=True, help="Walk the folder, check every file, show the first request; send nothing.")
 @_shared("quiet", "json-summary")
 def caption(folder: Path, job_file: Path | None, dry_run: bool, quiet: bool, overwrite: bool, json_summary: bool,
@@ -157,6 +163,8 @@ def _go(job_file: Path | None, flags: dict[str, Any], *, dry_run: bool, quiet: b
         click.echo(f"stopped early: {summary.fatal}. Nothing done is lost: fix this and run the same command to resume.", err=True)
     elif summary.interrupted:
         click.echo("interrupted: run the same command to resume.", err=True)
+    elif summary.budget_stop:
+        click.echo("stopped at the budget: run the same command (with a larger budget) to go on.", err=True)
     elif summary.exit_code == EXIT_FAILED_ROWS:
         click.echo(f"some rows failed: see `batchkimi show {summary.output}` or the error_type and error_message "
                    "columns; run the same command to retry them (the output keeps one row per input row).", err=True)
@@ -231,6 +239,117 @@ def show(output: Path, head: int) -> None:
         if len(failed):
             click.echo(f"\nrows not ok ({len(failed)}):")
             click.echo(short(failed[["id", "row", "status", "error_type", "error_message"]].head(head)).to_string(index=False))
+
+
+def _specs_for(output: Path, job_file: Path | None) -> Any:
+    from .scoring import specs_of
+    from .sink import Sink
+
+    if job_file is not None:
+        job = load_job(job_file)
+        return specs_of(job.extract, job.score, job.tools)
+    manifest = Sink(output).read_manifest() or {}
+    saved = manifest.get("job") or {}
+    return specs_of(saved.get("extract"), saved.get("score"), saved.get("tools"))
+
+
+@cli.command()
+@click.argument("output", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--job", "job_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Take [extract] and [score] from this job file instead of the run's own.")
+def score(output: Path, job_file: Path | None) -> None:
+    """Extract and score OUTPUT's answers again (after changing a scorer): nothing is sent."""
+    from .scoring import score_output
+    from .summary import wilson
+
+    try:
+        specs = _specs_for(output, job_file)
+    except JobError as exc:
+        raise _Fail(str(exc)) from None
+    if specs.empty:
+        raise _Fail("nothing to do: the job has no [extract], no [score] and no tools (pass --job with them)")
+    counts = score_output(output, specs)
+    line = f"{counts['rows']} rows"
+    if counts.get("scored"):
+        low, high = wilson(counts["score_sum"], counts["scored"])
+        line += f"; accuracy {counts['score_sum'] / counts['scored']:.3f} (95% CI {low:.3f}-{high:.3f}) over {counts['scored']} scored"
+    if counts.get("extract_errors"):
+        line += f"; {counts['extract_errors']} extraction errors"
+    click.echo(line)
+
+
+@cli.command()
+@click.argument("output", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def report(output: Path, as_json: bool) -> None:
+    """Status, errors, finish reasons, tokens, cost, latency, retries and accuracy of OUTPUT."""
+    from .report import report as make_report
+    from .report import report_lines
+
+    r = make_report(output)
+    if as_json:
+        click.echo(json.dumps(r, indent=2, default=str))
+    else:
+        for line in report_lines(r):
+            click.echo(line)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--latest", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Compare the two newest runs under this folder (e.g. runs/nightly).")
+@click.option("--max-accuracy-drop", type=float, help="Fail (exit 5) if accuracy falls by more than this (0.02 = 2 points).")
+@click.option("--max-error-rate-rise", type=float, help="Fail (exit 5) if the share of failed rows rises by more than this.")
+@click.option("--significant", is_flag=True, help="Fail on an accuracy drop only when McNemar's test finds it significant (p < 0.05).")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+def compare(runs: tuple[Path, ...], latest: Path | None, max_accuracy_drop: float | None,
+            max_error_rate_rise: float | None, significant: bool, as_json: bool) -> None:
+    """Compare two runs (BEFORE AFTER): aggregates, rows whose score flipped, and whether it is a regression."""
+    from .report import compare as make_compare
+    from .report import compare_lines, latest_two, regressions
+
+    if latest is not None:
+        if runs:
+            raise click.UsageError("give two runs or --latest FOLDER, not both")
+        try:
+            runs = latest_two(latest)
+        except FileNotFoundError as exc:
+            raise _Fail(str(exc)) from None
+    if len(runs) != 2:
+        raise click.UsageError("compare needs two run outputs (BEFORE AFTER), or --latest FOLDER")
+    c = make_compare(runs[0], runs[1])
+    found = regressions(c, max_accuracy_drop=max_accuracy_drop, max_error_rate_rise=max_error_rate_rise,
+                        significant=significant)
+    c["regressions"] = found
+    if as_json:
+        click.echo(json.dumps(c, indent=2, default=str))
+    else:
+        for line in compare_lines(c):
+            click.echo(line)
+        for f in found:
+            click.echo(f"REGRESSION: {f}", err=True)
+    if found:
+        sys.exit(EXIT_REGRESSION)
+
+
+@cli.command()
+@click.argument("output", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "openai-batch"]), default="jsonl", show_default=True,
+              help="JSON Lines, CSV, or OpenAI Batch API output lines.")
+@click.option("--output", "dest", type=click.Path(dir_okay=False, path_type=Path), help="Write here (default: stdout).")
+def export(output: Path, fmt: str, dest: Path | None) -> None:
+    """Write OUTPUT's rows (with their scores) as JSONL, CSV or OpenAI Batch output, streamed."""
+    from .export import export as do_export
+
+    if dest is None:
+        n = do_export(output, fmt, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    else:
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        with open(tmp, "wb") as fh:
+            n = do_export(output, fmt, fh)
+        tmp.replace(dest)
+    click.echo(f"{n} rows written" + (f" to {dest}" if dest else ""), err=True)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import math
 import os
@@ -108,6 +109,20 @@ class Job:
     flush_interval_s: float = 30.0
     prices: Mapping[str, tuple[float, float, float]] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     simulator: Mapping[str, Any] = field(default_factory=dict)
+    # after the requests (see batchkimi.scoring): never part of what is sent
+    extract: Mapping[str, Any] = field(default_factory=dict)
+    score: Mapping[str, Any] = field(default_factory=dict)
+    # budget: stop sending once spent + in flight would pass it (0: none)
+    max_cost_usd: float = 0.0
+    max_total_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        # the columns scoring reads (expected answer, groups) are kept in the output
+        score = self.score if isinstance(self.score, Mapping) else {}
+        needed = [score.get("expected")] + list(score.get("group_by") or [])
+        extra = [c for c in needed if isinstance(c, str) and c and c not in self.keep_columns]
+        if extra:
+            object.__setattr__(self, "keep_columns", (*self.keep_columns, *dict.fromkeys(extra)))
 
     # ---- derived -------------------------------------------------------------------
     @property
@@ -172,12 +187,12 @@ class Job:
 _FIELDS = {f.name: f for f in dataclasses.fields(Job)}
 _PATH_KEYS = ("input", "output", "api_key_file", "media_root")
 _INT_KEYS = {"limit", "max_tokens", "n", "concurrency", "max_attempts", "rows_per_part", "stop_after_failures",
-             "max_image_side"}
+             "max_image_side", "max_total_tokens"}
 _FLOAT_KEYS = {
     "temperature", "top_p", "presence_penalty", "frequency_penalty", "rpm", "tpm",
     "max_retry_time_s", "backoff_base_s", "backoff_max_s", "max_retry_after_s",
     "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "attempt_timeout_s",
-    "grace_s", "flush_interval_s", "max_request_mb", "max_mb_in_flight",
+    "grace_s", "flush_interval_s", "max_request_mb", "max_mb_in_flight", "max_cost_usd",
 }
 _BOOL_KEYS = {"stream", "include_usage", "retry_errors", "kimi_rules"}
 _STR_KEYS = {
@@ -212,6 +227,10 @@ def load_job(path: Path | None = None, overrides: Mapping[str, Any] | None = Non
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = _coerce(key, value, "the command line")
+    if isinstance(values.get("output"), str) and "{" in values["output"]:
+        # a nightly job writes each night's run beside the last: output = "runs/{job}/{date}"
+        today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+        values["output"] = values["output"].replace("{date}", today).replace("{job}", Path(path).stem if path else "job")
     job = Job(**values)
     check_job(job)
     return job
@@ -252,7 +271,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, list | tuple) or not all(isinstance(t, dict) for t in value):
             raise bad("a list of tool objects")
         return tuple(value)
-    if key in ("extra_body", "simulator"):
+    if key in ("extra_body", "simulator", "extract", "score"):
         if not isinstance(value, dict):
             raise bad("a table")
         return dict(value)
@@ -317,6 +336,14 @@ def check_job(job: Job) -> None:
         raise ConfigError("stop must be a string or a list of strings")
     if job.tool_choice is not None and not isinstance(job.tool_choice, str | dict):
         raise ConfigError("tool_choice must be 'none', 'auto', 'required' or a function table")
+    if job.max_cost_usd < 0 or job.max_total_tokens < 0:
+        raise ConfigError("max_cost_usd and max_total_tokens must be 0 (no budget) or more")
+    if job.max_cost_usd and job.model not in job.prices:
+        raise ConfigError(f"max_cost_usd needs a price for {job.model}: add it to the prices table "
+                          "([input_miss, input_hit, output] USD per 1M tokens)")
+    from .scoring import specs_of
+
+    specs_of(job.extract, job.score, job.tools)  # raises ConfigError naming the key
     if job.applies_kimi_rules:
         _check_kimi_rules(job)
 

@@ -47,12 +47,14 @@ from .folder import (
 )
 from .media import MediaSettings, has_media, known_from, settings_for
 from .parts import ResumeState
+from .ratelimit import CompletionEstimate
 from .reader import InputScan, SourceRow, columns_seen, detect_format, read_rows, row_id, scan_input
 from .request import Prepared, RowInvalid, build_request
 from .results import invalid_row, kept_column_name, text
 from .rowengine import RowAbandoned, RowEngine, endpoint, limiter_of, policy_of
+from .scoring import score_output, specs_of
 from .sink import MANIFEST, Sink
-from .summary import Summary
+from .summary import Summary, cost_usd
 
 PREPARE_IN_THREAD = 32  # rows with media checked per trip to a worker thread
 _FOLDER_COLUMN = re.compile(r"^column '(image|video)': ")
@@ -243,6 +245,8 @@ class JobRun:
         self._watcher: asyncio.Task[None] | None = None
         self._where = ""
         self.folder: FolderScan | None = None
+        self._committed_usd = 0.0  # expected cost of the requests in flight (the budget counts them)
+        self._committed_tokens = 0
 
     # ---- stopping ------------------------------------------------------------------------
     def stop(self, reason: str, *, error: BaseException | None = None, fatal: str | None = None) -> None:
@@ -344,6 +348,7 @@ class JobRun:
             opened = contextlib.nullcontext(self.transport) if self.transport is not None else endpoint(job, self.key)
             async with opened as transport:
                 limiter = limiter_of(job)
+                self.completion = limiter.completion or CompletionEstimate(job.effective_max_tokens)
                 breaker = FailureBreaker(job.stop_after_failures)
                 self.engine = RowEngine(job, transport, limiter, policy_of(job), hook=self.hook, breaker=breaker)
                 try:
@@ -472,6 +477,9 @@ class JobRun:
                 if item is None or self.stopping:
                     return
                 pos, rid, prepared, kept, where = item
+                reserved = self._reserve(prepared)
+                if reserved is None:
+                    return  # the budget would be passed: this row stays pending
                 try:
                     row = await engine.process(rid, pos, prepared)
                 except RowAbandoned:
@@ -483,6 +491,9 @@ class JobRun:
                     self.stop(f"unexpected error on {where}",
                               error=JobError(f"unexpected error on {where} (id {rid}): {type(exc).__name__}: {exc}"))
                     return
+                finally:
+                    self._committed_usd -= reserved[0]
+                    self._committed_tokens -= reserved[1]
                 row.update(kept)
                 self.delivering.add(task)  # type: ignore[arg-type]
                 try:
@@ -493,6 +504,30 @@ class JobRun:
             self._live -= 1
             if self._live == 0 and self._watcher is not None:
                 self._watcher.cancel()
+
+    def _reserve(self, prepared: Prepared) -> tuple[float, int] | None:
+        """Count this request against the run's budget (spent, plus the expected cost of every
+        request in flight); None, and a stop, when it would pass it."""
+        job, s = self.job, self.summary
+        if not job.max_cost_usd and not job.max_total_tokens:
+            return 0.0, 0
+        completion = self.completion.tokens()
+        tokens = prepared.prompt_tokens_estimate + completion
+        usd = cost_usd(job.prices, job.model, prepared.prompt_tokens_estimate, completion, 0) or 0.0
+        over = None
+        if job.max_cost_usd and s.cost_usd + self._committed_usd + usd > job.max_cost_usd:
+            over = f"${s.cost_usd:.4f} spent and ${self._committed_usd:.4f} in flight, of a ${job.max_cost_usd:g} budget"
+        elif job.max_total_tokens and s.prompt_tokens + s.completion_tokens + self._committed_tokens + tokens > job.max_total_tokens:
+            over = (f"{s.prompt_tokens + s.completion_tokens:,} tokens used and about {self._committed_tokens:,} in flight, "
+                    f"of a {job.max_total_tokens:,}-token budget")
+        if over is not None:
+            if s.budget_stop is None:
+                s.budget_stop = over
+            self.stop(f"stopping at the budget: {over}")
+            return None
+        self._committed_usd += usd
+        self._committed_tokens += tokens
+        return usd, tokens
 
     async def _finish(self, row: dict[str, Any]) -> None:
         s = self.summary
@@ -572,11 +607,19 @@ class JobRun:
             final = Counter(sink.status_counts(below=below))
             final.update(summary.run_status)
             summary.final_status = dict(final)
+        specs = specs_of(job.extract, job.score, job.tools)
+        if not specs.empty:
+            try:
+                summary.scores = await asyncio.to_thread(score_output, sink.dir, specs)
+            except Exception as exc:  # noqa: BLE001 - the results stand; their scores can be made again
+                summary.notes.append(f"scoring failed ({type(exc).__name__}: {exc}); "
+                                     f"run `batchkimi score {sink.dir}` to try again")
         summary.wall_s = time.monotonic() - self.started
         summary.fatal = self.fatal
         if self.hook.error is not None and self.error is None:
             self.error = JobError(f"the progress hook raised {type(self.hook.error).__name__}: {self.hook.error}")
-        state = "failed" if self.error or self.fatal else "interrupted" if summary.interrupted else "finished"
+        state = ("failed" if self.error or self.fatal else "interrupted" if summary.interrupted
+                 else "stopped at the budget" if summary.budget_stop else "finished")
         sink.write_manifest(manifest_of(job, self.path, self.fmt, self.scan, self.manifest, state, summary, self.folder))
         if self.error is not None:
             raise self.error

@@ -38,6 +38,8 @@ from .journal import Journal, encode_rows, write_all
 from .parts import ResumeState
 from .results import RESULT_COLUMNS, kept_column_name, result_schema
 
+SCORES = "_scores.parquet"  # written by batchkimi.scoring
+
 __all__ = ["MANIFEST", "RESULT_COLUMNS", "ResumeState", "Sink", "kept_column_name", "read_results"]
 
 MANIFEST = "_manifest.json"
@@ -247,21 +249,32 @@ class Sink:
         )
 
 
-def read_results(output: str | os.PathLike[str], *, columns: list[str] | None = None) -> Any:
+def read_results(output: str | os.PathLike[str], *, columns: list[str] | None = None, scores: bool = True) -> Any:
     """The results of a run as a pandas DataFrame: one row per input row, the newest attempt,
-    ordered by input position. Correct even while the run is still writing."""
+    ordered by input position, with its scores (``_scores.parquet``, see :mod:`.scoring`)
+    joined when ``scores`` and they were computed for this very attempt. Correct even while the
+    run is still writing."""
     import pandas as pd
 
     path = Path(output)
     found = parts.part_paths(path)
     if not found:
         return pd.DataFrame({name: pd.Series(dtype=object) for name in (columns or RESULT_COLUMNS)})
+    scored = path / SCORES
+    score_table = pq.read_table(scored) if scores and scored.exists() else None
+    score_cols = [c for c in score_table.column_names if c not in ("row", "id", "finished_at")] if score_table is not None else []
+    base = None if columns is None else sorted((set(columns) - set(score_cols)) | {"row", "finished_at"})
     frames = []
     for p in found:
-        df = pq.read_table(p, columns=None if columns is None else sorted(set(columns) | {"row"})).to_pandas()
+        have = pq.read_schema(p).names
+        df = pq.read_table(p, columns=None if base is None else [c for c in base if c in have]).to_pandas()
         df["_seq"] = parts.part_seq(p)
         frames.append(df)
     df = pd.concat(frames, ignore_index=True)
     df = df.sort_values(["row", "_seq"]).drop_duplicates("row", keep="last").drop(columns="_seq")
+    if score_table is not None and (columns is None or set(columns) & set(score_cols)):
+        # a score made for an older attempt of the row is not this attempt's: matched on the time too
+        s = score_table.drop_columns(["id"]).to_pandas()
+        df = df.merge(s, on=["row", "finished_at"], how="left")
     df = df.reset_index(drop=True)
-    return df[columns] if columns is not None else df
+    return df[[c for c in columns if c in df.columns]] if columns is not None else df

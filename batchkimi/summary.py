@@ -9,6 +9,17 @@ from typing import Any
 FAILED_STATUSES = ("error", "invalid", "truncated")
 
 
+def wilson(k: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of k successes in n trials (95% by default)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def cost_usd(prices: Any, model: str | None, prompt: int | None, completion: int | None, cached: int | None) -> float | None:
     """(prompt - cached)·miss + cached·hit + completion·out, in USD; None for an unknown model."""
     triple = prices.get(model or "")
@@ -42,6 +53,8 @@ class Summary:
     stop_reason: str | None = None
     fatal: str | None = None
     notes: list[str] = field(default_factory=list)  # what the input said (a folder's walk)
+    budget_stop: str | None = None  # why the run stopped at its budget
+    scores: dict[str, Any] = field(default_factory=dict)  # what scoring the whole output found
 
     @property
     def pending_rows(self) -> int:
@@ -58,6 +71,8 @@ class Summary:
             return 1
         if self.interrupted:
             return 130
+        if self.budget_stop:
+            return 4
         if self.failed_rows or self.pending_rows:
             return 3
         return 0
@@ -76,6 +91,14 @@ class Summary:
         if self.rows_without_usage:
             out.append(f"{self.rows_without_usage} answered rows came without token usage: their tokens and cost "
                        "are unknown (the server reports usage in streams only when asked: set include_usage = true)")
+        if self.scores.get("scored"):
+            n, k = self.scores["scored"], self.scores["score_sum"]
+            low, high = wilson(k, n)
+            out.append(f"accuracy {k / n:.3f} (95% CI {low:.3f}-{high:.3f}) over {n} scored rows; "
+                       f"`batchkimi report {self.output}` for the rest")
+        if self.budget_stop:
+            out.append(f"stopped at the budget: {self.budget_stop}. Nothing is lost: run again (with a larger "
+                       "budget) to go on.")
         if self.errors:
             out.append("top errors:")
             out.extend(f"  {n}x {e}" for e, n in self.errors.most_common(5))
@@ -106,6 +129,8 @@ class Summary:
             "wall_s": round(self.wall_s, 3),
             "interrupted": self.interrupted,
             "fatal": self.fatal,
+            "budget_stop": self.budget_stop,
+            "scores": self.scores,
         }
 
 

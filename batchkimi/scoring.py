@@ -1,0 +1,428 @@
+"""Extract values from answers and score them, over a run's output, never re-sending a request.
+
+A job's ``[extract]`` table says how to pull a value out of each answer, its ``[score]`` table
+how to grade it against an expected column (both optional)::
+
+    [extract]
+    json = ["label", "confidence"]   # fields of a JSON answer -> extracted_label, extracted_confidence
+    # regex = "Answer:\\s*(\\w+)"    # group 1 (or the group named "value") -> extracted
+    # labels = ["positive", "negative", "neutral"]   # the label the answer names -> extracted
+
+    [score]
+    expected = "gold"                # the input column with the expected answer (kept automatically)
+    method = "label"                 # exact | normalized | contains | regex | numeric | json_field | label
+    tolerance = 1e-6                 # numeric: |answer - expected| at most this
+    field = "label"                  # json_field: the field compared
+    group_by = ["category"]          # accuracy by these columns too (kept automatically)
+
+:func:`score_output` reads the output part by part (flat memory) and writes
+``OUTPUT/_scores.parquet``, one row per output row: the extracted values, whether the row's
+tool-call arguments follow their tool's JSON schema, the expected value, ``score`` (1.0 right,
+0.0 wrong, null when there is nothing to score) and ``score_error`` (why there is no score, or
+why the extraction failed). A row that cannot be extracted or scored gets its reason, never a
+crash, and its request ``status`` is never changed. :func:`~batchkimi.sink.read_results`
+joins the scores to the rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import parts
+from .errors import ConfigError
+from .results import kept_column_name
+from .sink import SCORES
+
+METHODS = ("exact", "normalized", "contains", "regex", "numeric", "json_field", "label")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
+_EDGE_PUNCT = " \t\n\r.,;:!?\"'`*()[]{}<>"
+
+
+@dataclass(frozen=True)
+class ExtractSpec:
+    json: tuple[str, ...] = ()
+    regex: str | None = None
+    labels: tuple[str, ...] = ()
+
+    @property
+    def columns(self) -> list[str]:
+        return [f"extracted_{f}" for f in self.json] if self.json else ["extracted"]
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    expected: str
+    method: str = "exact"
+    tolerance: float = 1e-6
+    field: str | None = None
+    labels: tuple[str, ...] = ()
+    group_by: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Specs:
+    extract: ExtractSpec | None = None
+    score: ScoreSpec | None = None
+    tools: tuple[Any, ...] = ()  # the job's tools: their parameters are the schemas of the calls
+
+    @property
+    def empty(self) -> bool:
+        return self.extract is None and self.score is None and not self.tools
+
+    def needed_columns(self) -> list[str]:
+        """Input columns a run must keep for scoring."""
+        if self.score is None:
+            return []
+        return [self.score.expected, *self.score.group_by]
+
+
+def _strings(value: Any, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{key} must be a string or a list of strings, got {value!r}")
+
+
+def specs_of(extract: Mapping[str, Any] | None, score: Mapping[str, Any] | None, tools: Sequence[Any] | None = None) -> Specs:
+    """The job's ``extract`` and ``score`` tables, checked; raises ConfigError naming the key."""
+    ex = None
+    if extract:
+        unknown = set(extract) - {"json", "regex", "labels"}
+        if unknown:
+            raise ConfigError(f"extract has unknown keys: {', '.join(sorted(unknown))} (json, regex or labels)")
+        if len([k for k in ("json", "regex", "labels") if extract.get(k)]) != 1:
+            raise ConfigError("extract needs exactly one of: json (fields), regex (a pattern), labels (a list)")
+        regex = extract.get("regex")
+        if regex is not None:
+            if not isinstance(regex, str):
+                raise ConfigError("extract.regex must be a string")
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise ConfigError(f"extract.regex is not a valid regular expression: {exc}") from None
+        ex = ExtractSpec(_strings(extract["json"], "extract.json") if extract.get("json") else (), regex,
+                         _strings(extract["labels"], "extract.labels") if extract.get("labels") else ())
+    sc = None
+    if score:
+        unknown = set(score) - {"expected", "method", "tolerance", "field", "labels", "group_by"}
+        if unknown:
+            raise ConfigError(f"score has unknown keys: {', '.join(sorted(unknown))}")
+        expected = score.get("expected")
+        if not isinstance(expected, str) or not expected:
+            raise ConfigError("score.expected must name the input column holding the expected answer")
+        method = score.get("method", "exact")
+        if method not in METHODS:
+            raise ConfigError(f"score.method must be one of {', '.join(METHODS)}, got {method!r}")
+        tolerance = score.get("tolerance", 1e-6)
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or tolerance < 0:
+            raise ConfigError(f"score.tolerance must be a number of 0 or more, got {tolerance!r}")
+        fld = score.get("field")
+        if method == "json_field" and not (isinstance(fld, str) and fld):
+            raise ConfigError("score.method = 'json_field' needs score.field, the field to compare")
+        labels = _strings(score["labels"], "score.labels") if score.get("labels") else ()
+        if method == "label" and not labels and not (ex and ex.labels):
+            raise ConfigError("score.method = 'label' needs the labels: score.labels or extract.labels")
+        sc = ScoreSpec(expected, method, float(tolerance), fld, labels,
+                       _strings(score["group_by"], "score.group_by") if score.get("group_by") else ())
+    return Specs(ex, sc, tuple(tools or ()))
+
+
+# ---- text helpers ----------------------------------------------------------------------------
+def normalize(text: str) -> str:
+    """Case, width and whitespace folded; punctuation at the ends dropped."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(text.split()).strip(_EDGE_PUNCT)
+
+
+def last_number(text: str) -> float | None:
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def find_label(text: str, labels: Sequence[str]) -> str | None:
+    """The label an answer names: the whole answer, else the last label it mentions (a longer
+    label before a shorter one inside it); None when it names none."""
+    norm = normalize(text)
+    by_norm = {normalize(label): label for label in labels}
+    if norm in by_norm:
+        return by_norm[norm]
+    pattern = "|".join(re.escape(n) for n in sorted(by_norm, key=len, reverse=True) if n)
+    if not pattern:
+        return None
+    hits = list(re.finditer(rf"(?<!\w)(?:{pattern})(?!\w)", norm))
+    return by_norm[hits[-1].group(0)] if hits else None
+
+
+def answer_json(content: str) -> Any:
+    """The JSON in an answer: the whole answer, or a fenced ```json block, or the outermost {...}."""
+    text = content.strip()
+    candidates = [text]
+    fence = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)
+    if fence:
+        candidates.append(fence.group(1))
+    if "{" in text and "}" in text:
+        candidates.append(text[text.index("{"): text.rindex("}") + 1])
+    for c in candidates:
+        try:
+            return json.loads(c)
+        except ValueError:
+            continue
+    raise ValueError("the answer is not JSON")
+
+
+def as_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+# ---- one row -----------------------------------------------------------------------------------
+@dataclass
+class RowScore:
+    extracted: dict[str, str | None] = field(default_factory=dict)
+    extract_error: str | None = None
+    tool_calls_valid: bool | None = None
+    tool_calls_error: str | None = None
+    score: float | None = None
+    score_error: str | None = None
+
+
+def extract(content: str, spec: ExtractSpec) -> tuple[dict[str, str | None], str | None]:
+    """(column -> value, error)."""
+    if spec.json:
+        try:
+            obj = answer_json(content)
+        except ValueError as exc:
+            return dict.fromkeys(spec.columns), str(exc)
+        if not isinstance(obj, dict):
+            return dict.fromkeys(spec.columns), f"the answer's JSON is {type(obj).__name__}, not an object"
+        missing = [f for f in spec.json if f not in obj]
+        values = {f"extracted_{f}": as_text(obj.get(f)) for f in spec.json}
+        return values, (f"the answer's JSON has no {', '.join(missing)}" if missing else None)
+    if spec.regex is not None:
+        m = re.search(spec.regex, content)
+        if m is None:
+            return {"extracted": None}, "the regex does not match the answer"
+        value = m.groupdict().get("value") or (m.group(1) if m.re.groups else m.group(0))
+        return {"extracted": value}, None
+    label = find_label(content, spec.labels)
+    return {"extracted": label}, (None if label is not None else f"the answer names none of: {', '.join(spec.labels)}")
+
+
+def check_tool_calls(raw: str | None, schemas: Mapping[str, Any]) -> tuple[bool | None, str | None]:
+    """Whether every tool call's arguments are JSON following its tool's parameters schema."""
+    if not raw:
+        return None, None
+    import jsonschema
+
+    try:
+        calls = json.loads(raw)
+    except ValueError:
+        return False, "tool_calls is not JSON"
+    for i, call in enumerate(calls if isinstance(calls, list) else []):
+        fn = call.get("function") if isinstance(call, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if name not in schemas:
+            return False, f"call {i} names an unknown tool {name!r}"
+        try:
+            args = json.loads(fn.get("arguments") or "{}")  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            return False, f"call {i} ({name}): the arguments are not JSON"
+        schema = schemas[name]
+        if schema:
+            try:
+                jsonschema.validate(args, schema)
+            except jsonschema.ValidationError as exc:
+                return False, f"call {i} ({name}): {exc.message}"
+            except jsonschema.SchemaError as exc:
+                return False, f"the schema of tool {name} is not valid JSON Schema: {exc.message}"
+    return True, None
+
+
+def grade(value: str, expected: str, spec: ScoreSpec, labels: Sequence[str]) -> tuple[float | None, str | None]:
+    """(score, error) of one answer value against its expected value."""
+    method = spec.method
+    if method == "exact":
+        return float(value.strip() == expected.strip()), None
+    if method == "normalized":
+        return float(normalize(value) == normalize(expected)), None
+    if method == "contains":
+        return float(normalize(expected) in normalize(value)), None
+    if method == "regex":
+        try:
+            return float(re.search(expected, value) is not None), None
+        except re.error as exc:
+            return None, f"the expected value is not a valid regular expression: {exc}"
+    if method == "numeric":
+        want = last_number(expected)
+        if want is None:
+            return None, f"the expected value {expected[:60]!r} holds no number"
+        got = last_number(value)
+        if got is None:
+            return 0.0, "the answer holds no number"
+        return float(math.isclose(got, want, rel_tol=0.0, abs_tol=spec.tolerance)), None
+    if method == "json_field":
+        try:
+            obj = answer_json(value)
+        except ValueError as exc:
+            return 0.0, str(exc)
+        if not isinstance(obj, dict) or spec.field not in obj:
+            return 0.0, f"the answer's JSON has no {spec.field}"
+        return float(normalize(as_text(obj[spec.field]) or "") == normalize(expected)), None
+    label = find_label(value, labels)
+    if label is None:
+        return 0.0, f"the answer names none of: {', '.join(labels)}"
+    return float(normalize(label) == normalize(expected)), None
+
+
+def score_row(status: str, content: str | None, tool_calls: str | None, expected: str | None, specs: Specs,
+              schemas: Mapping[str, Any]) -> RowScore:
+    out = RowScore()
+    answered = status in ("ok", "truncated") and content is not None
+    if specs.extract is not None:
+        if answered:
+            out.extracted, out.extract_error = extract(content or "", specs.extract)
+        else:
+            out.extracted = dict.fromkeys(specs.extract.columns)
+    if schemas and status in ("ok", "truncated"):
+        out.tool_calls_valid, out.tool_calls_error = check_tool_calls(tool_calls, schemas)
+    sc = specs.score
+    if sc is None:
+        return out
+    if not answered:
+        out.score_error = f"no answer to score (status {status})"
+        return out
+    if expected is None or expected == "":
+        out.score_error = f"no expected value in column '{sc.expected}'"
+        return out
+    ex = specs.extract
+    value = content or ""
+    if ex is not None and sc.method != "json_field":
+        first = next(iter(out.extracted.values()), None)
+        if first is None:
+            out.score, out.score_error = 0.0, out.extract_error or "nothing was extracted"
+            return out
+        value = first
+    out.score, out.score_error = grade(value, expected, sc, sc.labels or (ex.labels if ex else ()))
+    return out
+
+
+# ---- over an output ----------------------------------------------------------------------------
+def tool_schemas(tools: Sequence[Any]) -> dict[str, Any]:
+    out = {}
+    for t in tools:
+        fn = t.get("function") if isinstance(t, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            out[fn["name"]] = fn.get("parameters") or {}
+    return out
+
+
+def _newest(paths: list[Path]) -> np.ndarray:
+    """For each row position, the sequence number of the part holding its newest copy."""
+    rows, seqs = [], []
+    for p in paths:
+        r = pq.read_table(p, columns=["row"]).column("row").to_numpy()
+        rows.append(r)
+        seqs.append(np.full(len(r), parts.part_seq(p), dtype=np.int64))
+    if not rows:
+        return np.zeros(0, dtype=np.int64)
+    r, s = np.concatenate(rows), np.concatenate(seqs)
+    newest = np.full(int(r.max()) + 1 if len(r) else 0, -1, dtype=np.int64)
+    np.maximum.at(newest, r, s)
+    return newest
+
+
+def score_schema(specs: Specs) -> pa.Schema:
+    fields = [pa.field("row", pa.int64()), pa.field("id", pa.string()),
+              pa.field("finished_at", pa.timestamp("ms", tz="UTC"))]
+    if specs.extract is not None:
+        fields += [pa.field(c, pa.string()) for c in specs.extract.columns]
+        fields.append(pa.field("extract_error", pa.string()))
+    if specs.tools:
+        fields += [pa.field("tool_calls_valid", pa.bool_()), pa.field("tool_calls_error", pa.string())]
+    if specs.score is not None:
+        fields += [pa.field("expected", pa.string()), pa.field("score", pa.float64()), pa.field("score_error", pa.string())]
+    return pa.schema(fields)
+
+
+def iter_newest(out: Path, columns: list[str]) -> Iterator[pa.Table]:
+    """Each part's newest rows (a row retried later is read from its newest part only)."""
+    paths = parts.part_paths(out)
+    newest = _newest(paths)
+    for p in paths:
+        have = set(pq.read_schema(p).names)
+        t = pq.read_table(p, columns=[c for c in columns if c in have])
+        for c in columns:
+            if c not in have:
+                t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
+        keep = newest[t.column("row").to_numpy()] == parts.part_seq(p)
+        yield t if keep.all() else t.filter(pa.array(keep))
+
+
+def score_output(out: Path, specs: Specs) -> dict[str, Any]:
+    """Write ``OUTPUT/_scores.parquet`` (atomically, a part at a time); a summary of what was scored."""
+    out = Path(out)
+    target = out / SCORES
+    if specs.empty:
+        target.unlink(missing_ok=True)
+        return {"rows": 0}
+    schema = score_schema(specs)
+    schemas = tool_schemas(specs.tools)
+    sc = specs.score
+    expected_col = kept_column_name(sc.expected) if sc else None
+    columns = ["row", "id", "status", "content", "tool_calls", "finished_at"] + ([expected_col] if expected_col else [])
+    tmp = target.with_name(f".{target.name}.tmp")
+    counts = {"rows": 0, "scored": 0, "score_sum": 0.0, "extract_errors": 0}
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for t in iter_newest(out, columns):
+            data = {name: [] for name in schema.names}
+            cols = {c: t.column(c).to_pylist() for c in columns if c != "finished_at"}
+            for i in range(t.num_rows):
+                expected = cols[expected_col][i] if expected_col else None
+                r = score_row(cols["status"][i], cols["content"][i], cols["tool_calls"][i], expected, specs, schemas)
+                data["row"].append(cols["row"][i])
+                data["id"].append(cols["id"][i])
+                if specs.extract is not None:
+                    for c in specs.extract.columns:
+                        data[c].append(r.extracted.get(c))
+                    data["extract_error"].append(r.extract_error)
+                    counts["extract_errors"] += r.extract_error is not None
+                if specs.tools:
+                    data["tool_calls_valid"].append(r.tool_calls_valid)
+                    data["tool_calls_error"].append(r.tool_calls_error)
+                if sc is not None:
+                    data["expected"].append(expected)
+                    data["score"].append(r.score)
+                    data["score_error"].append(r.score_error)
+                    if r.score is not None:
+                        counts["scored"] += 1
+                        counts["score_sum"] += r.score
+            arrays = []
+            for f in schema:
+                if f.name == "finished_at":
+                    arrays.append(t.column("finished_at").cast(f.type))
+                else:
+                    arrays.append(pa.array(data[f.name], type=f.type))
+            writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+            counts["rows"] += t.num_rows
+    os.replace(tmp, target)
+    parts.fsync_dir(out)
+    return counts
