@@ -26,6 +26,7 @@ joins the scores to the rows.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -143,8 +144,9 @@ def specs_of(extract: Mapping[str, Any] | None, score: Mapping[str, Any] | None,
 # ---- text helpers ----------------------------------------------------------------------------
 def normalize(text: str) -> str:
     """Case, width and whitespace folded; punctuation at the ends dropped."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(text.split()).strip(_EDGE_PUNCT)
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)
+    return " ".join(text.casefold().split()).strip(_EDGE_PUNCT)
 
 
 def last_number(text: str) -> float | None:
@@ -157,18 +159,25 @@ def last_number(text: str) -> float | None:
         return None
 
 
+@functools.lru_cache(maxsize=64)
+def _labeler(labels: tuple[str, ...]) -> tuple[dict[str, str], re.Pattern[str] | None]:
+    """The labels by their normal form, and one pattern finding any of them as whole words."""
+    by_norm = {normalize(label): label for label in labels}
+    alternatives = "|".join(re.escape(n) for n in sorted(by_norm, key=len, reverse=True) if n)
+    return by_norm, re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)") if alternatives else None
+
+
 def find_label(text: str, labels: Sequence[str]) -> str | None:
     """The label an answer names: the whole answer, else the last label it mentions (a longer
     label before a shorter one inside it); None when it names none."""
+    by_norm, pattern = _labeler(tuple(labels))
     norm = normalize(text)
-    by_norm = {normalize(label): label for label in labels}
     if norm in by_norm:
         return by_norm[norm]
-    pattern = "|".join(re.escape(n) for n in sorted(by_norm, key=len, reverse=True) if n)
-    if not pattern:
-        return None
-    hits = list(re.finditer(rf"(?<!\w)(?:{pattern})(?!\w)", norm))
-    return by_norm[hits[-1].group(0)] if hits else None
+    last = None
+    for last in pattern.finditer(norm) if pattern is not None else ():
+        pass
+    return by_norm[last.group(0)] if last is not None else None
 
 
 def answer_json(content: str) -> Any:

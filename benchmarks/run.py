@@ -240,6 +240,23 @@ def media_videos(small: int, large: int, mb: int, budget_mb: int, concurrency: i
              f"simulator at once (without the budget: {unbounded:.0f} MB)", "target <= 1.2x", verdict(ratio <= 1.2))]
 
 
+def scoring(small: int, large: int) -> list[Row]:
+    """Extracting and scoring a written output (labels): memory as it grows, time per row
+    against a minimal read-and-compare loop."""
+    for n in (small, large):
+        run_scenario("scoring_client.py", "make", str(n), timeout=3600)
+    a = run_scenario("scoring_client.py", "score", str(small))
+    b = run_scenario("scoring_client.py", "score", str(large))
+    base = run_scenario("scoring_client.py", "baseline", str(large))
+    assert b["rows"] == b["scored"] == large, b
+    ratio = b["peak_rss_mb"] / a["peak_rss_mb"]
+    return [("10. scoring", f"peak RSS scoring {small:,} vs {large:,} rows (label extraction + label scorer)",
+             f"{a['peak_rss_mb']:.0f} MB vs {b['peak_rss_mb']:.0f} MB = **{ratio:.2f}x**", "target <= 1.2x", verdict(ratio <= 1.2)),
+            ("10. scoring", f"time to score {large:,} rows",
+             f"**{b['wall_s']:.1f} s** ({large / b['wall_s']:,.0f} rows/s); a minimal read-and-compare loop: "
+             f"{base['wall_s']:.1f} s (**{b['wall_s'] / base['wall_s']:.1f}x**)", "in seconds", "")]
+
+
 def resume(rows: int) -> list[Row]:
     done = rows - 1000
     run_scenario("engine_client.py", "prepare", str(rows), str(done))
@@ -305,7 +322,7 @@ def machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes and shorter rate runs")
-    ap.add_argument("--only", default="overhead,waiting,streams,memory,media,resume,overload,rate")
+    ap.add_argument("--only", default="overhead,waiting,streams,memory,media,scoring,resume,overload,rate")
     ap.add_argument("--repeats", type=int, default=None, help="runs of each speed figure (default 3; --quick 2)")
     ap.add_argument("--rate-repeats", type=int, default=None, help="runs of each rate-accuracy scenario (default 5; --quick 1)")
     ap.add_argument("--output", default=str(HERE / "RESULTS.md"))
@@ -320,6 +337,7 @@ def main() -> None:
         "streams": lambda: streams(2000 if q else 4000, 1000 if q else 2000, 20.0),
         "memory": lambda: memory(10_000, 200_000 if q else 1_000_000),
         "media": lambda: media(1000, 10_000),
+        "scoring": lambda: scoring(100_000, 1_000_000),
         "resume": lambda: resume(201_000 if q else 1_001_000),
         "overload": lambda: overload(5000 if q else 5000, 200, 0.3, 0.005),
         "rate": lambda: rate(90 if q else 180, rate_repeats),
