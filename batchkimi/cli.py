@@ -281,11 +281,20 @@ def score(output: Path, job_file: Path | None) -> None:
 @cli.command()
 @click.argument("output", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def report(output: Path, as_json: bool) -> None:
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write one self-contained page with plots (and a contact sheet for images).")
+def report(output: Path, as_json: bool, html_file: Path | None) -> None:
     """Status, errors, finish reasons, tokens, cost, latency, retries and accuracy of OUTPUT."""
     from .report import report as make_report
     from .report import report_lines
 
+    if html_file is not None:
+        try:
+            from .htmlreport import write_html
+        except ImportError as exc:  # matplotlib is an extra
+            raise _Fail(f"--html needs matplotlib ({exc}): pip install 'batchkimi[report]'") from None
+        for path in write_html(output, html_file):
+            click.echo(f"wrote {path}", err=True)
     r = make_report(output)
     if as_json:
         click.echo(json.dumps(r, indent=2, default=str))

@@ -174,10 +174,10 @@ def find_label(text: str, labels: Sequence[str]) -> str | None:
     norm = normalize(text)
     if norm in by_norm:
         return by_norm[norm]
-    last = None
-    for last in pattern.finditer(norm) if pattern is not None else ():
-        pass
-    return by_norm[last.group(0)] if last is not None else None
+    if pattern is None:
+        return None
+    hits = pattern.findall(norm)
+    return by_norm[hits[-1]] if hits else None
 
 
 def answer_json(content: str) -> Any:
