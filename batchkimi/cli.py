@@ -241,16 +241,16 @@ def show(output: Path, head: int) -> None:
             click.echo(short(failed[["id", "row", "status", "error_type", "error_message"]].head(head)).to_string(index=False))
 
 
-def _specs_for(output: Path, job_file: Path | None) -> Any:
-    from .scoring import specs_of
+def _job_for(output: Path, job_file: Path | None) -> Job:
+    """The job whose [extract] and [score] apply: a job file's, or the run's own (its manifest)."""
     from .sink import Sink
 
     if job_file is not None:
-        job = load_job(job_file)
-        return specs_of(job.extract, job.score, job.tools)
-    manifest = Sink(output).read_manifest() or {}
-    saved = manifest.get("job") or {}
-    return specs_of(saved.get("extract"), saved.get("score"), saved.get("tools"))
+        return load_job(job_file)
+    saved = (Sink(output).read_manifest() or {}).get("job")
+    if not saved:
+        raise _Fail(f"{output} holds no batchkimi manifest: pass --job with the [extract] and [score] to use")
+    return load_job(None, saved)
 
 
 @cli.command()
@@ -258,17 +258,27 @@ def _specs_for(output: Path, job_file: Path | None) -> Any:
 @click.option("--job", "job_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Take [extract] and [score] from this job file instead of the run's own.")
 def score(output: Path, job_file: Path | None) -> None:
-    """Extract and score OUTPUT's answers again (after changing a scorer): nothing is sent."""
-    from .scoring import score_output
+    """Extract and score OUTPUT's answers again (after changing a scorer). Nothing is sent,
+    except, for a model-graded score, the grading requests of answers not graded yet."""
+    import asyncio
+
+    from .grader import grade_pending, known_grades
+    from .scoring import score_output, specs_of
     from .summary import wilson
 
     try:
-        specs = _specs_for(output, job_file)
+        job = _job_for(output, job_file)
+        specs = specs_of(job.extract, job.score, job.tools)
+        if specs.empty:
+            raise _Fail("nothing to do: the job has no [extract], no [score] and no tools (pass --job with them)")
+        grades = None
+        if specs.score is not None and specs.score.method == "model":
+            graded = asyncio.run(grade_pending(output, job, specs, resolve_api_key(job)))
+            click.echo(f"model grader: {graded['graded_now']} answers graded now, {graded['answers']} in all", err=True)
+            grades = known_grades(output)
     except JobError as exc:
         raise _Fail(str(exc)) from None
-    if specs.empty:
-        raise _Fail("nothing to do: the job has no [extract], no [score] and no tools (pass --job with them)")
-    counts = score_output(output, specs)
+    counts = score_output(output, specs, grades)
     line = f"{counts['rows']} rows"
     if counts.get("scored"):
         low, high = wilson(counts["score_sum"], counts["scored"])

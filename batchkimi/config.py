@@ -119,7 +119,8 @@ class Job:
     def __post_init__(self) -> None:
         # the columns scoring reads (expected answer, groups) are kept in the output
         score = self.score if isinstance(self.score, Mapping) else {}
-        needed = [score.get("expected")] + list(score.get("group_by") or [])
+        groups = score.get("group_by") or []
+        needed = [score.get("expected"), score.get("question"), *([groups] if isinstance(groups, str) else groups)]
         extra = [c for c in needed if isinstance(c, str) and c and c not in self.keep_columns]
         if extra:
             object.__setattr__(self, "keep_columns", (*self.keep_columns, *dict.fromkeys(extra)))

@@ -45,6 +45,7 @@ from .folder import (
     stale_positions,
     write_index,
 )
+from .grader import grade_pending, known_grades
 from .media import MediaSettings, has_media, known_from, settings_for
 from .parts import ResumeState
 from .ratelimit import CompletionEstimate
@@ -610,7 +611,14 @@ class JobRun:
         specs = specs_of(job.extract, job.score, job.tools)
         if not specs.empty:
             try:
-                summary.scores = await asyncio.to_thread(score_output, sink.dir, specs)
+                grades = None
+                if specs.score is not None and specs.score.method == "model" and not (
+                        self.error or self.fatal or summary.interrupted or summary.budget_stop):
+                    graded = await grade_pending(sink.dir, job, specs, self.key)
+                    summary.notes.append(f"model grader: {graded['graded_now']} answers graded now, "
+                                         f"{graded['answers']} in all")
+                    grades = await asyncio.to_thread(known_grades, sink.dir)
+                summary.scores = await asyncio.to_thread(score_output, sink.dir, specs, grades)
             except Exception as exc:  # noqa: BLE001 - the results stand; their scores can be made again
                 summary.notes.append(f"scoring failed ({type(exc).__name__}: {exc}); "
                                      f"run `batchkimi score {sink.dir}` to try again")

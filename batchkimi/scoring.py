@@ -46,7 +46,7 @@ from .errors import ConfigError
 from .results import kept_column_name
 from .sink import SCORES
 
-METHODS = ("exact", "normalized", "contains", "regex", "numeric", "json_field", "label")
+METHODS = ("exact", "normalized", "contains", "regex", "numeric", "json_field", "label", "model")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
 _EDGE_PUNCT = " \t\n\r.,;:!?\"'`*()[]{}<>"
 
@@ -70,6 +70,9 @@ class ScoreSpec:
     field: str | None = None
     labels: tuple[str, ...] = ()
     group_by: tuple[str, ...] = ()
+    question: str | None = None  # model: the input column with the question (kept automatically)
+    grader_prompt: str | None = None  # model: {question}, {reference}, {answer}; see batchkimi.grader
+    grader_model: str | None = None  # model: default, the job's model
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ class Specs:
         """Input columns a run must keep for scoring."""
         if self.score is None:
             return []
-        return [self.score.expected, *self.score.group_by]
+        return [self.score.expected, *self.score.group_by, *([self.score.question] if self.score.question else [])]
 
 
 def _strings(value: Any, key: str) -> tuple[str, ...]:
@@ -118,7 +121,8 @@ def specs_of(extract: Mapping[str, Any] | None, score: Mapping[str, Any] | None,
                          _strings(extract["labels"], "extract.labels") if extract.get("labels") else ())
     sc = None
     if score:
-        unknown = set(score) - {"expected", "method", "tolerance", "field", "labels", "group_by"}
+        unknown = set(score) - {"expected", "method", "tolerance", "field", "labels", "group_by", "question",
+                                "grader_prompt", "grader_model"}
         if unknown:
             raise ConfigError(f"score has unknown keys: {', '.join(sorted(unknown))}")
         expected = score.get("expected")
@@ -136,8 +140,14 @@ def specs_of(extract: Mapping[str, Any] | None, score: Mapping[str, Any] | None,
         labels = _strings(score["labels"], "score.labels") if score.get("labels") else ()
         if method == "label" and not labels and not (ex and ex.labels):
             raise ConfigError("score.method = 'label' needs the labels: score.labels or extract.labels")
+        for key in ("question", "grader_prompt", "grader_model"):
+            if score.get(key) is not None and not isinstance(score[key], str):
+                raise ConfigError(f"score.{key} must be a string")
+        if score.get("grader_prompt") and "{answer}" not in score["grader_prompt"]:
+            raise ConfigError("score.grader_prompt must hold {answer} (and may hold {question} and {reference})")
         sc = ScoreSpec(expected, method, float(tolerance), fld, labels,
-                       _strings(score["group_by"], "score.group_by") if score.get("group_by") else ())
+                       _strings(score["group_by"], "score.group_by") if score.get("group_by") else (),
+                       score.get("question"), score.get("grader_prompt"), score.get("grader_model"))
     return Specs(ex, sc, tuple(tools or ()))
 
 
@@ -212,6 +222,8 @@ class RowScore:
     tool_calls_error: str | None = None
     score: float | None = None
     score_error: str | None = None
+    grade_explanation: str | None = None
+    grade_reasoning: str | None = None
 
 
 def extract(content: str, spec: ExtractSpec) -> tuple[dict[str, str | None], str | None]:
@@ -303,7 +315,7 @@ def grade(value: str, expected: str, spec: ScoreSpec, labels: Sequence[str]) -> 
 
 
 def score_row(status: str, content: str | None, tool_calls: str | None, expected: str | None, specs: Specs,
-              schemas: Mapping[str, Any]) -> RowScore:
+              schemas: Mapping[str, Any], *, question: str | None = None, grades: Mapping[str, Any] | None = None) -> RowScore:
     out = RowScore()
     answered = status in ("ok", "truncated") and content is not None
     if specs.extract is not None:
@@ -321,6 +333,16 @@ def score_row(status: str, content: str | None, tool_calls: str | None, expected
         return out
     if expected is None or expected == "":
         out.score_error = f"no expected value in column '{sc.expected}'"
+        return out
+    if sc.method == "model":
+        from .grader import grade_key
+
+        g = (grades or {}).get(grade_key(question, expected, content))
+        if g is None:
+            out.score_error = "not graded yet: run `batchkimi score` (it sends the grading requests)"
+        else:
+            out.score, out.score_error = g.score, g.error
+            out.grade_explanation, out.grade_reasoning = g.explanation, g.reasoning
         return out
     ex = specs.extract
     value = content or ""
@@ -369,6 +391,8 @@ def score_schema(specs: Specs) -> pa.Schema:
         fields += [pa.field("tool_calls_valid", pa.bool_()), pa.field("tool_calls_error", pa.string())]
     if specs.score is not None:
         fields += [pa.field("expected", pa.string()), pa.field("score", pa.float64()), pa.field("score_error", pa.string())]
+        if specs.score.method == "model":
+            fields += [pa.field("grade_explanation", pa.string()), pa.field("grade_reasoning", pa.string())]
     return pa.schema(fields)
 
 
@@ -386,8 +410,10 @@ def iter_newest(out: Path, columns: list[str]) -> Iterator[pa.Table]:
         yield t if keep.all() else t.filter(pa.array(keep))
 
 
-def score_output(out: Path, specs: Specs) -> dict[str, Any]:
-    """Write ``OUTPUT/_scores.parquet`` (atomically, a part at a time); a summary of what was scored."""
+def score_output(out: Path, specs: Specs, grades: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``OUTPUT/_scores.parquet`` (atomically, a part at a time); a summary of what was
+    scored. ``grades``: the model grader's verdicts by content key (see :mod:`.grader`); read
+    from the output when not given."""
     out = Path(out)
     target = out / SCORES
     if specs.empty:
@@ -397,7 +423,13 @@ def score_output(out: Path, specs: Specs) -> dict[str, Any]:
     schemas = tool_schemas(specs.tools)
     sc = specs.score
     expected_col = kept_column_name(sc.expected) if sc else None
-    columns = ["row", "id", "status", "content", "tool_calls", "finished_at"] + ([expected_col] if expected_col else [])
+    question_col = kept_column_name(sc.question) if sc and sc.question else None
+    columns = ["row", "id", "status", "content", "tool_calls", "finished_at"] + \
+        [c for c in (expected_col, question_col) if c]
+    if sc is not None and sc.method == "model" and grades is None:
+        from .grader import known_grades
+
+        grades = known_grades(out)
     tmp = target.with_name(f".{target.name}.tmp")
     counts = {"rows": 0, "scored": 0, "score_sum": 0.0, "extract_errors": 0}
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
@@ -406,7 +438,8 @@ def score_output(out: Path, specs: Specs) -> dict[str, Any]:
             cols = {c: t.column(c).to_pylist() for c in columns if c != "finished_at"}
             for i in range(t.num_rows):
                 expected = cols[expected_col][i] if expected_col else None
-                r = score_row(cols["status"][i], cols["content"][i], cols["tool_calls"][i], expected, specs, schemas)
+                r = score_row(cols["status"][i], cols["content"][i], cols["tool_calls"][i], expected, specs, schemas,
+                              question=cols[question_col][i] if question_col else None, grades=grades)
                 data["row"].append(cols["row"][i])
                 data["id"].append(cols["id"][i])
                 if specs.extract is not None:
@@ -421,6 +454,9 @@ def score_output(out: Path, specs: Specs) -> dict[str, Any]:
                     data["expected"].append(expected)
                     data["score"].append(r.score)
                     data["score_error"].append(r.score_error)
+                    if sc.method == "model":
+                        data["grade_explanation"].append(r.grade_explanation)
+                        data["grade_reasoning"].append(r.grade_reasoning)
                     if r.score is not None:
                         counts["scored"] += 1
                         counts["score_sum"] += r.score

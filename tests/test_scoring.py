@@ -293,3 +293,45 @@ def test_tool_rows_record_whether_their_arguments_are_valid(tmp_path: Path, simu
     assert with_calls.loc[with_calls["tool_calls_valid"] == True, "tool_calls_error"].isna().all()  # noqa: E712
     assert json.loads(CliRunner().invoke(cli, ["report", job.output, "--json"]).output)["tool_calls_valid"] == {
         "rows": 30, "valid": 30 - len(broken)}
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"correct": true, "explanation": "same city"}', (1.0, "same city", None)),
+    ('```json\n{"correct": false}\n```', (0.0, None, None)),
+    ('{"score": 0.5, "explanation": "half"}', (0.5, "half", None)),
+    ('{"score": 7}', (None, None, "the grader's JSON has neither 'correct' (true/false) nor 'score' (0 to 1)")),
+    ("Correct!", (None, None, "the grader's answer is not JSON")),
+])
+def test_grader_verdicts(content: str, expected: tuple) -> None:
+    from batchkimi.grader import verdict
+
+    assert verdict(content) == expected
+
+
+def test_a_model_graded_run_grades_each_distinct_answer_once(tmp_path: Path, simulator) -> None:
+    from batchkimi.grader import DEFAULT_PROMPT, grader_job
+    from batchkimi.request import build_request
+
+    h = simulator()
+    job = load_job(ROOT / "jobs" / "graded_eval.toml", {"output": str(tmp_path / "g"), "base_url": h.base_url})
+    summary = batchkimi.run(job)
+    stats = h.simulator.stats_json()
+    assert summary.scores["scored"] == 12 and stats["requests"] == 24  # 12 answers, then 12 grades
+    df = read_results(job.output)
+    assert set(df["score"]) == {0.0, 1.0} and df["grade_explanation"].notna().all()
+    # the simulated grader says "correct" exactly when the answer states the reference
+    stated = [r.lower() in a.lower() for r, a in zip(df["reference"], df["content"], strict=True)]
+    assert df["score"].tolist() == [float(x) for x in stated]
+    (Path(job.output) / "_scores.parquet").unlink()
+    r = CliRunner().invoke(cli, ["score", job.output])
+    assert r.exit_code == 0 and "0 answers graded now, 12 in all" in r.output
+    assert h.simulator.stats_json()["requests"] == 24  # every grade came from the cache
+    assert read_results(job.output)["score"].tolist() == df["score"].tolist()
+    # what the grader is asked
+    specs = specs_of(job.extract, job.score, job.tools)
+    gj = grader_job(job, specs, tmp_path / "x.jsonl", tmp_path / "y")
+    body = build_request({"key": "k", "question": "Q?", "reference": "R", "answer": "A"}, gj).body
+    prompt = body["messages"][-1]["content"]
+    assert gj.prompt_template == DEFAULT_PROMPT and body["response_format"] == {"type": "json_object"}
+    assert "### Question\nQ?" in prompt and "### Reference\nR" in prompt and "### Answer\nA" in prompt
+    assert '{"correct": true or false' in prompt

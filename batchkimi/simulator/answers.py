@@ -114,6 +114,24 @@ def _describe(m: Any) -> str:
     return f"A linked {m.kind}"
 
 
+_SECTION = re.compile(r"^###\s*(\w+)\s*$", re.M)
+
+
+def _grade(prompt: str) -> str | None:
+    """A grader's verdict, for a prompt with "### Reference" and "### Answer" sections: correct
+    when the answer holds the reference's words (case and punctuation aside)."""
+    marks = list(_SECTION.finditer(prompt))
+    sections = {m.group(1).lower(): prompt[m.end(): marks[i + 1].start() if i + 1 < len(marks) else len(prompt)].strip()
+                for i, m in enumerate(marks)}
+    if "reference" not in sections or "answer" not in sections:
+        return None
+    ref = " ".join(re.findall(r"\w+", sections["reference"].lower()))
+    ans = " ".join(re.findall(r"\w+", sections["answer"].split("\n\n")[0].lower()))
+    correct = bool(ref) and ref in ans
+    why = "the answer states the reference" if correct else "the answer does not state the reference"
+    return orjson.dumps({"correct": correct, "explanation": why}).decode()
+
+
 def _filler(rng: random.Random, n_words: int) -> str:
     return " ".join(_FILLER[(i + rng.randrange(len(_FILLER))) % len(_FILLER)] for i in range(n_words))
 
@@ -186,7 +204,10 @@ def answer(
 
     labels = _labels(question)
     result = _arith(question, accuracy, rng)
-    if labels:
+    graded = _grade(question)
+    if graded is not None:
+        content = graded
+    elif labels:
         label = _pick_label(labels, question, rng)
         content = orjson.dumps({"label": label}).decode() if json_mode else label
     elif result is not None:
