@@ -166,7 +166,7 @@ def _go(job_file: Path | None, flags: dict[str, Any], *, dry_run: bool, quiet: b
     elif summary.budget_stop:
         click.echo("stopped at the budget: run the same command (with a larger budget) to go on.", err=True)
     elif summary.exit_code == EXIT_FAILED_ROWS:
-        click.echo(f"some rows failed: see `batchkimi show {summary.output}` or the error_type and error_message "
+        click.echo(f"some rows failed: see `batchkimi report {summary.output}` or the error_type and error_message "
                    "columns; run the same command to retry them (the output keeps one row per input row).", err=True)
     sys.exit(summary.exit_code)
 

@@ -271,7 +271,8 @@ def test_a_nightly_output_path_carries_the_date(tmp_path: Path) -> None:
 
 
 def test_the_shipped_scored_jobs_report_an_accuracy(tmp_path: Path) -> None:
-    for name, out in (("demo.toml", "demo"), ("nightly_eval.toml", "nightly")):
+    for name, out in (("demo.toml", "demo"), ("nightly_eval.toml", "nightly"), ("label_json.toml", "lj"),
+                      ("graded_eval.toml", "graded")):
         job = load_job(ROOT / "jobs" / name, {"output": str(tmp_path / out), "base_url": "simulator"})
         summary = batchkimi.run(job)
         assert summary.scores.get("scored", 0) > 0, name
