@@ -51,20 +51,18 @@ def _plots(df: Any, rep: dict[str, Any]) -> list[tuple[str, str]]:
 
     out = []
     answered = df[df["status"].isin(["ok", "truncated"])]
-    lat = answered["latency_s"].dropna().astype(float).to_numpy()
-    if len(lat):
-        fig, ax = plt.subplots(figsize=(5.2, 3))
-        ax.hist(lat, bins=min(50, max(5, len(lat) // 5)), color="#4a7ebb")
-        ax.set_xlabel("latency (s)")
-        ax.set_ylabel("rows")
-        out.append(("Latency", _svg(fig)))
-    tokens = (answered["prompt_tokens"].fillna(0) + answered["completion_tokens"].fillna(0)).to_numpy()
-    if len(tokens):
-        fig, ax = plt.subplots(figsize=(5.2, 3))
-        ax.hist(tokens, bins=min(50, max(5, len(tokens) // 5)), color="#6aa84f")
-        ax.set_xlabel("tokens per row (prompt + completion)")
-        ax.set_ylabel("rows")
-        out.append(("Tokens per row", _svg(fig)))
+    histograms = [
+        ("Latency", "latency (s)", answered["latency_s"].dropna().astype(float).to_numpy(), "#4a7ebb"),
+        ("Tokens per row", "tokens per row (prompt + completion)",
+         (answered["prompt_tokens"].fillna(0) + answered["completion_tokens"].fillna(0)).to_numpy(), "#6aa84f"),
+    ]
+    for title, xlabel, values, color in histograms:
+        if len(values):
+            fig, ax = plt.subplots(figsize=(5.2, 3))
+            ax.hist(values, bins=min(50, max(5, len(values) // 5)), color=color)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("rows")
+            out.append((title, _svg(fig)))
     for col, groups in (rep.get("by_group") or {}).items():
         items = [(k, v) for k, v in sorted(groups.items()) if v]
         if not items:
