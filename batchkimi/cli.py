@@ -41,6 +41,8 @@ _OPTIONS: dict[str, Callable[[Any], Any]] = {
     "overwrite": click.option("--overwrite", is_flag=True, help="Delete the output directory first and start fresh."),
     "quiet": click.option("--quiet", is_flag=True, help="No progress bar."),
     "json-summary": click.option("--json-summary", is_flag=True, help="Print the summary as JSON on stdout."),
+    "event-loop": click.option("--event-loop", type=click.Choice(["auto", "uvloop", "asyncio"]),
+                               help="The event loop.", show_default="auto: uvloop where installed"),
     "max-cost": click.option("--max-cost", "max_cost_usd", type=float,
                              help="Stop sending once this run's cost (USD, estimated, in flight counted) would pass this."),
     "max-tokens-total": click.option("--max-tokens-total", "max_total_tokens", type=int,
@@ -82,7 +84,7 @@ def cli() -> None:
 @click.option("--max-attempts", type=int, help="Attempts per row at most.", show_default="6")
 @click.option("--stop-after-failures", type=int, help="Stop when the first N rows all fail alike; 0: never.", show_default="20")
 @click.option("--retry-errors/--no-retry-errors", default=None, help="On resume, retry rows that failed.", show_default="retry")
-@_shared("max-cost", "max-tokens-total", "overwrite")
+@_shared("max-cost", "max-tokens-total", "event-loop", "overwrite")
 @click.option("--dry-run", is_flag=True, help="Check every row, show the first request; send nothing.")
 @_shared("quiet", "json-summary")
 def run(job_file: Path | None, input_: str | None, dry_run: bool, quiet: bool, overwrite: bool,
@@ -105,7 +107,7 @@ def run(job_file: Path | None, input_: str | None, dry_run: bool, quiet: bool, o
 @_shared("base-url", "stream", "thinking", "max-tokens", "max-image-side", "concurrency", "rpm", "tpm")
 @click.option("--media-url-prefix", help="Send <prefix>/<relative path> URLs instead of the files' bytes.")
 @click.option("--limit", type=int, help="Only the first N files.", show_default="all")
-@_shared("max-cost", "max-tokens-total", "overwrite")
+@_shared("max-cost", "max-tokens-total", "event-loop", "overwrite")
 @click.option("--dry-run", is_flag=True, help="Walk the folder, check every file, show the first request; send nothing.")
 @_shared("quiet", "json-summary")
 def caption(folder: Path, job_file: Path | None, dry_run: bool, quiet: bool, overwrite: bool, json_summary: bool,
@@ -199,17 +201,21 @@ def _note_missing_key(job: Job) -> None:
 @click.option("--rate-limit-style", type=click.Choice(["tokenhub", "moonshot"]), default="tokenhub", show_default=True,
               help="429 wording: TokenHub's 'rate limit exceeded on dimension' or Moonshot's 'try again after N seconds'.")
 @click.option("--accept-key", "accept_keys", multiple=True, help="Accept only these keys (repeatable; default: any).")
-def simulate(host: str, port: int, accept_keys: tuple[str, ...], **options: Any) -> None:
+@click.option("--tls", is_flag=True, help="Serve HTTPS, with a certificate from a fresh test CA (needs trustme).")
+@click.option("--ca-out", type=click.Path(dir_okay=False), help="With --tls: write the test CA here, for a client's ca_file.")
+def simulate(host: str, port: int, accept_keys: tuple[str, ...], ca_out: str | None, **options: Any) -> None:
     """Serve a TokenHub/Kimi simulator until Ctrl-C: POST /v1/chat/completions, GET /v1/models, GET /stats."""
     from .simulator import SimConfig, serve
 
     cfg = SimConfig.from_mapping({"host": host, "port": port, **options, "api_keys": accept_keys or None})
+    scheme = "https" if cfg.tls else "http"
 
     def ready(bound: int) -> None:
-        click.echo(f"TokenHub simulator on http://{host}:{bound}/v1 (stats at /stats); Ctrl-C stops it", err=True)
+        trust = f"; clients trust {ca_out} (ca_file)" if cfg.tls and ca_out else ""
+        click.echo(f"TokenHub simulator on {scheme}://{host}:{bound}/v1 (stats at /stats){trust}; Ctrl-C stops it", err=True)
 
     try:
-        serve(cfg, on_ready=ready)
+        serve(cfg, on_ready=ready, ca_out=ca_out)
     except OSError as exc:
         raise _Fail(f"cannot serve on {host}:{port}: {exc.strerror or exc}. Pick another --port (0: any free one).") from None
 

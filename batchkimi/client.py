@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -94,9 +95,15 @@ def _ratelimit_reset_s(headers: Mapping[str, str]) -> float | None:
 class Transport:
     """POSTs chat completions to ``{base_url}/chat/completions``. Use as an async context manager."""
 
-    def __init__(self, base_url: str, api_key: str, timeouts: Timeouts = Timeouts()) -> None:
+    def __init__(self, base_url: str, api_key: str, timeouts: Timeouts = Timeouts(), *,
+                 ca_file: str | None = None, ca_pem: bytes | None = None) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self._api_key = api_key
+        self._ssl: ssl.SSLContext | bool = True
+        if ca_file or ca_pem:  # trusted as well as the system's CAs: a company proxy, a test server
+            ctx = ssl.create_default_context()
+            ctx.load_verify_locations(cafile=ca_file, cadata=ca_pem.decode() if ca_pem else None)
+            self._ssl = ctx
         self._redact_key = api_key if len(api_key) >= REDACT_MIN_KEY_CHARS else ""
         self.timeouts = timeouts
         self._session: aiohttp.ClientSession | None = None
@@ -105,7 +112,7 @@ class Transport:
         return f"Transport({self.url!r})"
 
     async def __aenter__(self) -> Transport:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30, ssl=self._ssl)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect_s),
@@ -222,6 +229,10 @@ class Transport:
             else:
                 what, name = f"no answer within {first - start:g}s", "timeout"
             raise TransportError(what, error_type=name, retryable=True) from None
+        except aiohttp.ClientConnectorCertificateError as exc:  # waiting will not make it trusted
+            raise TransportError(f"the TLS certificate of {self.url} is not trusted ({exc.certificate_error}); if "
+                                 "a proxy or a test server signs it, set ca_file to its CA", error_type="certificate_error",
+                                 fatal=True) from exc
         except aiohttp.ClientConnectorError as exc:
             raise TransportError(f"cannot connect to {self.url}: {exc.os_error}", error_type="connect_error", retryable=True) from exc
         except aiohttp.ClientPayloadError as exc:

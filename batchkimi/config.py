@@ -67,6 +67,7 @@ class Job:
     base_url: str = DEFAULT_BASE_URL
     api_key_env: str = "TOKENHUB_API_KEY"
     api_key_file: str | None = None
+    ca_file: str | None = None  # a CA certificate (PEM) to trust besides the system's: a proxy, a test server
     # request
     model: str = "kimi-k2.6"
     prompt_template: str | None = None
@@ -104,6 +105,7 @@ class Job:
     # run
     retry_errors: bool = True
     stop_after_failures: int = 20  # the first N rows all failing alike stop the job; 0: never
+    event_loop: str = "auto"  # auto (uvloop where it is installed) | uvloop | asyncio; the sync door only
     grace_s: float = 15.0
     rows_per_part: int = 10000
     flush_interval_s: float = 30.0
@@ -186,7 +188,7 @@ class Job:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Job)}
-_PATH_KEYS = ("input", "output", "api_key_file", "media_root")
+_PATH_KEYS = ("input", "output", "api_key_file", "media_root", "ca_file")
 _INT_KEYS = {"limit", "max_tokens", "n", "concurrency", "max_attempts", "rows_per_part", "stop_after_failures",
              "max_image_side", "max_total_tokens"}
 _FLOAT_KEYS = {
@@ -199,7 +201,7 @@ _BOOL_KEYS = {"stream", "include_usage", "retry_errors", "kimi_rules"}
 _STR_KEYS = {
     "input", "input_format", "id_column", "prompt_column", "system_column", "messages_column",
     "output", "base_url", "api_key_env", "api_key_file", "model", "prompt_template", "system",
-    "thinking", "thinking_keep", "media_root", "media_url_prefix",
+    "thinking", "thinking_keep", "media_root", "media_url_prefix", "event_loop", "ca_file",
 }
 _LIST_KEYS = {"keep_columns", "image_columns", "video_columns", "include", "exclude"}
 
@@ -292,6 +294,8 @@ def check_job(job: Job) -> None:
     """Refuse, before anything is read or sent, a job that cannot work or that Kimi would reject."""
     if job.input_format not in ("auto", "jsonl", "parquet", "openai_batch", "folder"):
         raise ConfigError(f"input_format must be auto, jsonl, parquet, openai_batch or folder, got {job.input_format!r}")
+    if job.event_loop not in ("auto", "uvloop", "asyncio"):
+        raise ConfigError(f"event_loop must be auto, uvloop or asyncio, got {job.event_loop!r}")
     if job.max_image_side is not None and job.max_image_side < 14:
         raise ConfigError(f"max_image_side must be at least 14 pixels, got {job.max_image_side}")
     for key in ("max_request_mb", "max_mb_in_flight"):

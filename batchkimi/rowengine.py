@@ -259,7 +259,8 @@ async def endpoint(job: Job, api_key: str, base_url: str | None = None) -> Async
         sim = await asyncio.to_thread(start_in_thread, dict(job.simulator))
         url = sim.base_url
     try:
-        async with Transport(url, api_key, timeouts_of(job)) as transport:
+        async with Transport(url, api_key, timeouts_of(job), ca_file=job.ca_file,
+                             ca_pem=sim.ca_pem if sim is not None else None) as transport:
             yield transport
     finally:
         if sim is not None:

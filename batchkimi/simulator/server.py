@@ -63,6 +63,7 @@ class SimConfig:
 
     host: str = "127.0.0.1"
     port: int = 0
+    tls: bool = False  # serve HTTPS with a certificate from a fresh test CA (trustme)
     api_keys: tuple[str, ...] | None = None  # None: any non-empty key
     key_models: dict[str, list[str]] = field(default_factory=dict)  # key -> allowed models (403 else)
     seed: int = 0

@@ -1,0 +1,52 @@
+"""Over HTTPS: the simulator serves TLS with a test CA (trustme), a real run goes through it,
+connections are reused (handshakes stay at the concurrency, not the row count), and a
+certificate nobody trusts stops the job at once, saying what to set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import batchkimi
+
+from .conftest import fast_job, write_jsonl
+
+pytest.importorskip("trustme", reason="trustme is not installed (pip install -e '.[test]')")
+
+
+def rows(n: int) -> list[dict]:
+    return [{"id": f"r{i}", "prompt": f"What is {i} + 2? Reply with the number."} for i in range(n)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_run_over_https_reuses_its_connections(tmp_path: Path, simulator, stream: bool) -> None:
+    h = simulator(tls=True, latency_ms=20)
+    assert h.base_url.startswith("https://") and h.ca_pem
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(h.ca_pem)
+    data = write_jsonl(tmp_path / "in.jsonl", rows(120))
+    job = fast_job(tmp_path, h.base_url, input=str(data), ca_file=str(ca), concurrency=6, thinking="disabled",
+                   stream=stream, max_tokens=64)
+    summary = batchkimi.run(job)
+    assert summary.final_status == {"ok": 120}
+    stats = h.simulator.stats_json()
+    assert stats["requests"] == 120 and stats["connections"] <= 6  # one TLS handshake per connection, not per row
+    assert stats["streams"] == (120 if stream else 0)
+
+
+def test_the_in_process_simulator_can_serve_tls(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "in.jsonl", rows(5))
+    job = fast_job(tmp_path, "simulator", input=str(data), simulator={"tls": True}, thinking="disabled", stream=False,
+                   max_tokens=64)
+    assert batchkimi.run(job).final_status == {"ok": 5}
+
+
+def test_an_untrusted_certificate_stops_the_job_at_once_and_says_what_to_set(tmp_path: Path, simulator) -> None:
+    h = simulator(tls=True)
+    data = write_jsonl(tmp_path / "in.jsonl", rows(50))
+    job = fast_job(tmp_path, h.base_url, input=str(data), thinking="disabled", stream=False, max_tokens=64)
+    summary = batchkimi.run(job)
+    assert summary.fatal and "not trusted" in summary.fatal and "ca_file" in summary.fatal
+    assert summary.exit_code == 1 and h.simulator.stats_json()["requests"] == 0
+    assert summary.requests <= job.concurrency  # no retry storm: the first failures end it
