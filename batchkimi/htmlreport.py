@@ -20,6 +20,7 @@ from .report import _manifest, report
 from .sink import read_results
 
 PER_PAGE = 200
+SHEET_MAX = 5000  # items on the contact sheet at most (25 pages): a thumbnail costs a decode
 THUMB = 160
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}
@@ -118,6 +119,8 @@ def _sheet_items(df: Any, root: Path | None) -> list[str]:
     label_col = "extracted" if "extracted" in df.columns else None
     items = []
     for _, r in df.iterrows():
+        if len(items) >= SHEET_MAX:
+            break
         media = r.get("media")
         if media is None or len(media) == 0:
             continue
@@ -181,7 +184,9 @@ def write_html(output: str | Path, dest: str | Path) -> list[Path]:
             links = [f"<a href='{names[i]}'>{i + 1}</a>" if i != k else f"<b>{i + 1}</b>" for i in range(len(pages))]
             return f"<p class='muted'>page {' '.join(links)}</p>"
 
-        parts.append(f"<h2>Contact sheet ({len(items)} items)</h2>{nav(0)}<div class='sheet'>{''.join(pages[0])}</div>")
+        with_media = int(df["media"].map(lambda m: m is not None and len(m) > 0).sum()) if "media" in df else len(items)
+        more = f" (the first {len(items):,} of {with_media:,})" if with_media > len(items) else ""
+        parts.append(f"<h2>Contact sheet ({len(items)} items){more}</h2>{nav(0)}<div class='sheet'>{''.join(pages[0])}</div>")
         for k in range(1, len(pages)):
             path = dest.with_name(names[k])
             path.write_text(_page(f"contact sheet {k + 1}", f"<h1>Contact sheet, page {k + 1}</h1>{nav(k)}"
