@@ -1,6 +1,7 @@
 """The baseline: a minimal aiohttp loop that only sends and discards, same server, same concurrency.
 
-python baseline_client.py BASE_URL N CONCURRENCY stream|plain [--prompts FILE]
+python baseline_client.py BASE_URL N CONCURRENCY stream|plain
+Environment: BENCH_LOOP=uvloop runs it on uvloop; BENCH_CA_FILE trusts a test CA (HTTPS).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 import time
 
 import aiohttp
-from common import cpu_s, emit
+from common import client_ssl, cpu_s, emit, run_loop
 
 
 async def main(base_url: str, n: int, concurrency: int, stream: bool) -> None:
@@ -39,7 +40,7 @@ async def main(base_url: str, n: int, concurrency: int, stream: bool) -> None:
                     await r.read()
                 ok += r.status == 200
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=client_ssl())) as session:
         c0, t0 = cpu_s(), time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         wall, cpu = time.perf_counter() - t0, cpu_s() - c0
@@ -47,4 +48,4 @@ async def main(base_url: str, n: int, concurrency: int, stream: bool) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "stream"))
+    run_loop(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "stream"))

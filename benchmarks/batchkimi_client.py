@@ -1,10 +1,12 @@
 """batchkimi's full run (read, limit, send, parse, write Parquet, checkpoint), timed in-process.
 
 python batchkimi_client.py BASE_URL INPUT OUTPUT CONCURRENCY stream|plain
+Environment: BENCH_LOOP=uvloop|asyncio (the job's event_loop); BENCH_CA_FILE (the job's ca_file).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -17,7 +19,8 @@ import batchkimi
 def main(base_url: str, data: str, output: str, concurrency: int, stream: bool) -> None:
     shutil.rmtree(output, ignore_errors=True)
     job = batchkimi.Job(input=data, output=output, base_url=base_url, thinking="disabled", stream=stream,
-                        max_tokens=64, concurrency=concurrency)
+                        max_tokens=64, concurrency=concurrency, event_loop=os.environ.get("BENCH_LOOP", "asyncio"),
+                        ca_file=os.environ.get("BENCH_CA_FILE"))
     c0, t0 = cpu_s(), time.perf_counter()
     summary = batchkimi.run(job)
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0

@@ -7,6 +7,7 @@ import json
 import os
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -31,7 +32,12 @@ class SimProcess:
 
     def __init__(self, **settings: Any) -> None:
         self.port = free_port()
+        self.tls = bool(settings.get("tls"))
+        self.ca_file = str(WORK / f"sim-ca-{self.port}.pem") if self.tls else None
         cfg = {"port": self.port, "reasoning_words": 8, "answer_words": 6, **settings}
+        if self.tls:
+            WORK.mkdir(parents=True, exist_ok=True)
+            cfg["ca_out"] = self.ca_file
         self.proc = subprocess.Popen([sys.executable, str(HERE / "sim_server.py"), json.dumps(cfg)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
@@ -46,14 +52,18 @@ class SimProcess:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/v1"
+
+    def _open(self, req: Any) -> bytes:
+        ctx = ssl.create_default_context(cafile=self.ca_file) if self.tls else None
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
+            return r.read()
 
     def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=10) as r:
-            return json.loads(r.read())
+        return json.loads(self._open(self.base_url[: -len("/v1")] + "/stats"))
 
     def reset(self) -> None:
-        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{self.port}/stats/reset", method="POST"), timeout=10).read()
+        self._open(urllib.request.Request(self.base_url[: -len("/v1")] + "/stats/reset", method="POST"))
 
     def cpu_s(self) -> float:
         try:
@@ -95,6 +105,25 @@ def cpu_s() -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def client_ssl() -> Any:
+    """The TLS context a benchmark client uses: trusting the simulator's test CA (BENCH_CA_FILE)."""
+    ca = os.environ.get("BENCH_CA_FILE")
+    return ssl.create_default_context(cafile=ca) if ca else True
+
+
+def run_loop(main: Any) -> Any:
+    """Run ``main()`` on the loop BENCH_LOOP names (asyncio by default, or uvloop)."""
+    import asyncio
+
+    factory = None
+    if os.environ.get("BENCH_LOOP") == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 def emit(result: dict[str, Any]) -> None:

@@ -81,6 +81,59 @@ def overhead(n: int) -> list[Row]:
     return rows
 
 
+def _loop_env(loop: str, sim: SimProcess) -> dict[str, str]:
+    env = {"BENCH_LOOP": loop}
+    if sim.ca_file:
+        env["BENCH_CA_FILE"] = sim.ca_file
+    return env
+
+
+def loops(n: int, tls: bool = False) -> list[Row]:
+    """batchkimi on asyncio's loop and on uvloop against the minimal loop on asyncio (the
+    baseline the issue names), plain and streamed; over HTTPS when ``tls``, with connections
+    opened per 1,000 requests (TLS handshakes) counted by the simulator."""
+    rows: list[Row] = []
+    data = write_prompts(WORK / f"prompts_{n}.jsonl", n)
+    settings = {"tls": True, "latency_ms": 20} if tls else {}
+    where = "over HTTPS (answers after 20 ms)" if tls else "plain HTTP, zero latency"
+    with SimProcess(**settings) as sim:
+        for mode in ("plain", "stream"):
+            got: dict[str, list[dict]] = {"base": [], "asyncio": [], "uvloop": []}
+            conns: dict[str, list[float]] = {"base": [], "asyncio": [], "uvloop": []}
+            for _ in range(REPEATS):
+                for who in ("base", "asyncio", "uvloop"):
+                    sim.reset()
+                    if who == "base":
+                        r = run_scenario("baseline_client.py", sim.base_url, str(n), "64", mode, env=_loop_env("asyncio", sim))
+                    else:
+                        r = run_scenario("batchkimi_client.py", sim.base_url, str(data), str(WORK / "out_loops"), "64", mode,
+                                         env=_loop_env(who, sim))
+                        assert r["ok"] == n, r
+                    got[who].append(r)
+                    conns[who].append(sim.stats()["connections"] / n * 1000)
+            label = "non-streaming" if mode == "plain" else "streaming"
+            base_rate = [n / r["wall_s"] for r in got["base"]]
+            base_cpu = [r["cpu_s"] / n * 1e6 for r in got["base"]]
+            for loop in ("asyncio", "uvloop"):
+                rate = [n / r["wall_s"] for r in got[loop]]
+                cpu = [r["cpu_s"] / n * 1e6 for r in got[loop]]
+                ratio = [a / b for a, b in zip(rate, base_rate, strict=True)]
+                cpu_ratio = [a / b for a, b in zip(cpu, base_cpu, strict=True)]
+                scenario = f"11. {'TLS' if tls else 'event loops'}, {label}"
+                rows.append((scenario, f"batchkimi on {loop}: throughput, {n} requests, C=64, {where}",
+                             f"{statistics.median(rate):.0f} req/s = **{spread(ratio)}x** the minimal loop on asyncio "
+                             f"({statistics.median(base_rate):.0f} req/s)", "target >= 1.0x on the default loop (uvloop)" if loop == "uvloop" else "",
+                             verdict(statistics.median(ratio) >= 1.0) if loop == "uvloop" else ""))
+                rows.append((scenario, f"batchkimi on {loop}: client CPU per request",
+                             f"{statistics.median(cpu):.0f} µs vs {statistics.median(base_cpu):.0f} µs (**{spread(cpu_ratio)}x**)",
+                             "", ""))
+                if tls:
+                    rows.append((scenario, f"batchkimi on {loop}: connections opened (TLS handshakes) per 1,000 requests",
+                                 f"**{statistics.median(conns[loop]):.1f}** vs {statistics.median(conns['base']):.1f} for the minimal loop",
+                                 "<= 64 connections in all: every one reused", verdict(max(conns[loop]) * n / 1000 <= 64)))
+    return rows
+
+
 def steady_rate(stats: dict, concurrency: int) -> float | None:
     """Requests admitted per second once the first wave is out: (admitted - C) / (last admission -
     first admission). Ideal waves of C requests every L seconds give exactly C/L, a continuous
@@ -322,7 +375,7 @@ def machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes and shorter rate runs")
-    ap.add_argument("--only", default="overhead,waiting,streams,memory,media,scoring,resume,overload,rate")
+    ap.add_argument("--only", default="overhead,loops,tls,waiting,streams,memory,media,scoring,resume,overload,rate")
     ap.add_argument("--repeats", type=int, default=None, help="runs of each speed figure (default 3; --quick 2)")
     ap.add_argument("--rate-repeats", type=int, default=None, help="runs of each rate-accuracy scenario (default 5; --quick 1)")
     ap.add_argument("--output", default=str(HERE / "RESULTS.md"))
@@ -336,6 +389,8 @@ def main() -> None:
         "waiting": lambda: waiting(4000 if q else 16000, 1000 if q else 2000, 5.0),
         "streams": lambda: streams(2000 if q else 4000, 1000 if q else 2000, 20.0),
         "memory": lambda: memory(10_000, 200_000 if q else 1_000_000),
+        "loops": lambda: loops(5000 if q else 20000),
+        "tls": lambda: loops(2000 if q else 5000, tls=True),
         "media": lambda: media(1000, 10_000),
         "scoring": lambda: scoring(100_000, 1_000_000),
         "resume": lambda: resume(201_000 if q else 1_001_000),

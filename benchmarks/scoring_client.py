@@ -53,7 +53,7 @@ def make(n: int) -> None:
 
 
 def score(n: int) -> None:
-    from batchkimi.scoring import specs_of, score_output
+    from batchkimi.scoring import score_output, specs_of
 
     specs = specs_of({"labels": list(LABELS)}, {"expected": "gold", "method": "label"})
     c0, t0 = cpu_s(), time.perf_counter()
