@@ -95,7 +95,7 @@ class MediaItem:
     """One image or video of a row, as checked when the row was prepared."""
 
     kind: str  # image | video
-    source: str  # file | url | data
+    source: str  # file | url | data | bytes
     ref: str  # as the row wrote it (a data URL shortened)
     where: str  # the column or message part it came from
     mime: str | None = None
@@ -109,7 +109,8 @@ class MediaItem:
     send_height: int | None = None
     tokens: int = URL_MEDIA_TOKENS
     body_bytes: int = 0  # what it adds to the request body (an estimate when downscaled)
-    sha256: str | None = None  # known here for data URLs; for files, when read
+    sha256: str | None = None  # known here for data URLs and bytes; for files, when read
+    inline: bytes | None = field(default=None, repr=False)  # the bytes, for source "bytes"
 
     def record(self, **sent: Any) -> dict[str, Any]:
         """What the output keeps of this item: never its bytes."""
@@ -307,24 +308,47 @@ def resolve(ref: str, root: Path, dirs: dict[str, str] | None = None) -> tuple[s
     return real, st
 
 
-def _refs(value: Any, column: str) -> list[tuple[str, str]]:
-    """(reference, where) for a column's value: a string, or a list of strings."""
+@dataclass(frozen=True, slots=True)
+class Inline:
+    """An image or video whose bytes are in the row itself (a binary column, or a Hugging Face
+    ``Image`` struct ``{"bytes", "path"}``)."""
+
+    data: bytes = field(repr=False)
+    name: str | None = None
+
+
+def _ref(v: Any) -> str | Inline | None:
+    """One value as a reference: a path or URL, inline bytes, or None (nothing there)."""
+    if isinstance(v, str):
+        return v if v.strip() else None
+    if isinstance(v, bytes | bytearray | memoryview):
+        return Inline(bytes(v)) if len(v) else None
+    if isinstance(v, dict) and ("bytes" in v or "path" in v):  # Hugging Face datasets' Image feature
+        raw, path = v.get("bytes"), v.get("path")
+        if isinstance(raw, bytes | bytearray | memoryview) and len(raw):
+            return Inline(bytes(raw), path if isinstance(path, str) else None)
+        return path if isinstance(path, str) and path.strip() else None
+    raise TypeError(type(v).__name__)
+
+
+def _refs(value: Any, column: str) -> list[tuple[str | Inline, str]]:
+    """(reference, where) for a column's value: one reference, or a list of them."""
     if value is None:
         return []
-    if isinstance(value, str):
-        return [(value, column)] if value.strip() else []
-    if isinstance(value, list | tuple):
-        out = []
-        for i, v in enumerate(value):
-            if v is None or (isinstance(v, str) and not v.strip()):
-                continue
-            if not isinstance(v, str):
-                raise MediaInvalid(f"column '{column}'[{i}] must be a path or URL string, got {type(v).__name__}")
-            out.append((v, f"{column}[{i}]"))
-        return out
-    if hasattr(value, "tolist"):  # a numpy array from Parquet
-        return _refs(value.tolist(), column)
-    raise MediaInvalid(f"column '{column}' must be a path or URL, or a list of them; got {type(value).__name__}")
+    if hasattr(value, "tolist") and not isinstance(value, bytes | bytearray | memoryview):  # a numpy array from Parquet
+        value = value.tolist()
+    items = list(enumerate(value)) if isinstance(value, list | tuple) else [(None, value)]
+    out: list[tuple[str | Inline, str]] = []
+    for i, v in items:
+        where = column if i is None else f"{column}[{i}]"
+        try:
+            ref = _ref(v) if v is not None else None
+        except TypeError as exc:
+            raise MediaInvalid(f"column '{where}' must be a path or URL, image bytes, or a list of them; "
+                               f"got {exc}") from None
+        if ref is not None:
+            out.append((ref, where))
+    return out
 
 
 class Collector:
@@ -336,11 +360,11 @@ class Collector:
         self.items: list[MediaItem] = []
         self.body_bytes = 0
 
-    def part(self, kind: str, ref: str, where: str) -> dict[str, Any]:
-        item = self._item(kind, ref, where)
+    def part(self, kind: str, ref: str | Inline, where: str) -> dict[str, Any]:
+        item = self._inline_item(kind, ref, where) if isinstance(ref, Inline) else self._item(kind, ref, where)
         self.items.append(item)
         self.body_bytes += item.body_bytes
-        url = item.marker if item.marker is not None else self._url(item, ref)
+        url = item.marker if item.marker is not None else self._url(item, str(ref))
         return {"type": f"{kind}_url", f"{kind}_url": {"url": url}}
 
     def _url(self, item: MediaItem, ref: str) -> str:
@@ -395,6 +419,21 @@ class Collector:
             raise MediaInvalid(f"{where}: {what} holds {held} ({sniffed.mime}), not {named}: name it as {held}")
         if kind == "video" and not self.s.video_ok:
             raise MediaInvalid(f"{where}: {what} is a video, and {self.s.model} takes no video (use kimi-k2.6)")
+
+    def _inline_item(self, kind: str, inline: Inline, where: str) -> MediaItem:
+        """Bytes in the row: checked now, base64-encoded when sent (like a file)."""
+        raw = inline.data
+        label = inline.name or f"<{len(raw):,} bytes>"
+        try:
+            sniffed = sniff_bytes(raw)
+        except MediaInvalid as exc:
+            raise MediaInvalid(f"{where}: {label} {exc}") from None
+        self._accept(sniffed, kind, where, label)
+        sw, sh, tokens = _cost(sniffed, len(raw), self.s.max_image_side)
+        return MediaItem(kind, "bytes", label, where, mime=sniffed.mime, marker=f"{_MARK}{len(self.items)}",
+                         size_bytes=len(raw), width=sniffed.width, height=sniffed.height, send_width=sw, send_height=sh,
+                         tokens=tokens, body_bytes=data_url_bytes(sniffed.mime, len(raw)),
+                         sha256=hashlib.sha256(raw).hexdigest(), inline=raw)
 
     def _data_item(self, kind: str, ref: str, where: str) -> MediaItem:
         head, sep, b64 = ref.partition(",")
@@ -481,13 +520,17 @@ def has_media(row: dict[str, Any], settings: MediaSettings, messages_keys: tuple
 
 # ---- at send time --------------------------------------------------------------------------
 def read_item(item: MediaItem, max_side: int | None) -> tuple[bytes | None, dict[str, Any]]:
-    """The bytes to send for a file item (None when it goes by URL) and its output record."""
-    assert item.path is not None
-    try:
-        with open(item.path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise MediaInvalid(f"{item.where}: {item.ref!r} cannot be read any more ({exc.strerror or exc})") from None
+    """The bytes to send for a file item, or one whose bytes are in the row (None when it goes by
+    URL), and its output record."""
+    if item.inline is not None:
+        data = item.inline
+    else:
+        assert item.path is not None
+        try:
+            with open(item.path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise MediaInvalid(f"{item.where}: {item.ref!r} cannot be read any more ({exc.strerror or exc})") from None
     sha = hashlib.sha256(data).hexdigest()
     if item.size_bytes is not None and len(data) != item.size_bytes:
         raise MediaInvalid(f"{item.where}: {item.ref!r} changed while the job ran ({item.size_bytes} bytes when "
@@ -521,7 +564,7 @@ def materialize(payload: bytes, items: tuple[MediaItem, ...], max_side: int | No
     records: list[dict[str, Any]] = []
     rest_at = 0
     for item in items:
-        if item.path is None:
+        if item.path is None and item.inline is None:
             records.append(item.record())
             continue
         data, record = read_item(item, max_side)

@@ -58,8 +58,8 @@ class Prepared:
 
     @property
     def reads_files(self) -> bool:
-        """Whether files must be read when this request is sent."""
-        return any(item.path is not None for item in self.media)
+        """Whether files must be read (or bytes encoded) when this request is sent."""
+        return any(item.path is not None or item.inline is not None for item in self.media)
 
 
 def as_text(value: Any) -> str:

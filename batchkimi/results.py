@@ -19,7 +19,7 @@ import pyarrow as pa
 MEDIA_TYPE = pa.list_(pa.struct([
     ("path", pa.string()),  # as the row named it (relative to the media root), or the URL
     ("kind", pa.string()),  # image | video
-    ("source", pa.string()),  # file (sent as base64) | url | data (a data URL in the row)
+    ("source", pa.string()),  # file (sent as base64) | url | data (a data URL in the row) | bytes (in the row)
     ("mime", pa.string()),
     ("bytes", pa.int64()),  # the file's size
     ("width", pa.int32()),

@@ -577,3 +577,37 @@ def test_a_folder_keeps_images_kimi_cannot_take_as_invalid_rows_that_say_why(tmp
     picture(photos / "old.bmp", (30, 30), "PNG")  # fixed in place: now a PNG under the same name
     r = caption(photos, tmp_path / "out", h.base_url)
     assert r.exit_code == 0 and read_results(tmp_path / "out").set_index("id").loc["old.bmp", "status"] == "ok"
+
+
+def test_image_bytes_in_a_parquet_row_are_sent_like_files(tmp_path: Path, raw_server) -> None:
+    """A Hugging Face datasets Image struct ({bytes, path}) and a plain binary column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    srv = raw_server(_ok)
+    png = picture(tmp_path / "a.png", (60, 40), "PNG").read_bytes()
+    jpg = picture(tmp_path / "b.jpg", (2000, 1000), "JPEG").read_bytes()
+    table = pa.table({
+        "id": ["hf", "raw", "none", "bad"],
+        "image": pa.array([{"bytes": png, "path": "cats/a.png"}, None, {"bytes": None, "path": None},
+                           {"bytes": b"not an image at all", "path": "x.png"}],
+                          pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        "photo": pa.array([None, jpg, None, None], pa.binary()),
+        "prompt": ["Describe it."] * 4,
+    })
+    pq.write_table(table, tmp_path / "rows.parquet")
+    job = fast_job(tmp_path, srv.base_url, input=str(tmp_path / "rows.parquet"), thinking="disabled", stream=False,
+                   max_tokens=64, image_columns=("image", "photo"), max_image_side=500)
+    summary = batchkimi.run(job)
+    assert summary.final_status == {"ok": 3, "invalid": 1}
+    urls = [p["image_url"]["url"] for r in srv.requests for p in media_parts(r["body"])]
+    assert len(srv.requests) == 3 and len(urls) == 2
+    assert "data:image/png;base64," + base64.b64encode(png).decode() in urls
+    small = [u for u in urls if u.startswith("data:image/jpeg")]
+    assert len(small) == 1 and Image.open(io.BytesIO(base64.b64decode(small[0].split(",")[1]))).size == (500, 250)
+    df = read_results(job.output).set_index("id")
+    rec = df.loc["hf", "media"][0]
+    assert (rec["path"], rec["source"], rec["sha256"]) == ("cats/a.png", "bytes", hashlib.sha256(png).hexdigest())
+    assert df.loc["raw", "media"][0]["sent_width"] == 500
+    assert df.loc["none", "media"] is None or len(df.loc["none", "media"]) == 0  # an empty struct: no image, a text row
+    assert "x.png is not an image or video Kimi takes" in df.loc["bad", "error_message"]
