@@ -118,6 +118,14 @@ def report(output: str | Path) -> dict[str, Any]:
                 out_dict["by_group"][col] = {
                     str(value): _accuracy(group["score"]) for value, group in df.groupby(df[col].fillna("(none)"))
                 }
+    grader_runs = sorted((out / "_grader").glob("run-*")) if (out / "_grader").is_dir() else []
+    if grader_runs:  # the model grader's own requests: tokens and cost beside the answers'
+        g = [read_results(p, columns=["status", "prompt_tokens", "completion_tokens", "cost_usd"], scores=False) for p in grader_runs]
+        out_dict["grader"] = {
+            "requests": int(sum(len(x) for x in g)),
+            "tokens": int(sum(x["prompt_tokens"].fillna(0).sum() + x["completion_tokens"].fillna(0).sum() for x in g)),
+            "cost_usd": round(float(sum(x["cost_usd"].fillna(0).sum() for x in g)), 6),
+        }
     if "extract_error" in df.columns:
         out_dict["extract_errors"] = int(df.loc[df["status"] == "ok", "extract_error"].notna().sum())
     if "tool_calls_valid" in df.columns:
@@ -166,6 +174,9 @@ def report_lines(r: dict[str, Any]) -> list[str]:
         if p:
             lines.append(f"{label}: p50 {p['p50']:.2f}s, p90 {p['p90']:.2f}s, p99 {p['p99']:.2f}s, max {p['max']:.2f}s")
     lines.append(f"retries {r['retries']}, 429s {r['rate_limited_429s']}")
+    if r.get("grader"):
+        g = r["grader"]
+        lines.append(f"model grader: {g['requests']} grading requests, {g['tokens']:,} tokens, ${g['cost_usd']:.4f} (estimate)")
     return lines
 
 

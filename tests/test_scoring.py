@@ -327,6 +327,8 @@ def test_a_model_graded_run_grades_each_distinct_answer_once(tmp_path: Path, sim
     r = CliRunner().invoke(cli, ["score", job.output])
     assert r.exit_code == 0 and "0 answers graded now, 12 in all" in r.output
     assert h.simulator.stats_json()["requests"] == 24  # every grade came from the cache
+    rep = json.loads(CliRunner().invoke(cli, ["report", job.output, "--json"]).output)
+    assert rep["grader"]["requests"] == 12 and rep["grader"]["tokens"] > 0 and rep["grader"]["cost_usd"] > 0
     assert read_results(job.output)["score"].tolist() == df["score"].tolist()
     # what the grader is asked
     specs = specs_of(job.extract, job.score, job.tools)
