@@ -270,7 +270,7 @@ def score(output: Path, job_file: Path | None) -> None:
 
     from .grader import grade_pending, known_grades
     from .scoring import score_output, specs_of
-    from .summary import wilson
+    from .summary import accuracy_text
 
     try:
         job = _job_for(output, job_file)
@@ -287,8 +287,7 @@ def score(output: Path, job_file: Path | None) -> None:
     counts = score_output(output, specs, grades)
     line = f"{counts['rows']} rows"
     if counts.get("scored"):
-        low, high = wilson(counts["score_sum"], counts["scored"])
-        line += f"; accuracy {counts['score_sum'] / counts['scored']:.3f} (95% CI {low:.3f}-{high:.3f}) over {counts['scored']} scored"
+        line += f"; accuracy {accuracy_text(counts['score_sum'], counts['scored'])}"
     if counts.get("extract_errors"):
         line += f"; {counts['extract_errors']} extraction errors"
     click.echo(line)

@@ -25,7 +25,7 @@ import numpy as np
 from .config import Job, resolve_api_key
 from .errors import ConfigError
 from .events import Hook, no_hook
-from .folder import INDEX, FolderScan, read_index, stale_positions
+from .folder import INDEX, FolderScan, read_index, resume_marks
 from .media import with_marker_note
 from .ratelimit import CompletionEstimate
 from .reader import read_rows
@@ -65,16 +65,8 @@ def dry_run(job: Job) -> DryRunReport:
     old = read_index(sink.dir / INDEX) if sink is not None and manifest else []
     with tempfile.TemporaryDirectory(prefix="batchkimi-dry-run-") as tmp:
         path, scan, folder = open_folder(job, Path(tmp) / INDEX, old)
-        done = None
-        if sink is not None and manifest:
-            done = sink.compact(scan.rows, rewrite=False).done
-            stale = stale_positions(sink.dir, folder.entries)
-            done[stale] = False
-            folder.changed = stale.tolist()
-        gone = [p for p, e in enumerate(folder.entries) if e.get("gone")]
-        if gone:
-            done = done if done is not None else np.zeros(scan.rows, dtype=bool)
-            done[gone] = True
+        done = sink.compact(scan.rows, rewrite=False).done if sink is not None and manifest else np.zeros(scan.rows, dtype=bool)
+        resume_marks(sink.dir if sink is not None else Path(tmp), folder, done)
         return _dry_run(job, path, "jsonl", scan, done, folder)
 
 

@@ -27,8 +27,8 @@ import orjson
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .parts import iter_newest
 from .results import RESULT_COLUMNS
-from .scoring import iter_newest
 from .sink import SCORES
 
 FORMATS = ("jsonl", "csv", "openai-batch")

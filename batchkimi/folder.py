@@ -220,16 +220,25 @@ def stale_positions(out: Path, entries: list[dict[str, Any]]) -> np.ndarray:
     want = {pos: e["sha256"] for pos, e in enumerate(entries) if e.get("sha256") and not e.get("gone")}
     if not want:
         return np.zeros(0, dtype=np.int64)
-    wanted = np.fromiter(want, dtype=np.int64, count=len(want))
-    newest: dict[int, tuple[int, str | None]] = {}
-    for path in parts.part_paths(out):
-        seq = parts.part_seq(path)
-        t = pq.read_table(path, columns=["row", "media"])
-        t = t.filter(pa.array(np.isin(t.column("row").to_numpy(), wanted)))  # only those rows reach Python
+    wanted = pa.array(np.fromiter(want, dtype=np.int64, count=len(want)))
+    stale = []
+    for t in parts.iter_newest(out, ["row", "media"]):
+        t = t.filter(pc.is_in(t.column("row"), value_set=wanted))  # only those rows reach Python
         for r, m in zip(t.column("row").to_pylist(), t.column("media").to_pylist(), strict=True):
-            if r not in newest or newest[r][0] < seq:
-                newest[r] = (seq, (m[0] or {}).get("sha256") if m else None)
-    return np.array(sorted(p for p, (_, sha) in newest.items() if sha != want[p]), dtype=np.int64)
+            if ((m[0] or {}).get("sha256") if m else None) != want[r]:
+                stale.append(r)
+    return np.array(sorted(stale), dtype=np.int64)
+
+
+def resume_marks(out: Path, scan: FolderScan, done: np.ndarray) -> np.ndarray:
+    """A folder's resume state on ``done`` (in place): files whose content changed are pending
+    again (``scan.changed``), gone files are never sent. The gone positions."""
+    stale = stale_positions(out, scan.entries)
+    done[stale] = False
+    scan.changed = stale.tolist()
+    gone = np.fromiter((p for p, e in enumerate(scan.entries) if e.get("gone")), dtype=np.int64)
+    done[gone[gone < len(done)]] = True
+    return gone
 
 
 def mark_gone(sink: Any, entries: list[dict[str, Any]]) -> int:

@@ -23,8 +23,9 @@ import orjson
 
 from .config import Job
 from .events import Hook, no_hook
+from .parts import iter_newest
 from .results import kept_column_name
-from .scoring import Specs, answer_json, iter_newest
+from .scoring import Specs, answer_json
 from .sink import read_results
 
 GRADER = "_grader"

@@ -147,9 +147,9 @@ def _page(title: str, body: str) -> str:
 def write_html(output: str | Path, dest: str | Path) -> list[Path]:
     """Write the report page (and the contact sheet's further pages); the files written."""
     out, dest = Path(output), Path(dest)
-    rep = report(out)
+    df = read_results(out)  # once: the report's figures and the page's plots and sheet
+    rep = report(out, df)
     manifest = _manifest(out)
-    df = read_results(out)
     rows = [("rows", rep["rows"]), ("status", ", ".join(f"{k} {v}" for k, v in sorted(rep["status"].items())))]
     if rep.get("accuracy"):
         a = rep["accuracy"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,3 +183,31 @@ def compact(directory: Path, total_rows: int | None = None, *, rewrite: bool = T
     done_codes = [i for i, n in enumerate(names) if n in DONE_STATUSES]
     done[latest_rows[np.isin(latest_codes, done_codes)]] = True
     return ResumeState(done, latest_rows, latest_codes, names)
+
+
+def newest_seq(paths: list[Path]) -> np.ndarray:
+    """For each row position, the sequence number of the part holding its newest copy (-1: none)."""
+    rows = [pq.read_table(p, columns=["row"]).column("row").to_numpy() for p in paths]
+    if not rows or not sum(len(r) for r in rows):
+        return np.zeros(0, dtype=np.int64)
+    r = np.concatenate(rows)
+    s = np.concatenate([np.full(len(x), part_seq(p), dtype=np.int64) for x, p in zip(rows, paths, strict=True)])
+    newest = np.full(int(r.max()) + 1, -1, dtype=np.int64)
+    np.maximum.at(newest, r, s)
+    return newest
+
+
+def iter_newest(directory: Path, columns: list[str]) -> Iterator[pa.Table]:
+    """Each part's rows that are the newest copy of their row (a row retried later is read from
+    its newest part only, compacted or not), a part at a time: flat memory. A column a part
+    lacks (written by an older version) comes as nulls."""
+    paths = part_paths(directory)
+    newest = newest_seq(paths)
+    for p in paths:
+        have = set(pq.read_schema(p).names)
+        t = pq.read_table(p, columns=[c for c in columns if c in have])
+        for c in columns:
+            if c not in have:
+                t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
+        keep = newest[t.column("row").to_numpy()] == part_seq(p)
+        yield t if keep.all() else t.filter(pa.array(keep))

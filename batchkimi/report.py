@@ -13,7 +13,6 @@ noisy night is not read as a regression; :func:`regressions` turns thresholds in
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,10 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
+from .errors import OutputError
+from .parts import iter_newest
 from .results import kept_column_name
-from .scoring import iter_newest
-from .sink import MANIFEST, read_results
+from .sink import Sink, read_results
 from .summary import wilson
 
 _BASE = ["id", "row", "status", "finish_reason", "error_type", "error_message", "prompt_tokens", "completion_tokens",
@@ -32,9 +32,10 @@ _SCORE = ["score", "score_error", "extract_error", "tool_calls_valid"]
 
 
 def _manifest(out: Path) -> dict[str, Any]:
+    """The output's manifest, or {} where there is none (or it cannot be read)."""
     try:
-        return json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return Sink(out).read_manifest() or {}
+    except OutputError:
         return {}
 
 
@@ -63,11 +64,13 @@ def _mean_ci(x: np.ndarray) -> tuple[float, float]:
     return m - half, m + half
 
 
-def report(output: str | Path) -> dict[str, Any]:
-    """The report of one output directory as plain data (what ``--json`` prints)."""
+def report(output: str | Path, results: Any = None) -> dict[str, Any]:
+    """The report of one output directory as plain data (what ``--json`` prints). ``results``:
+    the output's rows already read (:func:`~batchkimi.sink.read_results`), if the caller has them."""
     out = Path(output)
     manifest = _manifest(out)
-    df = read_results(out, columns=_BASE + _SCORE + [kept_column_name(c) for c in _group_columns(manifest)])
+    columns = _BASE + _SCORE + [kept_column_name(c) for c in _group_columns(manifest)]
+    df = read_results(out, columns=columns) if results is None else results[[c for c in columns if c in results.columns]]
     n = len(df)
     status = df["status"].value_counts().to_dict() if n else {}
     errors = []

@@ -41,8 +41,8 @@ from .folder import (
     FolderScan,
     mark_gone,
     read_index,
+    resume_marks,
     scan_folder,
-    stale_positions,
     write_index,
 )
 from .grader import grade_pending, known_grades
@@ -374,14 +374,10 @@ class JobRun:
         sink, entries = self.sink, self.folder.entries
         if mark_gone(sink, entries):
             state = sink.compact(self.scan.rows)
-        done = state.done
-        stale = stale_positions(sink.dir, entries)
-        done[stale] = False
-        self.folder.changed = stale.tolist()
-        gone = np.array([p for p, e in enumerate(entries) if e.get("gone") and p < self.limit], dtype=np.int64)
-        has_row = np.zeros(len(done), dtype=bool)
+        gone = resume_marks(sink.dir, self.folder, state.done)
+        gone = gone[gone < self.limit]
+        has_row = np.zeros(len(state.done), dtype=bool)
         has_row[state.latest_rows] = True
-        done[gone] = True  # nothing to send
         return state, int((~has_row[gone]).sum())
 
     async def _produce(self, n_workers: int) -> None:

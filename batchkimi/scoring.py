@@ -32,12 +32,11 @@ import math
 import os
 import re
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -366,21 +365,6 @@ def tool_schemas(tools: Sequence[Any]) -> dict[str, Any]:
     return out
 
 
-def _newest(paths: list[Path]) -> np.ndarray:
-    """For each row position, the sequence number of the part holding its newest copy."""
-    rows, seqs = [], []
-    for p in paths:
-        r = pq.read_table(p, columns=["row"]).column("row").to_numpy()
-        rows.append(r)
-        seqs.append(np.full(len(r), parts.part_seq(p), dtype=np.int64))
-    if not rows:
-        return np.zeros(0, dtype=np.int64)
-    r, s = np.concatenate(rows), np.concatenate(seqs)
-    newest = np.full(int(r.max()) + 1 if len(r) else 0, -1, dtype=np.int64)
-    np.maximum.at(newest, r, s)
-    return newest
-
-
 def score_schema(specs: Specs) -> pa.Schema:
     fields = [pa.field("row", pa.int64()), pa.field("id", pa.string()),
               pa.field("finished_at", pa.timestamp("ms", tz="UTC"))]
@@ -394,20 +378,6 @@ def score_schema(specs: Specs) -> pa.Schema:
         if specs.score.method == "model":
             fields += [pa.field("grade_explanation", pa.string()), pa.field("grade_reasoning", pa.string())]
     return pa.schema(fields)
-
-
-def iter_newest(out: Path, columns: list[str]) -> Iterator[pa.Table]:
-    """Each part's newest rows (a row retried later is read from its newest part only)."""
-    paths = parts.part_paths(out)
-    newest = _newest(paths)
-    for p in paths:
-        have = set(pq.read_schema(p).names)
-        t = pq.read_table(p, columns=[c for c in columns if c in have])
-        for c in columns:
-            if c not in have:
-                t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
-        keep = newest[t.column("row").to_numpy()] == parts.part_seq(p)
-        yield t if keep.all() else t.filter(pa.array(keep))
 
 
 def score_output(out: Path, specs: Specs, grades: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -433,7 +403,7 @@ def score_output(out: Path, specs: Specs, grades: Mapping[str, Any] | None = Non
     tmp = target.with_name(f".{target.name}.tmp")
     counts = {"rows": 0, "scored": 0, "score_sum": 0.0, "extract_errors": 0}
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for t in iter_newest(out, columns):
+        for t in parts.iter_newest(out, columns):
             data = {name: [] for name in schema.names}
             cols = {c: t.column(c).to_pylist() for c in columns if c != "finished_at"}
             for i in range(t.num_rows):

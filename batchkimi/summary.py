@@ -20,6 +20,12 @@ def wilson(k: float, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def accuracy_text(k: float, n: int) -> str:
+    """'0.873 (95% CI 0.851-0.892) over 1000 scored rows'."""
+    low, high = wilson(k, n)
+    return f"{k / n:.3f} (95% CI {low:.3f}-{high:.3f}) over {n} scored rows"
+
+
 def cost_usd(prices: Any, model: str | None, prompt: int | None, completion: int | None, cached: int | None) -> float | None:
     """(prompt - cached)·miss + cached·hit + completion·out, in USD; None for an unknown model."""
     triple = prices.get(model or "")
@@ -92,9 +98,7 @@ class Summary:
             out.append(f"{self.rows_without_usage} answered rows came without token usage: their tokens and cost "
                        "are unknown (the server reports usage in streams only when asked: set include_usage = true)")
         if self.scores.get("scored"):
-            n, k = self.scores["scored"], self.scores["score_sum"]
-            low, high = wilson(k, n)
-            out.append(f"accuracy {k / n:.3f} (95% CI {low:.3f}-{high:.3f}) over {n} scored rows; "
+            out.append(f"accuracy {accuracy_text(self.scores['score_sum'], self.scores['scored'])}; "
                        f"`batchkimi report {self.output}` for the rest")
         if self.budget_stop:
             out.append(f"stopped at the budget: {self.budget_stop}. Nothing is lost: run again (with a larger "

@@ -69,11 +69,18 @@ def test_uvloop_asked_for_where_it_is_missing_is_a_clear_error(tmp_path: Path, m
     assert loop_factory("auto") is None  # auto falls back to asyncio's own loop
 
 
-def test_the_cli_flag_chooses_the_loop(tmp_path: Path, simulator) -> None:
+def test_the_cli_flag_chooses_the_loop(tmp_path: Path, simulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchkimi import engine
+
+    asked: list[str] = []
+    real = engine.loop_factory
+    monkeypatch.setattr(engine, "loop_factory", lambda choice: asked.append(choice) or real(choice))
     h = simulator()
     data = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "hi"}])
-    r = CliRunner().invoke(cli, ["run", "--input", str(data), "--output", str(tmp_path / "o"), "--base-url", h.base_url,
-                                 "--event-loop", "asyncio", "--no-thinking", "--quiet", "--json-summary"])
-    assert r.exit_code == 0, r.output
+    for n, flag in enumerate((["--event-loop", "asyncio"], [])):
+        r = CliRunner().invoke(cli, ["run", "--input", str(data), "--output", str(tmp_path / f"o{n}"), "--base-url",
+                                     h.base_url, *flag, "--no-thinking", "--quiet"])
+        assert r.exit_code == 0, r.output
+    assert asked == ["asyncio", "auto"]
     r = CliRunner().invoke(cli, ["run", "--input", str(data), "--output", str(tmp_path / "o3"), "--event-loop", "tokio"])
     assert r.exit_code == 2 and "tokio" in r.output

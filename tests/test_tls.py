@@ -36,10 +36,19 @@ def test_a_run_over_https_reuses_its_connections(tmp_path: Path, simulator, stre
 
 
 def test_the_in_process_simulator_can_serve_tls(tmp_path: Path) -> None:
-    data = write_jsonl(tmp_path / "in.jsonl", rows(5))
-    job = fast_job(tmp_path, "simulator", input=str(data), simulator={"tls": True}, thinking="disabled", stream=False,
-                   max_tokens=64)
-    assert batchkimi.run(job).final_status == {"ok": 5}
+    import asyncio
+
+    from batchkimi.request import build_request
+    from batchkimi.rowengine import RowEngine
+
+    job = fast_job(tmp_path, "simulator", simulator={"tls": True}, thinking="disabled", stream=False, max_tokens=64)
+
+    async def one() -> tuple[str, dict]:
+        async with RowEngine.create(job, "sim-local-key") as engine:
+            return engine.transport.url, await engine.process("r0", 0, build_request({"prompt": "hi"}, job))
+
+    url, row = asyncio.run(one())
+    assert url.startswith("https://127.0.0.1:") and row["status"] == "ok"  # over TLS, its CA trusted by itself
 
 
 def test_an_untrusted_certificate_stops_the_job_at_once_and_says_what_to_set(tmp_path: Path, simulator) -> None:

@@ -187,7 +187,7 @@ def validate(body: dict[str, Any], key_models: list[str] | None, unknown_model_s
             _expect(body, name, isinstance(body[name], str), "a string")
 
     media: list[SeenMedia] = []
-    tokens_of: dict[int, int] = {}
+    seen_of: dict[int, SeenMedia] = {}
     for i, m in enumerate(messages):  # type: ignore[arg-type]
         if not isinstance(m, dict) or m.get("role") not in _ROLES:
             raise invalid(f"Invalid request: messages[{i}] has no valid role")
@@ -209,7 +209,7 @@ def validate(body: dict[str, Any], key_models: list[str] | None, unknown_model_s
                 seen = _check_part(part, model, i)
                 if seen is not None:
                     media.append(seen)
-                    tokens_of[id(part)] = seen.tokens
+                    seen_of[id(part)] = seen
 
     max_tokens: Any = DEFAULT_MAX_TOKENS
     for name in ("max_completion_tokens", "max_tokens"):  # the first wins when both are sent
@@ -219,25 +219,25 @@ def validate(body: dict[str, Any], key_models: list[str] | None, unknown_model_s
                 raise invalid(f"Invalid request: {name} must be a positive integer, got {value!r}")
             max_tokens = value
             break
-    prompt_tokens = estimate_messages_tokens(messages, lambda part: tokens_of.get(id(part), URL_MEDIA_TOKENS))  # type: ignore[arg-type]
-    light = _light(messages) if media else None  # type: ignore[arg-type]
+    prompt_tokens = estimate_messages_tokens(  # type: ignore[arg-type]
+        messages, lambda part: seen.tokens if (seen := seen_of.get(id(part))) else URL_MEDIA_TOKENS)
+    light = _light(messages, seen_of) if media else None  # type: ignore[arg-type]
     return ChatRequest(model, messages, thinking, max_tokens, bool(stream), include_usage, json_mode,  # type: ignore[arg-type]
                        tools, choice, prompt_tokens, media, light)
 
 
-def _light(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _light(messages: list[dict[str, Any]], seen_of: dict[int, SeenMedia]) -> list[dict[str, Any]]:
+    """``messages`` with each media part's URL swapped for the digest already taken of it: what
+    seeds the answer, without hashing (or serialising) megabytes of base64 again."""
     out = []
     for m in messages:
         content = m.get("content")
         if isinstance(content, list):
             parts = []
             for p in content:
-                if isinstance(p, dict) and p.get("type") in ("image_url", "video_url"):
-                    ref = p.get(p["type"])
-                    url = ref.get("url") if isinstance(ref, dict) else ref
-                    if isinstance(url, str) and url.startswith("data:"):
-                        url = f"{url[:url.find(',')]},sha256:{hashlib.sha256(url.encode()).hexdigest()}"
-                    p = {"type": p["type"], p["type"]: {"url": url}}
+                seen = seen_of.get(id(p))
+                if seen is not None:
+                    p = {"type": p["type"], p["type"]: {"url": f"{seen.mime or 'url'}:{seen.digest}"}}
                 parts.append(p)
             m = {**m, "content": parts}
         out.append(m)
