@@ -36,6 +36,11 @@ class SSEDecoder:
         """Add bytes; return the data of every event they completed."""
         if not chunk:
             return []
+        # The common read, a stream's pace: exactly one whole "data: ...\n\n" event, nothing
+        # carried over. Same answer as the general path below, for a third of the work.
+        if (self._started and not self._buf and not self._pending_cr and chunk[:6] == b"data: "
+                and chunk.find(b"\n", 6) == len(chunk) - 2 and chunk[-1:] == b"\n" and b"\r" not in chunk):
+            return [chunk[6:-2]]
         if not self._started:
             # The BOM may itself arrive in pieces: wait until three bytes are here.
             head = self._buf + chunk

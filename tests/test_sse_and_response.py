@@ -44,6 +44,31 @@ def test_sse_decoder_same_events_at_every_split(data: bytes, expected: list[str]
         assert decode_all(data, cut) == expected, f"split at {cut}"
 
 
+@pytest.mark.parametrize("data,expected", STREAMS)
+def test_sse_decoder_same_events_at_every_pair_of_splits(data: bytes, expected: list[str]) -> None:
+    """Three reads, cut anywhere: the one-whole-event fast path and the general path agree."""
+    for a in range(len(data) + 1):
+        for b in range(a, len(data) + 1):
+            dec = SSEDecoder()
+            out = dec.feed(data[:a]) + dec.feed(data[a:b]) + dec.feed(data[b:]) + dec.close()
+            assert [x.decode() for x in out] == expected, f"split at {a} and {b}"
+
+
+def test_sse_decoder_event_per_read_after_any_prefix() -> None:
+    """A paced stream arrives an event per read: each one comes out alone, whatever came before."""
+    events = [b'data: {"a":1}\n\n', b"data:{\"b\":2}\n\n", b"data: \n\n", b"data:  x\n\n", b'data: {"c":\ndata: 3}\n\n',
+              b"data: y\r\n\r\n", b": ping\n\n", b"data: [DONE]\n\n"]
+    expected = [b'{"a":1}', b'{"b":2}', b"", b" x", b'{"c":\n3}', b"y", b"[DONE]"]
+    for prefix in (b"", b"\xef\xbb\xbf", b": hello\n\n", b"data: z\r"):
+        dec = SSEDecoder()
+        first = dec.feed(prefix)
+        out = [x for e in events for x in dec.feed(e)] + dec.close()
+        if prefix == b"data: z\r":  # a CR ends a line, not the event: the next data line joins it
+            assert first == [] and out == [b'z\n{"a":1}'] + expected[1:]
+        else:
+            assert out == expected, prefix
+
+
 def test_sse_decoder_handles_a_line_over_128_kib() -> None:
     """Kimi sends single lines far over aiohttp's 128 KiB readline limit."""
     payload = json.dumps({"x": "y" * 300_000})
