@@ -188,6 +188,7 @@ def _note_missing_key(job: Job) -> None:
 @click.option("--tpm", type=int, default=0, help="Tokens per minute per key (0: none).")
 @click.option("--concurrency", type=int, default=0, help="Requests in flight per key (0: none).")
 @click.option("--latency-ms", type=float, default=0.0, show_default=True, help="Time to the answer (to the first chunk when streaming).")
+@click.option("--rtt-ms", type=float, default=0.0, help="A modelled network round trip: per request, and per new connection's handshakes.")
 @click.option("--tokens-per-s", type=float, default=0.0, help="Streaming pace (0: as fast as possible).")
 @click.option("--fail-rate", type=float, default=0.0, help="Share of requests given a random fault.")
 @click.option("--overload-rate", type=float, default=0.0, help="Share of admitted requests refused as engine_overloaded.")

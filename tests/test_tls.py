@@ -59,3 +59,37 @@ def test_an_untrusted_certificate_stops_the_job_at_once_and_says_what_to_set(tmp
     assert summary.fatal and "not trusted" in summary.fatal and "ca_file" in summary.fatal
     assert summary.exit_code == 1 and h.simulator.stats_json()["requests"] == 0
     assert summary.requests <= job.concurrency  # no retry storm: the first failures end it
+
+
+def test_the_modelled_network_charges_handshakes_to_new_connections_only(tmp_path: Path, simulator) -> None:
+    """rtt_ms: a connection's first request waits one round trip plus two for the TCP and TLS
+    handshakes, a reused connection's requests one: a client that reconnects pays every time."""
+    import asyncio
+    import ssl
+    import time
+
+    import aiohttp
+
+    h = simulator(tls=True, rtt_ms=60)
+    ctx = ssl.create_default_context(cadata=h.ca_pem.decode())
+    body = {"model": "kimi-k2.6", "messages": [{"role": "user", "content": "hi"}], "thinking": {"type": "disabled"}}
+
+    async def timed(session: aiohttp.ClientSession) -> float:
+        t0 = time.perf_counter()
+        async with session.post(h.base_url + "/chat/completions", json=body, headers={"Authorization": "Bearer sk-x"}) as r:
+            assert r.status == 200
+            await r.read()
+        return time.perf_counter() - t0
+
+    async def main() -> tuple[float, float, float]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+            first, reused = await timed(s), await timed(s)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, force_close=True)) as s:
+            await timed(s)
+            reconnected = await timed(s)
+        return first, reused, reconnected
+
+    first, reused, reconnected = asyncio.run(main())
+    assert first >= 0.18 and reconnected >= 0.18  # 3 round trips of 60 ms
+    assert 0.06 <= reused < 0.17  # 1 round trip
+    assert h.simulator.stats_json()["connections"] == 3

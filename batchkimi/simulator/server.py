@@ -70,6 +70,11 @@ class SimConfig:
     error_style: str = "tokenhub"  # tokenhub | moonshot
     unknown_model_status: int = 404  # 404 (Moonshot) or 400 (TokenHub)
     latency_ms: float = 0.0  # non-streaming: time to the answer; streaming: time to first chunk
+    # A modelled network between client and simulator (loopback has none): each request waits one
+    # round trip more, and a connection's first request the handshakes' too (TCP's, and TLS 1.3's
+    # with tls): a client that does not reuse connections pays them on every request, as it would
+    # over the internet.
+    rtt_ms: float = 0.0
     tokens_per_s: float = 0.0  # streaming pace; 0 = as fast as possible
     chunk_tokens: int = 4
     reasoning_words: int = 40
@@ -199,9 +204,13 @@ class Simulator:
         rid = uuid.uuid4().hex
         self.stats["requests"] += 1
         conn = request.transport
+        trips = 1
         if conn is not None and conn not in self._connections:
             self._connections.add(conn)
             self.stats["connections"] += 1
+            trips += 2 if self.cfg.tls else 1
+        if self.cfg.rtt_ms:
+            await asyncio.sleep(self.cfg.rtt_ms * trips / 1000)
         key: str | None = None
         admitted = False
         completion_tokens = 0
