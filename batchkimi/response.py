@@ -241,18 +241,17 @@ class StreamAssembler:
     def add(self, data: bytes | str) -> bool:
         if self.done:
             return True
-        if isinstance(data, str):
+        if type(data) is str:
             data = data.encode()
-        if data[:1] != b"{":
+        try:
+            chunk = orjson.loads(data)  # parsed first: [DONE] and blank data are once a stream
+        except orjson.JSONDecodeError:
             stripped = data.strip()
             if stripped == b"[DONE]":
                 self.done = True
                 return True
             if not stripped:
                 return False
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
             # Some servers forget the blank line between events: "data: {..}\ndata: {..}".
             parts = data.split(b"\n")
             if len(parts) > 1:
@@ -260,7 +259,7 @@ class StreamAssembler:
             raise ResponseError(
                 f"a stream event is not JSON: {snippet(data)}", error_type="bad_stream", retryable=True
             ) from None
-        if not isinstance(chunk, dict):
+        if type(chunk) is not dict:
             return False
         if chunk.get("error"):
             raise error_from_payload(chunk, http_status=200, in_stream=True)
