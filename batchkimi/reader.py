@@ -116,11 +116,14 @@ def _parquet_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _iter_jsonl(path: Path, stop_after: int | None = None, skip_until: int = 0) -> Iterator[SourceRow]:
-    pos = 0
+def _iter_jsonl(path: Path, stop_after: int | None = None, skip_until: int = 0,
+                start: tuple[int, int, int] = (0, 0, 0)) -> Iterator[SourceRow]:
+    """``start``: (byte offset, lines before it, rows before it), from :func:`jsonl_blocks`."""
+    offset, lineno, pos = start
     name = path.name
-    lineno = 0
     with reading(path, "the start"), _open_bytes(path) as fh:
+        if offset:
+            fh.seek(offset)
         lines = iter(fh)
         while True:
             try:
@@ -204,6 +207,68 @@ def read_rows(path: Path, fmt: str, skip_until: int = 0) -> Iterator[list[Source
             batch = []
     if batch:
         yield batch
+
+
+def jsonl_blocks(path: Path, block_rows: int, limit: int) -> Iterator[tuple[int, int, int, int]]:
+    """(byte offset, lines before, first row, row after the last) of each run of ``block_rows``
+    rows below ``limit``, counted as :func:`_iter_jsonl` counts them: a block can be read alone
+    with ``_iter_jsonl(path, stop_after=end, start=(offset, lines, first))``."""
+    if path.name.lower().endswith(".gz"):
+        raise DatasetError(f"{path} is compressed: a block cannot be read without everything before it. "
+                           "Decompress it (gunzip -k) or convert it to Parquet for a Ray run")
+    offset = lineno = pos = 0
+    begin: tuple[int, int, int] | None = None
+    with reading(path), open(path, "rb") as fh:
+        for raw in fh:
+            if (raw.removeprefix(_BOM) if lineno == 0 else raw).strip():
+                if begin is None:
+                    if pos >= limit:
+                        return
+                    begin = (offset, lineno, pos)
+                pos += 1
+            offset += len(raw)
+            lineno += 1
+            if begin is not None and (pos - begin[2] >= block_rows or pos >= limit):
+                yield (*begin, pos)
+                begin = None
+    if begin is not None:
+        yield (*begin, pos)
+
+
+def parquet_blocks(path: Path, block_rows: int, limit: int) -> Iterator[tuple[str, int, int, int]]:
+    """(file, first row in the file, first row overall, row after the last) of each run of at
+    most ``block_rows`` rows below ``limit``; a block never spans two files or row groups."""
+    pos = 0
+    for file in _parquet_files(path):
+        meta = _parquet_file(file).metadata
+        in_file = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            for first in range(0, n, block_rows):
+                if pos >= limit:
+                    return
+                count = min(block_rows, n - first, limit - pos)
+                yield str(file), in_file + first, pos, pos + count
+                pos += count
+            in_file += n
+
+
+def parquet_block_rows(file: str, first: int, start: int, stop: int) -> Iterator[SourceRow]:
+    """The rows of one :func:`parquet_blocks` block, numbered as :func:`_iter_parquet` does."""
+    path = Path(file)
+    pf = _parquet_file(path)
+    meta = pf.metadata
+    at = 0
+    for g in range(meta.num_row_groups):
+        n = meta.row_group(g).num_rows
+        if at + n > first:
+            with reading(path, f"row {first}"):
+                table = pf.read_row_group(g).slice(first - at, stop - start)
+                records = table.to_pylist()
+            for i, record in enumerate(records):
+                yield SourceRow(start + i, f"row {first + i} of {path.name}", record)
+            return
+        at += n
 
 
 def row_id(row: SourceRow, fmt: str, id_column: str, has_id_column: bool, id_prefix: str = "row-") -> str | None:
