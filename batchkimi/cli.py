@@ -43,6 +43,13 @@ _OPTIONS: dict[str, Callable[[Any], Any]] = {
     "json-summary": click.option("--json-summary", is_flag=True, help="Print the summary as JSON on stdout."),
     "event-loop": click.option("--event-loop", type=click.Choice(["auto", "uvloop", "asyncio"]),
                                help="The event loop.", show_default="auto: uvloop where installed"),
+    "engine": click.option("--engine", type=click.Choice(["local", "ray"]),
+                           help="Send from this process, or from the actors of a Ray cluster (pip install 'batchkimi[ray]').",
+                           show_default="local"),
+    "ray-address": click.option("--ray-address", help="With --engine ray: the cluster ('auto', host:port, ray://host:10001).",
+                                show_default="start one on this machine"),
+    "ray-actors": click.option("--ray-actors", type=int, help="With --engine ray: actors sending requests.",
+                               show_default="one per CPU but one"),
     "max-cost": click.option("--max-cost", "max_cost_usd", type=float,
                              help="Stop sending once this run's cost (USD, estimated, in flight counted) would pass this."),
     "max-tokens-total": click.option("--max-tokens-total", "max_total_tokens", type=int,
@@ -84,7 +91,7 @@ def cli() -> None:
 @click.option("--max-attempts", type=int, help="Attempts per row at most.", show_default="6")
 @click.option("--stop-after-failures", type=int, help="Stop when the first N rows all fail alike; 0: never.", show_default="20")
 @click.option("--retry-errors/--no-retry-errors", default=None, help="On resume, retry rows that failed.", show_default="retry")
-@_shared("max-cost", "max-tokens-total", "event-loop", "overwrite")
+@_shared("max-cost", "max-tokens-total", "event-loop", "engine", "ray-address", "ray-actors", "overwrite")
 @click.option("--dry-run", is_flag=True, help="Check every row, show the first request; send nothing.")
 @_shared("quiet", "json-summary")
 def run(job_file: Path | None, input_: str | None, dry_run: bool, quiet: bool, overwrite: bool,
@@ -107,7 +114,7 @@ def run(job_file: Path | None, input_: str | None, dry_run: bool, quiet: bool, o
 @_shared("base-url", "stream", "thinking", "max-tokens", "max-image-side", "concurrency", "rpm", "tpm")
 @click.option("--media-url-prefix", help="Send <prefix>/<relative path> URLs instead of the files' bytes.")
 @click.option("--limit", type=int, help="Only the first N files.", show_default="all")
-@_shared("max-cost", "max-tokens-total", "event-loop", "overwrite")
+@_shared("max-cost", "max-tokens-total", "event-loop", "engine", "ray-address", "ray-actors", "overwrite")
 @click.option("--dry-run", is_flag=True, help="Walk the folder, check every file, show the first request; send nothing.")
 @_shared("quiet", "json-summary")
 def caption(folder: Path, job_file: Path | None, dry_run: bool, quiet: bool, overwrite: bool, json_summary: bool,

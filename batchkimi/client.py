@@ -99,6 +99,7 @@ class Transport:
                  ca_file: str | None = None, ca_pem: bytes | None = None) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self._api_key = api_key
+        self.ca_pem = ca_pem  # handed on to other processes' transports (a Ray run's workers)
         self._ssl: ssl.SSLContext | bool = True
         if ca_file or ca_pem:  # trusted as well as the system's CAs: a company proxy, a test server
             ctx = ssl.create_default_context()

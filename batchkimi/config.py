@@ -106,6 +106,11 @@ class Job:
     retry_errors: bool = True
     stop_after_failures: int = 20  # the first N rows all failing alike stop the job; 0: never
     event_loop: str = "auto"  # auto (uvloop where it is installed) | uvloop | asyncio; the sync door only
+    # where the requests are sent from: this process, or the actors of a Ray cluster (batchkimi.ray_engine)
+    engine: str = "local"  # local | ray
+    ray_address: str | None = None  # None or "local": start a cluster here; "auto", "host:port", "ray://host:10001"
+    ray_actors: int = 0  # 0: one per CPU of the cluster but one
+    ray_block_rows: int = 256  # rows per block: what an actor takes at once, and the unit of commit
     grace_s: float = 15.0
     rows_per_part: int = 10000
     flush_interval_s: float = 30.0
@@ -190,7 +195,7 @@ class Job:
 _FIELDS = {f.name: f for f in dataclasses.fields(Job)}
 _PATH_KEYS = ("input", "output", "api_key_file", "media_root", "ca_file")
 _INT_KEYS = {"limit", "max_tokens", "n", "concurrency", "max_attempts", "rows_per_part", "stop_after_failures",
-             "max_image_side", "max_total_tokens"}
+             "max_image_side", "max_total_tokens", "ray_actors", "ray_block_rows"}
 _FLOAT_KEYS = {
     "temperature", "top_p", "presence_penalty", "frequency_penalty", "rpm", "tpm",
     "max_retry_time_s", "backoff_base_s", "backoff_max_s", "max_retry_after_s",
@@ -202,6 +207,7 @@ _STR_KEYS = {
     "input", "input_format", "id_column", "prompt_column", "system_column", "messages_column",
     "output", "base_url", "api_key_env", "api_key_file", "model", "prompt_template", "system",
     "thinking", "thinking_keep", "media_root", "media_url_prefix", "event_loop", "ca_file",
+    "engine", "ray_address",
 }
 _LIST_KEYS = {"keep_columns", "image_columns", "video_columns", "include", "exclude"}
 
@@ -296,6 +302,11 @@ def check_job(job: Job) -> None:
         raise ConfigError(f"input_format must be auto, jsonl, parquet, openai_batch or folder, got {job.input_format!r}")
     if job.event_loop not in ("auto", "uvloop", "asyncio"):
         raise ConfigError(f"event_loop must be auto, uvloop or asyncio, got {job.event_loop!r}")
+    if job.engine not in ("local", "ray"):
+        raise ConfigError(f"engine must be local or ray, got {job.engine!r}")
+    if job.ray_block_rows < 1 or job.ray_actors < 0:
+        raise ConfigError(f"ray_block_rows must be at least 1 and ray_actors at least 0 (0: one per CPU but one), "
+                          f"got {job.ray_block_rows} and {job.ray_actors}")
     if job.max_image_side is not None and job.max_image_side < 14:
         raise ConfigError(f"max_image_side must be at least 14 pixels, got {job.max_image_side}")
     for key in ("max_request_mb", "max_mb_in_flight"):

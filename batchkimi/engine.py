@@ -131,6 +131,8 @@ async def run_async(
 
     ``transport`` replaces the HTTP transport (anything with ``async complete(body, *, stream,
     payload)`` returning a :class:`~batchkimi.client.Reply`): for benchmarks of the engine alone."""
+    if job.engine == "ray":
+        raise ConfigError("engine = 'ray' runs through batchkimi.run() or the CLI (they start and end the Ray connection)")
     key = api_key or resolve_api_key(job)  # before the dataset is read
     return await JobRun(job, key, hook=hook, overwrite=overwrite, install_signal_handlers=install_signal_handlers,
                         stop=stop, transport=transport).execute()
@@ -155,5 +157,13 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 def run(job: Job, **kwargs: Any) -> Summary:
     """Run a job to the end and return its :class:`Summary` (a sync door over :func:`run_async`),
     on the job's ``event_loop``. :func:`run_async` runs on whatever loop its caller has."""
+    if job.engine == "ray":
+        for name in ("stop", "transport"):
+            if kwargs.get(name) is not None:
+                raise ConfigError(f"engine = 'ray' takes no {name}=: the requests are sent by the cluster's actors")
+        from .ray_engine import run_on_ray  # the core never imports Ray
+
+        key = kwargs.pop("api_key", None) or resolve_api_key(job)
+        return run_on_ray(job, api_key=key, **{k: v for k, v in kwargs.items() if k not in ("stop", "transport")})
     with asyncio.Runner(loop_factory=loop_factory(job.event_loop)) as runner:
         return runner.run(run_async(job, **kwargs))

@@ -1,0 +1,330 @@
+"""The same job on a Ray cluster (``engine = "ray"``): same rows, same output, same guarantees.
+
+The driver (this process) does what a local run does around the requests: it reads the output
+directory to know which rows are done, writes the manifest, journals every result as it comes
+back, compacts, scores and summarises (it *is* a :class:`~batchkimi.runner.JobRun`). What it
+hands to Ray is the middle: it cuts the input into blocks of ``ray_block_rows`` rows (byte
+offsets of a JSONL file, row ranges of a Parquet row group; the rows themselves are not read
+here), and a Ray Dataset of those blocks, one Ray block each, goes through ``map_batches`` on a
+pool of actors. Each actor (:class:`BlockWorker`) reads its block's rows from the shared input,
+checks and prepares them (media files included) with :func:`~batchkimi.runner.prepare_row`,
+and sends them with batchkimi's own :class:`~batchkimi.rowengine.RowEngine` (client, SSE,
+retries, error rows): one code path for a request, local or on a cluster. The block is the
+unit of commit: its result rows come back together and are journaled at once.
+
+One limit for the cluster: a named actor per (endpoint, key) (:mod:`batchkimi.ray_limiter`).
+
+Stopping (a signal, a fatal error, the budget): the driver tells every worker through a small
+per-run actor; workers start no new attempt (rows not sent stay pending), requests in flight get
+``grace_s``, and what came back is written. Resume after any crash sends again only the rows of
+blocks that were in flight and not yet written.
+
+Ray is imported here only; ``import batchkimi`` never imports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .breaker import FailureBreaker
+from .client import Transport
+from .config import Job
+from .errors import ConfigError, FatalAPIError, JobError
+from .events import Hook, no_hook
+from .ray_limiter import LeasedLimiter, limit_actor, limit_name
+from .reader import _iter_jsonl, jsonl_blocks, parquet_block_rows, parquet_blocks
+from .results import invalid_row
+from .rowengine import RowAbandoned, RowEngine, policy_of, timeouts_of
+from .runner import _END, JobRun, kept_values, prepare_row
+from .summary import Summary
+
+log = logging.getLogger("batchkimi.ray")
+
+STATS = b"__batchkimi_stats__"  # the marker of a block's last record: the worker's counters
+_POLL_S = 0.5  # how often a worker asks whether the run is stopping
+
+
+def require_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise ConfigError("engine = 'ray' needs Ray, which is not installed here: pip install 'batchkimi[ray]' "
+                          "(or run without --engine ray)") from None
+    return ray
+
+
+class RunControl:
+    """The body of a per-run actor: whether the driver has asked every worker to stop."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def is_stopped(self) -> bool:
+        return self.stopped
+
+
+# ---- the workers ---------------------------------------------------------------------------
+class BlockWorker:
+    """A Ray Data actor: one block of input rows in, their result rows out (as JSON bytes, and a
+    last record with this worker's counters since its previous block)."""
+
+    def __init__(self, *, job: Job, key: str, url: str, ca_pem: bytes | None, fmt: str, scan: Any, media: Any,
+                 folder: bool, limit: Any, control: Any, workers: int) -> None:
+        self.job, self.key, self.url, self.ca_pem = job, key, url, ca_pem
+        self.fmt, self.scan, self.media, self.folder = fmt, scan, media, folder
+        self.limit, self.control, self.workers = limit, control, workers
+        self.engine: RowEngine | None = None
+        self.reported = (0, 0, 0)
+
+    def __repr__(self) -> str:  # never show the key
+        return f"BlockWorker({self.url!r})"
+
+    async def _engine(self) -> RowEngine:
+        if self.engine is None:
+            job = self.job
+            transport = Transport(self.url, self.key, timeouts_of(job), ca_file=job.ca_file, ca_pem=self.ca_pem)
+            await transport.__aenter__()  # for the actor's life: its connections are reused block after block
+            limiter = LeasedLimiter(self.limit, rpm=job.rpm, tpm=job.tpm, concurrency=job.concurrency,
+                                    workers=self.workers, max_tokens=job.effective_max_tokens)
+            self.engine = RowEngine(job, transport, limiter, policy_of(job), breaker=FailureBreaker(job.stop_after_failures))
+        return self.engine
+
+    def _read(self, desc: dict[str, Any]) -> list[tuple[Any, str, Any, dict[str, Any]]]:
+        """The block's rows not yet done, prepared (in a thread: it reads files)."""
+        if desc["kind"] == "parquet":
+            rows = parquet_block_rows(desc["file"], desc["first_in_file"], desc["start"], desc["stop"])
+        else:
+            rows = _iter_jsonl(Path(desc["path"]), stop_after=desc["stop"], start=(desc["offset"], desc["lines"], desc["start"]))
+        skip = set(desc["skip"])
+        out = []
+        for row in rows:
+            if row.pos in skip:
+                continue
+            rid, prepared = prepare_row(row, self.job, self.fmt, self.scan, self.media, folder=self.folder)
+            out.append((row, rid, prepared, kept_values(row, self.job)))
+        return out
+
+    async def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        desc = orjson.loads(batch.column("desc")[0].as_py())
+        engine = await self._engine()
+        rows = await asyncio.to_thread(self._read, desc)
+        done: list[bytes] = []
+        trouble: dict[str, str] = {}
+
+        async def one(row: Any, rid: str, prepared: Any, kept: dict[str, Any]) -> None:
+            if isinstance(prepared, str):
+                result = invalid_row(rid, row.pos, prepared)
+            else:
+                try:
+                    result = await engine.process(rid, row.pos, prepared)
+                except RowAbandoned:
+                    return
+                except FatalAPIError as exc:
+                    trouble.setdefault("fatal", str(exc))
+                    engine.stop()
+                    return
+                except Exception as exc:  # noqa: BLE001 - the row's request path failed: the job stops, as locally
+                    trouble.setdefault("error", f"unexpected error on {row.where} (id {rid}): {type(exc).__name__}: {exc}")
+                    engine.stop()
+                    return
+            result.update(kept)
+            done.append(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY))
+
+        async with asyncio.TaskGroup() as group:
+            watcher = group.create_task(self._watch(engine))
+            async with asyncio.TaskGroup() as rows_group:
+                for item in rows:
+                    rows_group.create_task(one(*item))
+            watcher.cancel()
+        limiter = engine.limiter
+        if isinstance(limiter, LeasedLimiter) and limiter.in_flight == 0:
+            await limiter.settle()
+        now = (engine.requests, engine.retries, getattr(limiter, "rate_limited", 0))
+        stats = {"requests": now[0] - self.reported[0], "retries": now[1] - self.reported[1],
+                 "rate_limited": now[2] - self.reported[2], "block": desc["block"], **trouble,
+                 "fallback": getattr(limiter, "fallback", None) is not None}
+        self.reported = now
+        done.append(STATS + orjson.dumps(stats))
+        return pa.table({"row": pa.array(done, type=pa.large_binary())})
+
+    async def _watch(self, engine: RowEngine) -> None:
+        """Ask the run's control actor every ``_POLL_S`` whether to stop; stop the engine if so."""
+        while not engine.stopping:
+            await asyncio.sleep(_POLL_S)
+            try:
+                if await self.control.is_stopped.remote():
+                    engine.stop()
+            except Exception:  # noqa: BLE001 - the driver is gone: Ray ends this actor with it
+                log.warning("batchkimi: the run's control actor cannot be reached", exc_info=True)
+                return
+
+
+# ---- the driver ------------------------------------------------------------------------------
+class RayJobRun(JobRun):
+    """A :class:`JobRun` whose requests are sent by Ray actors (see the module docstring)."""
+
+    def __init__(self, job: Job, api_key: str, **kwargs: Any) -> None:
+        super().__init__(job, api_key, **kwargs)
+        self.control: Any = None
+        self._stop_time = 0.0
+
+    def stop(self, reason: str, *, error: BaseException | None = None, fatal: str | None = None) -> None:
+        first = not self.stopping
+        super().stop(reason, error=error, fatal=fatal)
+        if first:
+            self._stop_time = time.monotonic()
+            if self.control is not None:
+                with contextlib.suppress(Exception):
+                    self.control.stop.remote()
+
+    def _plan(self) -> list[dict[str, Any]]:
+        """Blocks holding at least one pending row below the limit; each names its done rows."""
+        job, done, limit = self.job, self.done, self.limit
+        blocks: list[dict[str, Any]] = []
+        n = job.ray_block_rows
+        if self.fmt == "parquet":
+            cuts = ({"kind": "parquet", "file": f, "first_in_file": first, "start": a, "stop": b}
+                    for f, first, a, b in parquet_blocks(self.path, n, limit))
+        else:
+            cuts = ({"kind": "jsonl", "path": str(self.path), "offset": off, "lines": lines, "start": a, "stop": b}
+                    for off, lines, a, b in jsonl_blocks(self.path, n, limit))
+        for desc in cuts:
+            a, b = desc["start"], desc["stop"]
+            flags = done[a:b]
+            if flags.all():
+                continue
+            desc["skip"] = (a + flags.nonzero()[0]).tolist() if flags.any() else []
+            desc["block"] = len(blocks)
+            blocks.append(desc)
+        return blocks
+
+    async def _produce(self, n_workers: int) -> None:
+        try:
+            await self._on_ray()
+        except Exception as exc:  # noqa: BLE001 - Ray failed: stop, write what came back, then raise it
+            if self.error is None:
+                self.error = exc if isinstance(exc, JobError) else JobError(f"the Ray run failed: {type(exc).__name__}: {exc}")
+        finally:
+            self._closed = True
+            with contextlib.suppress(asyncio.QueueFull):
+                self.results.put_nowait(_END)
+
+    async def _on_ray(self) -> None:
+        import ray
+
+        job, loop = self.job, asyncio.get_running_loop()
+        blocks = await asyncio.to_thread(self._plan)
+        if not blocks or self.stopping:
+            return
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        actors = max(1, min(job.ray_actors or max(1, cpus - 1), len(blocks)))
+        # Leave a CPU for Ray Data's own tasks: with every CPU taken by actors a run can hang.
+        per_actor = min(1.0, max(0.05, (cpus - 1) / actors)) if cpus > 1 else 0.5
+        assert self.engine is not None
+        transport = self.engine.transport
+        base_url = transport.url.removesuffix("/chat/completions")
+        limit = await asyncio.to_thread(limit_actor, base_url, self.key, job.rpm, job.tpm, job.concurrency)
+        self.control = ray.remote(RunControl).options(num_cpus=0).remote()
+        if self.stopping:
+            self.control.stop.remote()
+        ds = ray.data.from_items([{"desc": orjson.dumps(d).decode()} for d in blocks], override_num_blocks=len(blocks))
+        out = ds.map_batches(
+            BlockWorker, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=per_actor,
+            fn_constructor_kwargs={"job": job, "key": self.key, "url": base_url,
+                                   "ca_pem": getattr(transport, "ca_pem", None), "fmt": self.fmt, "scan": self.scan,
+                                   "media": self.media, "folder": self.folder is not None, "limit": limit,
+                                   "control": self.control, "workers": actors})
+        self.summary.notes.append(f"ray: {len(blocks)} blocks of up to {job.ray_block_rows} rows on {actors} actors "
+                                  f"({per_actor:g} CPU each; cluster limit actor {limit_name(base_url, self.key)})")
+        finished = threading.Event()
+        failure: list[BaseException] = []
+
+        def consume() -> None:
+            try:
+                for batch in out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+                    rows = batch.column("row").to_pylist()
+                    asyncio.run_coroutine_threadsafe(self._take(rows), loop).result()
+                    if self.stopping and finished.is_set():
+                        return
+            except BaseException as exc:  # noqa: BLE001 - handed to the event loop's side
+                failure.append(exc)
+            finally:
+                finished.set()
+
+        thread = threading.Thread(target=consume, name="batchkimi-ray-results", daemon=True)
+        thread.start()
+        while not finished.is_set():
+            await asyncio.sleep(0.1)
+            if self.stopping and time.monotonic() - self._stop_time >= job.grace_s:
+                finished.set()  # the grace is over: what is still in flight is sent again on resume
+                break
+        if failure and not self.stopping:
+            raise failure[0]
+
+    async def _take(self, rows: list[bytes]) -> None:
+        engine = self.engine
+        assert engine is not None
+        for raw in rows:
+            if raw.startswith(STATS):
+                stats = orjson.loads(raw[len(STATS):])
+                engine.requests += stats["requests"]
+                engine.retries += stats["retries"]
+                engine.limiter.rate_limited += stats["rate_limited"]  # type: ignore[attr-defined]
+                if stats.get("fallback") and not any(n.startswith("ray: a worker") for n in self.summary.notes):
+                    self.summary.notes.append("ray: a worker could not reach the cluster limit and kept to its share")
+                if stats.get("fatal"):
+                    self.stop(stats["fatal"], fatal=stats["fatal"])
+                elif stats.get("error"):
+                    self.stop(stats["error"], error=JobError(stats["error"]))
+                continue
+            await self._finish(orjson.loads(raw))
+        job, s = self.job, self.summary
+        if job.max_cost_usd and s.cost_usd >= job.max_cost_usd and not self.stopping:
+            s.budget_stop = f"${s.cost_usd:.4f} spent, of a ${job.max_cost_usd:g} budget"
+            self.stop(f"stopping at the budget: {s.budget_stop}")
+        elif job.max_total_tokens and s.prompt_tokens + s.completion_tokens >= job.max_total_tokens and not self.stopping:
+            s.budget_stop = f"{s.prompt_tokens + s.completion_tokens:,} tokens used, of a {job.max_total_tokens:,}-token budget"
+            self.stop(f"stopping at the budget: {s.budget_stop}")
+
+
+def run_on_ray(job: Job, *, hook: Hook = no_hook, api_key: str, overwrite: bool = False,
+               install_signal_handlers: bool = False) -> Summary:
+    """Connect to the job's cluster (``ray_address``; none: start a local one), run, disconnect."""
+    ray = require_ray()
+    if job.uses_simulator and job.ray_address not in (None, "local"):
+        raise ConfigError("base_url = 'simulator' serves from this process only: on a remote cluster, run "
+                          "`batchkimi simulate --host 0.0.0.0` and point base_url at it")
+    started = not ray.is_initialized()
+    if started:
+        address = None if job.ray_address in (None, "local") else job.ray_address
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        ray.init(address=address, namespace="batchkimi", log_to_driver=False, configure_logging=False,
+                 include_dashboard=False if address is None else None)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress bar and summary say it
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.execution_options.preserve_order = False
+    try:
+        from .engine import loop_factory
+
+        run = RayJobRun(job, api_key, hook=hook, overwrite=overwrite, install_signal_handlers=install_signal_handlers)
+        with asyncio.Runner(loop_factory=loop_factory(job.event_loop)) as runner:
+            return runner.run(run.execute())
+    finally:
+        if started:
+            ray.shutdown()
