@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -198,10 +200,10 @@ class RayJobRun(JobRun):
         blocks: list[dict[str, Any]] = []
         n = job.ray_block_rows
         if self.fmt == "parquet":
-            cuts = ({"kind": "parquet", "file": f, "first_in_file": first, "start": a, "stop": b}
+            cuts = ({"kind": "parquet", "file": str(Path(f).resolve()), "first_in_file": first, "start": a, "stop": b}
                     for f, first, a, b in parquet_blocks(self.path, n, limit))
         else:
-            cuts = ({"kind": "jsonl", "path": str(self.path), "offset": off, "lines": lines, "start": a, "stop": b}
+            cuts = ({"kind": "jsonl", "path": str(Path(self.path).resolve()), "offset": off, "lines": lines, "start": a, "stop": b}
                     for off, lines, a, b in jsonl_blocks(self.path, n, limit))
         for desc in cuts:
             a, b = desc["start"], desc["stop"]
@@ -235,6 +237,9 @@ class RayJobRun(JobRun):
         actors = max(1, min(job.ray_actors or max(1, cpus - 1), len(blocks)))
         # Leave a CPU for Ray Data's own tasks: with every CPU taken by actors a run can hang.
         per_actor = min(1.0, max(0.05, (cpus - 1) / actors)) if cpus > 1 else 0.5
+        # Blocks an actor works on at once: enough rows for its share of the concurrency, and one
+        # more block to start while the last rows of the others finish.
+        blocks_at_once = min(64, max(2, math.ceil(math.ceil(job.concurrency / actors) / job.ray_block_rows) + 1))
         assert self.engine is not None
         transport = self.engine.transport
         base_url = transport.url.removesuffix("/chat/completions")
@@ -244,13 +249,15 @@ class RayJobRun(JobRun):
             self.control.stop.remote()
         ds = ray.data.from_items([{"desc": orjson.dumps(d).decode()} for d in blocks], override_num_blocks=len(blocks))
         out = ds.map_batches(
-            BlockWorker, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=per_actor,
+            BlockWorker, batch_size=1, batch_format="pyarrow", num_cpus=per_actor, max_concurrency=blocks_at_once,
+            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=blocks_at_once),
             fn_constructor_kwargs={"job": job, "key": self.key, "url": base_url,
                                    "ca_pem": getattr(transport, "ca_pem", None), "fmt": self.fmt, "scan": self.scan,
                                    "media": self.media, "folder": self.folder is not None, "limit": limit,
                                    "control": self.control, "workers": actors})
         self.summary.notes.append(f"ray: {len(blocks)} blocks of up to {job.ray_block_rows} rows on {actors} actors "
-                                  f"({per_actor:g} CPU each; cluster limit actor {limit_name(base_url, self.key)})")
+                                  f"({per_actor:g} CPU and up to {blocks_at_once} blocks at once each; "
+                                  f"cluster limit actor {limit_name(base_url, self.key)})")
         finished = threading.Event()
         failure: list[BaseException] = []
 
@@ -322,6 +329,9 @@ def run_on_ray(job: Job, *, hook: Hook = no_hook, api_key: str, overwrite: bool 
     try:
         from .engine import loop_factory
 
+        # Ray's workers do not run in this directory: every path they see is absolute.
+        job = dataclasses.replace(job, **{k: str(Path(v).expanduser().resolve()) for k in ("input", "output", "media_root", "ca_file")
+                                          if (v := getattr(job, k))})
         run = RayJobRun(job, api_key, hook=hook, overwrite=overwrite, install_signal_handlers=install_signal_handlers)
         with asyncio.Runner(loop_factory=loop_factory(job.event_loop)) as runner:
             return runner.run(run.execute())
