@@ -1,13 +1,15 @@
 """The baseline: a minimal aiohttp loop that only sends and discards, same server, same concurrency.
 
 python baseline_client.py BASE_URL N CONCURRENCY stream|plain
-Environment: BENCH_LOOP=uvloop runs it on uvloop; BENCH_CA_FILE trusts a test CA (HTTPS).
+Environment: BENCH_LOOP=uvloop runs it on uvloop; BENCH_CA_FILE trusts a test CA (HTTPS);
+BENCH_FORCE_CLOSE=1 opens a connection per request (the reference for what reuse saves).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -40,7 +42,8 @@ async def main(base_url: str, n: int, concurrency: int, stream: bool) -> None:
                     await r.read()
                 ok += r.status == 200
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=client_ssl())) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=client_ssl(),
+                                                                        force_close=os.environ.get("BENCH_FORCE_CLOSE") == "1")) as session:
         c0, t0 = cpu_s(), time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         wall, cpu = time.perf_counter() - t0, cpu_s() - c0

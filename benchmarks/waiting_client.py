@@ -1,21 +1,28 @@
 """Waiting well / streams: batchkimi or the minimal loop against a slow server, timed in-process.
 
-python waiting_client.py batchkimi|baseline BASE_URL N CONCURRENCY stream|plain
+python waiting_client.py batchkimi|baseline|parser BASE_URL N CONCURRENCY stream|plain
+("parser": the minimal loop that also splits and parses every chunk with batchkimi's SSE decoder
+and stream assembler: what reading an answer costs, with no engine around it.)
+Environment: BENCH_LOOP=uvloop|asyncio: the loop both clients run on (asyncio by default).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sys
 import time
 
 import aiohttp
-from common import WORK, cpu_s, emit, write_prompts
+from common import WORK, cpu_s, emit, run_loop, write_prompts
 
 
-async def baseline(base_url: str, n: int, concurrency: int, stream: bool) -> int:
+async def baseline(base_url: str, n: int, concurrency: int, stream: bool, parse: bool = False) -> int:
+    from batchkimi.response import StreamAssembler
+    from batchkimi.sse import SSEDecoder
+
     counter = iter(range(n))
     reads = 0
 
@@ -26,8 +33,15 @@ async def baseline(base_url: str, n: int, concurrency: int, stream: bool) -> int
                     "thinking": {"type": "disabled"} if not stream else {"type": "enabled"}, "max_tokens": 4096, "stream": stream}
             async with session.post(base_url + "/chat/completions", data=json.dumps(body).encode(),
                                     headers={"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}) as r:
-                async for _ in r.content.iter_any():
-                    reads += 1
+                if parse:
+                    decoder, asm = SSEDecoder(), StreamAssembler()
+                    async for chunk in r.content.iter_any():
+                        reads += 1
+                        for data in decoder.feed(chunk):
+                            asm.add(data)
+                else:
+                    async for _ in r.content.iter_any():
+                        reads += 1
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)) as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
@@ -36,8 +50,8 @@ async def baseline(base_url: str, n: int, concurrency: int, stream: bool) -> int
 
 def main(kind: str, base_url: str, n: int, concurrency: int, stream: bool) -> None:
     c0, t0 = cpu_s(), time.perf_counter()
-    if kind == "baseline":
-        asyncio.run(baseline(base_url, n, concurrency, stream))
+    if kind in ("baseline", "parser"):
+        run_loop(baseline(base_url, n, concurrency, stream, parse=kind == "parser"))
         ok = n
     else:
         import batchkimi
@@ -46,7 +60,8 @@ def main(kind: str, base_url: str, n: int, concurrency: int, stream: bool) -> No
         out = WORK / f"out_wait_{stream}"
         shutil.rmtree(out, ignore_errors=True)
         job = batchkimi.Job(input=str(data), output=str(out), base_url=base_url, thinking="enabled" if stream else "disabled",
-                            stream=stream, max_tokens=4096, concurrency=concurrency)
+                            stream=stream, max_tokens=4096, concurrency=concurrency,
+                            event_loop=os.environ.get("BENCH_LOOP", "asyncio"))
         c0, t0 = cpu_s(), time.perf_counter()
         summary = batchkimi.run(job)
         ok = summary.final_status.get("ok", 0)
