@@ -124,7 +124,8 @@ class BlockWorker:
 
         desc = orjson.loads(batch.column("desc")[0].as_py())
         engine = await self._engine()
-        rows = await asyncio.to_thread(self._read, desc)
+        # A stopped run: Ray Data still hands out the blocks left; they are not even read.
+        rows = [] if engine.stopping else await asyncio.to_thread(self._read, desc)
         done: list[bytes] = []
         trouble: dict[str, str] = {}
 
@@ -264,10 +265,10 @@ class RayJobRun(JobRun):
         def consume() -> None:
             try:
                 for batch in out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+                    if finished.is_set():  # the grace is over and the writer may be gone: sent again on resume
+                        return
                     rows = batch.column("row").to_pylist()
                     asyncio.run_coroutine_threadsafe(self._take(rows), loop).result()
-                    if self.stopping and finished.is_set():
-                        return
             except BaseException as exc:  # noqa: BLE001 - handed to the event loop's side
                 failure.append(exc)
             finally:
