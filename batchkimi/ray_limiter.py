@@ -104,7 +104,8 @@ class GlobalLimit:
 
     def stats(self) -> dict[str, Any]:
         lim = self.lim
-        return {"leases": self.leases, "units": self.units, "busy_s": self.busy_s, "share": lim.share,
+        return {"leases": self.leases, "units": self.units, "busy_s": self.busy_s, "process_cpu_s": time.process_time(),
+                "share": lim.share,
                 "rate_limited": lim.rate_limited, "cuts": lim.cuts, "rpm": lim.rpm, "tpm": lim.tpm}
 
 

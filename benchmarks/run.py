@@ -293,7 +293,7 @@ def ray_scaling(n: int, concurrency: int) -> list[Row]:
     out: list[Row] = []
     rates: dict[int, list[float]] = {}
     chunk_rates: dict[int, list[float]] = {}
-    per_permit, per_lease, starts = [], [], []
+    per_permit, per_permit_all, per_lease, starts = [], [], [], []
     with SimProcess(**settings) as sim:
         for _ in range(REPEATS):
             for actors in (0, 1, 2, 4):
@@ -306,6 +306,7 @@ def ray_scaling(n: int, concurrency: int) -> list[Row]:
                 chunk_rates.setdefault(actors, []).append(rates[actors][-1] * st["chunks"] / st["admitted"])
                 if actors:
                     per_permit.append(r["limit_cpu_s"] / max(1, r["permits"]) * 1e6)
+                    per_permit_all.append(r["limit_process_cpu_s"] / max(1, r["permits"]) * 1e6)
                     per_lease.append(r["permits"] / max(1, r["leases"]))
                     starts.append(r["start_s"])
     local = statistics.median(rates[0])
@@ -315,9 +316,10 @@ def ray_scaling(n: int, concurrency: int) -> list[Row]:
                     f"**{spread(rates[actors], '{:.0f}')} streams/s**, {spread(chunk_rates[actors], '{:,.0f}')} chunks/s; "
                     f"**{spread(ratio)}x** the local engine ({local:.0f} streams/s)",
                     f"{os.cpu_count()} cores shared with the simulator and the driver", ""))
-    out.append(("12. Ray", "the cluster limit actor: CPU per permit leased",
-                f"**{spread(per_permit, '{:.1f}')} µs**; {spread(per_lease, '{:.1f}')} permits per lease",
-                "one actor serves (1 s / that) permits a second", ""))
+    out.append(("12. Ray", "the cluster limit actor: CPU per permit leased, its whole process (Ray's call handling included)",
+                f"**{spread(per_permit_all, '{:.0f}')} µs**, of which the lease itself {spread(per_permit, '{:.1f}')} µs; "
+                f"{spread(per_lease, '{:.1f}')} permits per lease",
+                "one actor core serves about 1 s / that permits a second", ""))
     out.append(("12. Ray", "starting a one-machine cluster (ray.init)", f"{spread(starts, '{:.1f}')} s", "not in the figures above", ""))
     return out
 
