@@ -90,6 +90,7 @@ class BlockWorker:
         self.limit, self.control, self.workers = limit, control, workers
         self.engine: RowEngine | None = None
         self.reported = (0, 0, 0)
+        self.watcher: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:  # never show the key
         return f"BlockWorker({self.url!r})"
@@ -102,6 +103,10 @@ class BlockWorker:
             limiter = LeasedLimiter(self.limit, rpm=job.rpm, tpm=job.tpm, concurrency=job.concurrency,
                                     workers=self.workers, max_tokens=job.effective_max_tokens)
             self.engine = RowEngine(job, transport, limiter, policy_of(job), breaker=FailureBreaker(job.stop_after_failures))
+            # One watcher an actor (not a block: a hundred actors of many blocks would flood the
+            # control actor), for the actor's life; it ends when the run stops or the driver is gone.
+            self.watcher = asyncio.get_running_loop().create_task(self._watch(self.engine), name="batchkimi-ray-watch")
+            self.watcher.add_done_callback(_report_failure)
         return self.engine
 
     def _read(self, desc: dict[str, Any]) -> list[tuple[Any, str, Any, dict[str, Any]]]:
@@ -149,11 +154,8 @@ class BlockWorker:
             done.append(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY))
 
         async with asyncio.TaskGroup() as group:
-            watcher = group.create_task(self._watch(engine))
-            async with asyncio.TaskGroup() as rows_group:
-                for item in rows:
-                    rows_group.create_task(one(*item))
-            watcher.cancel()
+            for item in rows:
+                group.create_task(one(*item))
         limiter = engine.limiter
         if isinstance(limiter, LeasedLimiter) and limiter.in_flight == 0:
             await limiter.settle()
@@ -175,6 +177,11 @@ class BlockWorker:
             except Exception:  # noqa: BLE001 - the driver is gone: Ray ends this actor with it
                 log.warning("batchkimi: the run's control actor cannot be reached", exc_info=True)
                 return
+
+
+def _report_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("batchkimi: the stop watcher failed; this actor will not hear of a stop", exc_info=task.exception())
 
 
 # ---- the driver ------------------------------------------------------------------------------

@@ -68,6 +68,28 @@ def frame(out: Path) -> pd.DataFrame:
     return pd.read_parquet(out).sort_values("row").reset_index(drop=True)
 
 
+def cli_driver(tmp_path: Path, base_url: str, ray_cluster: str, n: int, extra: str = "") -> list[str]:
+    """The command line of a Ray run of ``n`` rows, as a user types it (a job file and the CLI)."""
+    path = write_jsonl(tmp_path / "in.jsonl", rows(n))
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(f'input = "{path}"\noutput = "{tmp_path / "out"}"\nbase_url = "{base_url}"\n'
+                        'stream = false\nthinking = "disabled"\nmax_tokens = 64\nconcurrency = 8\n' + extra +
+                        f'engine = "ray"\nray_address = "{ray_cluster}"\nray_actors = 2\nray_block_rows = 16\n')
+    return [sys.executable, "-m", "batchkimi", "run", str(job_file), "--quiet"]
+
+
+def started_until(cmd: list[str], h, requests: int) -> subprocess.Popen:
+    """The driver, once the simulator has seen ``requests`` requests."""
+    driver = subprocess.Popen(cmd, env={**os.environ, "TOKENHUB_API_KEY": TEST_KEY}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while h.simulator.stats_json()["requests"] < requests:
+        assert driver.poll() is None, driver.stderr.read().decode()[-2000:] if driver.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return driver
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_a_ray_run_writes_the_same_rows_as_a_local_run(tmp_path: Path, simulator, ray_cluster: str, fmt: str) -> None:
     h = simulator(seed=5)
@@ -214,48 +236,29 @@ def test_a_killed_worker_is_replaced_and_every_row_is_written_once(tmp_path: Pat
 def test_a_sigkilled_driver_leaves_no_sender_and_resumes_exactly_once(tmp_path: Path, simulator, ray_cluster: str) -> None:
     h = simulator(latency_ms=150)
     n = 400
-    path = write_jsonl(tmp_path / "in.jsonl", rows(n))
-    job_file = tmp_path / "job.toml"
-    job_file.write_text(f'input = "{path}"\noutput = "{tmp_path / "out"}"\nbase_url = "{h.base_url}"\n'
-                        'stream = false\nthinking = "disabled"\nmax_tokens = 64\nconcurrency = 8\n'
-                        f'engine = "ray"\nray_address = "{ray_cluster}"\nray_actors = 2\nray_block_rows = 16\n')
-    cmd = [sys.executable, "-m", "batchkimi", "run", str(job_file), "--quiet"]
-    env = {**os.environ, "TOKENHUB_API_KEY": TEST_KEY}
-    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while h.simulator.stats_json()["requests"] < 150:
-        assert driver.poll() is None, driver.stderr.read().decode()[-2000:] if driver.stderr else ""
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    cmd = cli_driver(tmp_path, h.base_url, ray_cluster, n)
+    driver = started_until(cmd, h, 150)
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait(30)
     time.sleep(3)  # Ray ends the actors of a dead driver
     sent = h.simulator.stats_json()["requests"]
     time.sleep(2)
     assert h.simulator.stats_json()["requests"] == sent  # nothing outlived the driver and kept sending
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     df = pd.read_parquet(tmp_path / "out")
     assert len(df) == n and df["id"].is_unique and (df["status"] == "ok").all()
     resent = h.simulator.stats_json()["requests"] - n
     # only blocks in flight at the kill are sent again: at most 2 actors x 4 blocks each x 16 rows
     assert 0 <= resent <= 2 * 4 * 16, resent
+    print(f"\nsent again after the SIGKILL: {resent} of {sent} requests sent before it")
 
 
 def test_ctrl_c_tells_every_actor_to_send_nothing_new_and_the_run_resumes(tmp_path: Path, simulator, ray_cluster: str) -> None:
     h = simulator(latency_ms=300)
     n = 300
-    path = write_jsonl(tmp_path / "in.jsonl", rows(n))
-    job_file = tmp_path / "job.toml"
-    job_file.write_text(f'input = "{path}"\noutput = "{tmp_path / "out"}"\nbase_url = "{h.base_url}"\n'
-                        'stream = false\nthinking = "disabled"\nmax_tokens = 64\nconcurrency = 8\ngrace_s = 5\n'
-                        f'engine = "ray"\nray_address = "{ray_cluster}"\nray_actors = 2\nray_block_rows = 16\n')
-    cmd = [sys.executable, "-m", "batchkimi", "run", str(job_file), "--quiet"]
-    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while h.simulator.stats_json()["requests"] < 40:
-        assert driver.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    cmd = cli_driver(tmp_path, h.base_url, ray_cluster, n, extra="grace_s = 5\n")
+    driver = started_until(cmd, h, 40)
     driver.send_signal(signal.SIGINT)
     time.sleep(1.5)  # the actors ask the run's control actor twice a second
     sent = h.simulator.stats_json()["requests"]
