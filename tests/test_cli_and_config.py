@@ -94,6 +94,11 @@ def test_job_file_errors_name_the_key(tmp_path: Path) -> None:
     (tmp_path / "l.toml").write_text("max_tokens = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_job(tmp_path / "l.toml")
+    (tmp_path / "m.toml").write_text('engine = "spark"\n')
+    with pytest.raises(ConfigError, match="engine must be local or ray, got 'spark'"):
+        load_job(tmp_path / "m.toml")
+    with pytest.raises(ConfigError, match="ray_block_rows must be at least 1"):
+        load_job(None, {"engine": "ray", "ray_block_rows": 0})
 
 
 def test_every_shipped_job_file_loads() -> None:
