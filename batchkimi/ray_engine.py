@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 import math
 import os
@@ -179,6 +180,17 @@ class BlockWorker:
                 return
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+class _QuietProgressNote(logging.Filter):
+    """Ray Data says at every run that its progress bars are off: batchkimi's bar is on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Progress bars disabled" not in record.getMessage()
+
+
 def _report_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("batchkimi: the stop watcher failed; this actor will not hear of a stop", exc_info=task.exception())
@@ -256,14 +268,20 @@ class RayJobRun(JobRun):
         if self.stopping:
             self.control.stop.remote()
         ds = ray.data.from_items([{"desc": orjson.dumps(d).decode()} for d in blocks], override_num_blocks=len(blocks))
+        pool: dict[str, Any] = {"size": actors, "max_tasks_in_flight_per_actor": blocks_at_once}
+        calls: dict[str, Any] = {}
+        if "max_concurrent_calls_per_actor" in inspect.signature(ray.data.ActorPoolStrategy).parameters:
+            pool["max_concurrent_calls_per_actor"] = blocks_at_once  # Ray 2.5x on
+        else:
+            calls["max_concurrency"] = blocks_at_once  # older Rays: the actor's own option
         out = ds.map_batches(
-            BlockWorker, batch_size=1, batch_format="pyarrow", num_cpus=per_actor, max_concurrency=blocks_at_once,
-            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=blocks_at_once),
+            BlockWorker, batch_size=1, batch_format="pyarrow", num_cpus=per_actor, **calls,
+            compute=ray.data.ActorPoolStrategy(**pool),
             fn_constructor_kwargs={"job": job, "key": self.key, "url": base_url,
                                    "ca_pem": getattr(transport, "ca_pem", None), "fmt": self.fmt, "scan": self.scan,
                                    "media": self.media, "folder": self.folder is not None, "limit": limit,
                                    "control": self.control, "workers": actors})
-        self.summary.notes.append(f"ray: {len(blocks)} blocks of up to {job.ray_block_rows} rows on {actors} actors "
+        self.summary.notes.append(f"ray: {_n(len(blocks), 'block')} of up to {job.ray_block_rows} rows on {_n(actors, 'actor')} "
                                   f"({per_actor:g} CPU and up to {blocks_at_once} blocks at once each; "
                                   f"cluster limit actor {limit_name(base_url, self.key)})")
         finished = threading.Event()
@@ -330,7 +348,11 @@ def run_on_ray(job: Job, *, hook: Hook = no_hook, api_key: str, overwrite: bool 
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         ray.init(address=address, namespace="batchkimi", log_to_driver=False, configure_logging=False,
                  include_dashboard=False if address is None else None)
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress bar and summary say it
+        quiet = logging.getLogger("ray.data")
+        quiet.setLevel(logging.WARNING)  # our progress bar and summary say what its INFO lines say
+        for handler in [*quiet.handlers, *logging.getLogger("ray").handlers]:
+            handler.addFilter(_QuietProgressNote())
+        quiet.addFilter(_QuietProgressNote())
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.execution_options.preserve_order = False
