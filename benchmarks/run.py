@@ -208,10 +208,11 @@ LOOPS = ("asyncio", "uvloop")
 
 def stream_chunks(n: int, concurrency: int) -> list[Row]:
     """Client CPU per chunk, on each event loop, against the minimal loop on the same loop.
-    The streams are long (about 170 chunks each, paced), so the per-request part (build, send,
-    headers, the row, Parquet) is under 2% of the total and the ratio is the chunks' own: one
-    run per client and loop, no difference of two runs (whose noise made the figure swing
-    between 0.76x and 1.23x before)."""
+    The streams are long (about 150 chunks each, paced), so each request's own costs (build,
+    send, headers, the row, Parquet) are spread over many chunks: one run per client and loop,
+    no difference of two runs (whose noise made the figure swing between 0.76x and 1.23x
+    before). A third client, the minimal loop that also parses each chunk, shows where the
+    difference goes: reading the chunk, or the engine around it."""
     settings = {"tokens_per_s": 100.0, "reasoning_words": 400, "answer_words": 100}
     out: list[Row] = []
     for loop in LOOPS:
