@@ -207,38 +207,42 @@ LOOPS = ("asyncio", "uvloop")
 
 
 def stream_chunks(n: int, concurrency: int) -> list[Row]:
-    """Client CPU per chunk, on each event loop, against the minimal loop on the same loop.
-    The streams are long (about 150 chunks each, paced), so each request's own costs (build,
-    send, headers, the row, Parquet) are spread over many chunks: one run per client and loop,
-    no difference of two runs (whose noise made the figure swing between 0.76x and 1.23x
-    before). A third client, the minimal loop that also parses each chunk, shows where the
-    difference goes: reading the chunk, or the engine around it."""
-    settings = {"tokens_per_s": 100.0, "reasoning_words": 400, "answer_words": 100}
+    """Client CPU per chunk, on each event loop, against the minimal loop on the same loop, for
+    streams of about 150 chunks and of about 600 (2,400 tokens: a thinking answer's length).
+    Each request's own costs (build, send, headers, the row, Parquet) are spread over its chunks,
+    the more so the longer the stream: the longer streams give the chunks' own cost. One run per
+    client and loop, no difference of two runs (whose noise made the figure swing between 0.76x
+    and 1.23x before). A third client, the minimal loop that also parses each chunk, shows where
+    the difference goes: reading the chunk, or the engine around it."""
+    lengths = [({"tokens_per_s": 100.0, "reasoning_words": 400, "answer_words": 100}, n, concurrency),
+               ({"tokens_per_s": 400.0, "reasoning_words": 1600, "answer_words": 400}, max(1, n * 3 // 5), concurrency * 3 // 5)]
     out: list[Row] = []
-    for loop in LOOPS:
-        per: dict[str, list[float]] = {"baseline": [], "parser": [], "batchkimi": []}
-        busy: list[float] = []
-        chunks_per_stream = 0.0
-        for _ in range(REPEATS):
-            for kind in ("baseline", "parser", "batchkimi"):
-                r = _stream_run(kind, n, concurrency, settings, loop)
-                assert r["ok"] == n, r
-                per[kind].append(r["cpu_s"] / r["chunks"] * 1e6)
-                chunks_per_stream = r["chunks"] / n
-                if kind == "batchkimi":
-                    busy.append(r["server_busy"])
-        ratio = [a / b for a, b in zip(per["batchkimi"], per["baseline"], strict=True)]
-        out.append((f"3. streams, per chunk, {loop}", f"client CPU per chunk, {concurrency} streams of about {chunks_per_stream:.0f} "
-                    f"chunks at {settings['tokens_per_s']:g} tokens/s, {n} in all, all costs included",
-                    f"**{spread(per['batchkimi'], '{:.1f}')} µs** vs minimal loop on {loop} {spread(per['baseline'], '{:.1f}')} µs "
-                    f"(**{spread(ratio)}x**)", f"target <= 1.15x; simulator core busy {statistics.median(busy):.0%}",
-                    verdict(statistics.median(ratio) <= 1.15)))
-        parse = [a / b for a, b in zip(per["parser"], per["baseline"], strict=True)]
-        engine = [a / b for a, b in zip(per["batchkimi"], per["parser"], strict=True)]
-        out.append((f"3. streams, per chunk, {loop}", "where it goes: the minimal loop that also parses each chunk (batchkimi's "
-                    "SSE decoder and assembler, no engine)",
-                    f"{spread(per['parser'], '{:.1f}')} µs = **{spread(parse)}x** the minimal loop; batchkimi is "
-                    f"**{spread(engine)}x** this parsing loop", "the engine's own share is the second ratio", ""))
+    for settings, count, c in lengths:
+        for loop in LOOPS:
+            per: dict[str, list[float]] = {"baseline": [], "parser": [], "batchkimi": []}
+            busy: list[float] = []
+            chunks_per_stream = 0.0
+            for _ in range(REPEATS):
+                for kind in ("baseline", "parser", "batchkimi"):
+                    r = _stream_run(kind, count, c, settings, loop)
+                    assert r["ok"] == count, r
+                    per[kind].append(r["cpu_s"] / r["chunks"] * 1e6)
+                    chunks_per_stream = r["chunks"] / count
+                    if kind == "batchkimi":
+                        busy.append(r["server_busy"])
+            ratio = [a / b for a, b in zip(per["batchkimi"], per["baseline"], strict=True)]
+            name = f"3. streams, per chunk, {loop}"
+            out.append((name, f"client CPU per chunk, {c} streams of about {chunks_per_stream:.0f} chunks at "
+                        f"{settings['tokens_per_s']:g} tokens/s, {count} in all, all costs included",
+                        f"**{spread(per['batchkimi'], '{:.1f}')} µs** vs minimal loop on {loop} {spread(per['baseline'], '{:.1f}')} µs "
+                        f"(**{spread(ratio)}x**)", f"target <= 1.15x; simulator core busy {statistics.median(busy):.0%}",
+                        verdict(statistics.median(ratio) <= 1.15)))
+            parse = [a / b for a, b in zip(per["parser"], per["baseline"], strict=True)]
+            engine = [a / b for a, b in zip(per["batchkimi"], per["parser"], strict=True)]
+            out.append((name, f"where it goes ({chunks_per_stream:.0f} chunks a stream): the minimal loop that also parses "
+                        "each chunk (batchkimi's SSE decoder and assembler, no engine)",
+                        f"{spread(per['parser'], '{:.1f}')} µs = **{spread(parse)}x** the minimal loop; batchkimi is "
+                        f"**{spread(engine)}x** this parsing loop", "the engine's own share is the second ratio", ""))
     return out
 
 
