@@ -278,7 +278,7 @@ class RayJobRun(JobRun):
             BlockWorker, batch_size=1, batch_format="pyarrow", num_cpus=per_actor, **calls,
             compute=ray.data.ActorPoolStrategy(**pool),
             fn_constructor_kwargs={"job": job, "key": self.key, "url": base_url,
-                                   "ca_pem": getattr(transport, "ca_pem", None), "fmt": self.fmt, "scan": self.scan,
+                                   "ca_pem": transport.ca_pem, "fmt": self.fmt, "scan": self.scan,
                                    "media": self.media, "folder": self.folder is not None, "limit": limit,
                                    "control": self.control, "workers": actors})
         self.summary.notes.append(f"ray: {_n(len(blocks), 'block')} of up to {job.ray_block_rows} rows on {_n(actors, 'actor')} "
@@ -310,14 +310,13 @@ class RayJobRun(JobRun):
             raise failure[0]
 
     async def _take(self, rows: list[bytes]) -> None:
-        engine = self.engine
-        assert engine is not None
+        s = self.summary
         for raw in rows:
             if raw.startswith(STATS):
                 stats = orjson.loads(raw[len(STATS):])
-                engine.requests += stats["requests"]
-                engine.retries += stats["retries"]
-                engine.limiter.rate_limited += stats["rate_limited"]  # type: ignore[attr-defined]
+                s.requests += stats["requests"]
+                s.retries += stats["retries"]
+                s.rate_limited += stats["rate_limited"]
                 if stats.get("fallback") and not any(n.startswith("ray: a worker") for n in self.summary.notes):
                     self.summary.notes.append("ray: a worker could not reach the cluster limit and kept to its share")
                 if stats.get("fatal"):
@@ -326,7 +325,7 @@ class RayJobRun(JobRun):
                     self.stop(stats["error"], error=JobError(stats["error"]))
                 continue
             await self._finish(orjson.loads(raw))
-        job, s = self.job, self.summary
+        job = self.job
         if job.max_cost_usd and s.cost_usd >= job.max_cost_usd and not self.stopping:
             s.budget_stop = f"${s.cost_usd:.4f} spent, of a ${job.max_cost_usd:g} budget"
             self.stop(f"stopping at the budget: {s.budget_stop}")

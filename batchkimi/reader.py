@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
@@ -253,18 +254,24 @@ def parquet_blocks(path: Path, block_rows: int, limit: int) -> Iterator[tuple[st
             in_file += n
 
 
+@functools.lru_cache(maxsize=1)
+def _row_group(file: str, group: int) -> pa.Table:
+    """One row group, kept until the next is read: a row group of a million rows holds thousands
+    of blocks, and the blocks a worker gets come in order, so it reads each group once, not once
+    a block."""
+    return _parquet_file(Path(file)).read_row_group(group)
+
+
 def parquet_block_rows(file: str, first: int, start: int, stop: int) -> Iterator[SourceRow]:
     """The rows of one :func:`parquet_blocks` block, numbered as :func:`_iter_parquet` does."""
     path = Path(file)
-    pf = _parquet_file(path)
-    meta = pf.metadata
+    meta = _parquet_file(path).metadata
     at = 0
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows
         if at + n > first:
             with reading(path, f"row {first}"):
-                table = pf.read_row_group(g).slice(first - at, stop - start)
-                records = table.to_pylist()
+                records = _row_group(file, g).slice(first - at, stop - start).to_pylist()
             for i, record in enumerate(records):
                 yield SourceRow(start + i, f"row {first + i} of {path.name}", record)
             return

@@ -358,8 +358,10 @@ class JobRun:
                         group.create_task(self._produce(n_workers), name="batchkimi-producers")
                 except BaseExceptionGroup as eg:
                     raise _first_error(eg) from None
-                self.summary.requests, self.summary.retries = self.engine.requests, self.engine.retries
-                self.summary.rate_limited = limiter.rate_limited
+                # added to: a Ray run's actors have counted theirs in already
+                self.summary.requests += self.engine.requests
+                self.summary.retries += self.engine.retries
+                self.summary.rate_limited += limiter.rate_limited
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
