@@ -90,7 +90,8 @@ def cli() -> None:
 @click.option("--api-key-file", help="A file holding the API key.")
 @click.option("--max-attempts", type=int, help="Attempts per row at most.", show_default="6")
 @click.option("--stop-after-failures", type=int, help="Stop when the first N rows all fail alike; 0: never.", show_default="20")
-@click.option("--retry-errors/--no-retry-errors", default=None, help="On resume, retry rows that failed.", show_default="retry")
+@click.option("--retry", help="What a rerun sends again besides transient failures (comma-separated): "
+              "truncated, refused, errors, all.", show_default="transient failures only")
 @_shared("max-cost", "max-tokens-total", "event-loop", "engine", "ray-address", "ray-actors", "overwrite")
 @click.option("--dry-run", is_flag=True, help="Check every row, show the first request; send nothing.")
 @_shared("quiet", "json-summary")

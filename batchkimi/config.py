@@ -33,6 +33,7 @@ from typing import Any
 from . import kimi
 from .errors import ConfigError, MissingKeyError
 from .kimi import CONTEXT_LIMIT_TOKENS, DEFAULT_PRICES, FIXED_PARAMS, THINKING_DEFAULT_MAX_TOKENS
+from .rerun import check_retry
 
 DEFAULT_BASE_URL = "https://tokenhub-intl.tencentcloudmaas.com/v1"
 SIMULATOR = "simulator"
@@ -103,7 +104,7 @@ class Job:
     idle_timeout_s: float = 90.0  # streaming: longest gap between chunks
     attempt_timeout_s: float = 1800.0  # one attempt, whole
     # run
-    retry_errors: bool = True
+    retry: tuple[str, ...] = ()  # what a rerun sends besides transient failures: truncated, refused, errors, all
     stop_after_failures: int = 20  # the first N rows all failing alike stop the job; 0: never
     event_loop: str = "auto"  # auto (uvloop where it is installed) | uvloop | asyncio; the sync door only
     # where the requests are sent from: this process, or the actors of a Ray cluster (batchkimi.ray_engine)
@@ -167,7 +168,7 @@ class Job:
     def public_dict(self) -> dict[str, Any]:
         """The resolved job as plain data, for the manifest and --dry-run. Holds no secret."""
         out = dataclasses.asdict(self)
-        for key in ("keep_columns", "image_columns", "video_columns", "include", "exclude"):
+        for key in ("keep_columns", "image_columns", "video_columns", "include", "exclude", "retry"):
             out[key] = list(getattr(self, key))
         out["tools"] = list(self.tools) if self.tools is not None else None
         out["prices"] = {k: list(v) for k, v in self.prices.items()}
@@ -179,7 +180,7 @@ class Job:
         answers never pass for real ones: the endpoint and the simulator's settings are part of it."""
         keys = (
             "input_format id_column prompt_column system_column messages_column model "
-            "prompt_template system thinking thinking_keep max_tokens temperature top_p n "
+            "prompt_template system thinking thinking_keep temperature top_p n "
             "presence_penalty frequency_penalty tools tool_choice response_format stop "
             "extra_body image_columns video_columns media_root media_url_prefix max_image_side"
         ).split()
@@ -202,14 +203,17 @@ _FLOAT_KEYS = {
     "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "attempt_timeout_s",
     "grace_s", "flush_interval_s", "max_request_mb", "max_mb_in_flight", "max_cost_usd",
 }
-_BOOL_KEYS = {"stream", "include_usage", "retry_errors", "kimi_rules"}
+_BOOL_KEYS = {"stream", "include_usage", "kimi_rules"}
 _STR_KEYS = {
     "input", "input_format", "id_column", "prompt_column", "system_column", "messages_column",
     "output", "base_url", "api_key_env", "api_key_file", "model", "prompt_template", "system",
     "thinking", "thinking_keep", "media_root", "media_url_prefix", "event_loop", "ca_file",
     "engine", "ray_address",
 }
-_LIST_KEYS = {"keep_columns", "image_columns", "video_columns", "include", "exclude"}
+_LIST_KEYS = {"keep_columns", "image_columns", "video_columns", "include", "exclude", "retry"}
+# Keys a job file may still hold from an older batchkimi: what replaced them.
+_REPLACED = {"retry_errors": "retry = [...] (truncated, refused, errors, all): a rerun re-sends transient "
+                             "failures by default, and these on request"}
 
 
 def load_job(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Job:
@@ -246,6 +250,8 @@ def load_job(path: Path | None = None, overrides: Mapping[str, Any] | None = Non
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:
+    if key in _REPLACED:
+        raise ConfigError(f"job key '{key}' in {where} is gone: use {_REPLACED[key]}")
     if key not in _FIELDS:
         hint = difflib.get_close_matches(key, _FIELDS, n=1)
         extra = f" (did you mean '{hint[0]}'?)" if hint else ""
@@ -274,7 +280,13 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-            raise bad("a list of patterns" if key in ("include", "exclude") else "a list of column names")
+            raise bad("a list of patterns" if key in ("include", "exclude")
+                      else "a list of truncated, refused, errors, all" if key == "retry" else "a list of column names")
+        if key == "retry":
+            try:
+                return check_retry(value)
+            except ValueError as exc:
+                raise ConfigError(f"job key 'retry' in {where}: {exc}") from None
         return tuple(value)
     if key == "tools":
         if not isinstance(value, list | tuple) or not all(isinstance(t, dict) for t in value):

@@ -27,6 +27,7 @@ from .errors import ConfigError
 from .events import Hook, no_hook
 from .folder import INDEX, FolderScan, read_index, resume_marks
 from .media import with_marker_note
+from .parts import ResumeState
 from .ratelimit import CompletionEstimate
 from .reader import read_rows
 from .rowengine import RowAbandoned, RowEngine
@@ -58,16 +59,20 @@ def dry_run(job: Job) -> DryRunReport:
         path, fmt, scan = open_input(job, manifest)
         if sink is not None and manifest:
             check_resume(manifest, job, scan, sink.dir)
-        done = sink.compact(scan.rows, rewrite=False).done if sink is not None and manifest else None
+        done = _done(sink.compact(scan.rows, rewrite=False), job) if sink is not None and manifest else None
         return _dry_run(job, path, fmt, scan, done, None)
     if sink is not None and manifest:
         check_resume(manifest, job, None, sink.dir)
     old = read_index(sink.dir / INDEX) if sink is not None and manifest else []
     with tempfile.TemporaryDirectory(prefix="batchkimi-dry-run-") as tmp:
         path, scan, folder = open_folder(job, Path(tmp) / INDEX, old)
-        done = sink.compact(scan.rows, rewrite=False).done if sink is not None and manifest else np.zeros(scan.rows, dtype=bool)
+        done = _done(sink.compact(scan.rows, rewrite=False), job) if sink is not None and manifest else np.zeros(scan.rows, dtype=bool)
         resume_marks(sink.dir if sink is not None else Path(tmp), folder, done)
         return _dry_run(job, path, "jsonl", scan, done, folder)
+
+
+def _done(state: ResumeState, job: Job) -> np.ndarray:
+    return state.apply_rerun(frozenset(job.retry), job.effective_max_tokens)
 
 
 def _dry_run(job: Job, path: Path, fmt: str, scan: Any, done: Any, folder: FolderScan | None) -> DryRunReport:

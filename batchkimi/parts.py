@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from .results import DONE_STATUSES, rows_to_table
+from .results import rows_to_table
+from .rerun import KINDS, kinds_of, resend_mask
 
 PART = re.compile(r"^part-(\d{6,})\.parquet$")
 
@@ -112,12 +113,28 @@ def conform(directory: Path, schema: pa.Schema) -> int:
 
 @dataclass
 class ResumeState:
-    """What earlier runs left: which input positions are finished, and the latest status of each row."""
+    """What earlier runs left: which input positions are finished, and the latest status of each
+    row with what a rerun needs to know of it (:mod:`batchkimi.rerun`)."""
 
-    done: np.ndarray  # bool per input position
+    done: np.ndarray  # bool per input position, by the default rerun rules
     latest_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     latest_codes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     names: list[str] = field(default_factory=list)
+    latest_kinds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # rerun.KINDS codes
+    latest_max_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # -1: not recorded
+
+    def apply_rerun(self, retry: frozenset[str], max_tokens: int | None) -> np.ndarray:
+        """Mark done, in place, every position a rerun with ``retry`` and ``max_tokens`` does not
+        send again (see :func:`batchkimi.rerun.resend_mask`); returns ``done``."""
+        self.done[:] = False
+        final = ~resend_mask(self.latest_kinds, self.latest_max_tokens, retry, max_tokens)
+        self.done[self.latest_rows[final]] = True
+        return self.done
+
+    def old_max_tokens(self) -> dict[int, int]:
+        """Truncated rows' recorded max_tokens, by position (a rerun sends them only with more)."""
+        pick = (self.latest_kinds == KINDS.index("truncated")) & (self.latest_max_tokens >= 0)
+        return dict(zip(self.latest_rows[pick].tolist(), self.latest_max_tokens[pick].tolist(), strict=True))
 
     def first_pending(self) -> int:
         pending = np.flatnonzero(~self.done)
@@ -137,9 +154,16 @@ def compact(directory: Path, total_rows: int | None = None, *, rewrite: bool = T
     """Drop rows superseded by a newer part (unless ``rewrite`` is False: a read-only look);
     return which positions are finished. Reads only the ``row`` and ``status`` columns."""
     parts = part_paths(directory)
+    wanted = ("row", "status", "http_status", "error_type", "max_tokens")
+    kinds_of_columns = {"http_status": pa.int32(), "error_type": pa.string(), "max_tokens": pa.int64()}
 
     def read(path: Path) -> pa.Table:
-        t = pq.read_table(path, columns=["row", "status"])
+        have = set(pq.read_schema(path).names)
+        t = pq.read_table(path, columns=[c for c in wanted if c in have])
+        for name, kind in kinds_of_columns.items():  # a part written by an older version
+            if name not in have:
+                t = t.append_column(name, pa.nulls(t.num_rows, kind))
+        t = t.select(list(wanted))
         return t.append_column("seq", pa.array(np.full(t.num_rows, part_seq(path), dtype=np.int64)))
 
     # Many small parts: pyarrow reads them without the GIL, so a few threads shorten a resume's start.
@@ -155,7 +179,7 @@ def compact(directory: Path, total_rows: int | None = None, *, rewrite: bool = T
     status_dict = pc.dictionary_encode(allrows.column("status")).combine_chunks()
     codes = status_dict.indices.to_numpy(zero_copy_only=False)
     names = [str(n) for n in status_dict.dictionary.to_pylist()]
-    del allrows, tables
+    del tables
     # newest first per row: sort by (row, -seq) and keep the first of each row
     order = np.lexsort((-seqs, rows))
     rows_s, seqs_s = rows[order], seqs[order]
@@ -176,13 +200,18 @@ def compact(directory: Path, total_rows: int | None = None, *, rewrite: bool = T
                 write_table_atomic(table.filter(pa.array(mask)), path)
             else:
                 path.unlink()
+    latest = order[first]
     latest_rows = rows_s[first]
-    latest_codes = codes[order][first]
+    latest_codes = codes[latest]
+    kinds = kinds_of(np.asarray(names, dtype=object)[latest_codes] if names else np.zeros(0, dtype=object),
+                     allrows.column("http_status").take(pa.array(latest)),
+                     allrows.column("error_type").take(pa.array(latest)))
+    max_tokens = allrows.column("max_tokens").take(pa.array(latest)).fill_null(-1).to_numpy(zero_copy_only=False)
+    del allrows
     size = max(size, int(latest_rows.max()) + 1 if latest_rows.size else 0)
-    done = np.zeros(size, dtype=bool)
-    done_codes = [i for i, n in enumerate(names) if n in DONE_STATUSES]
-    done[latest_rows[np.isin(latest_codes, done_codes)]] = True
-    return ResumeState(done, latest_rows, latest_codes, names)
+    state = ResumeState(np.zeros(size, dtype=bool), latest_rows, latest_codes, names, kinds, max_tokens.astype(np.int64))
+    state.apply_rerun(frozenset(), None)
+    return state
 
 
 def newest_seq(paths: list[Path]) -> np.ndarray:

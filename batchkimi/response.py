@@ -4,9 +4,17 @@ Pure: no I/O. Handles both response shapes (one JSON body, or an SSE stream of c
 both error envelopes (TokenHub's ``type/code/message/source/upstream_*/request_id`` and
 Moonshot's ``type/message``), and bodies that are not JSON at all (a gateway's HTML page).
 
-Any reply is input: a field missing or of the wrong type becomes a ``bad_response``
-:class:`ResponseError` naming the field (retried like a cut stream), never another exception.
-Metadata (``id``, ``model``) of the wrong type is kept as text or ignored: it is not the answer.
+Any reply is input, and what a field is decides what a wrong type costs:
+
+- **the answer** (``content``, tool calls): unusable text makes a ``bad_response``
+  :class:`ResponseError` naming the field (retried at most once: a malformed 200 is almost
+  always deterministic); a reply with no text, no reasoning and no tool call is no answer
+  (``empty_answer``);
+- **accounting and annotations** (``usage`` and its counts, ``finish_reason``,
+  ``reasoning_content``): a paid answer is never thrown away for them. What can be coerced is
+  (``"12"`` tokens is 12), what cannot is dropped (null), and each oddity is a line of the
+  answer's ``warnings``;
+- **metadata** (``id``, ``model``) of the wrong type is kept as text or ignored.
 
 Usage sits in ``usage`` or ``choices[0].usage`` (Kimi streams put it in the latter; the last
 non-null one wins); cached tokens in ``usage.cached_tokens`` or
@@ -46,6 +54,7 @@ class Answer:
     model: str | None
     response_id: str | None
     ttft_s: float | None = None
+    warnings: tuple[str, ...] = ()  # what was odd in a reply that was kept (see the module docstring)
 
 
 class _Bad(Exception):
@@ -60,12 +69,22 @@ def _bad_response(message: str) -> ResponseError:
     return ResponseError(message, error_type="bad_response", retryable=True)
 
 
-def _num(v: Any, field: str, name: str) -> int | None:
+def _shown(value: Any) -> str:
+    return f"{json_type(value)} {snippet(orjson.dumps(value, default=str), 60)}" if value is not None else "null"
+
+
+def _num(v: Any, field: str, name: str, warn: list[str]) -> int | None:
+    """A token count: a whole number; a number written as text is read (with a warning);
+    anything else is dropped (with a warning)."""
     if v is None or type(v) is int:
         return v
     if isinstance(v, float) and v.is_integer():
         return int(v)
-    raise _Bad(f"{field}.{name}", v, "a whole number")
+    if isinstance(v, str) and v.strip().isdigit():
+        warn.append(f"{field}.{name} was the text {v!r}, read as {int(v)}")
+        return int(v)
+    warn.append(f"{field}.{name} was {_shown(v)}, not a whole number: dropped")
+    return None
 
 
 def _meta(value: Any) -> str | None:
@@ -77,11 +96,16 @@ def _meta(value: Any) -> str | None:
     return None
 
 
-def parse_usage(raw: Any, field: str = "usage") -> Usage | None:
+def parse_usage(raw: Any, field: str = "usage", warn: list[str] | None = None) -> Usage | None:
+    """Usage from either spelling of cached tokens; odd values are coerced or dropped, each
+    with a line in ``warn``."""
+    if warn is None:
+        warn = []
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        raise _Bad(field, raw, "an object")
+        warn.append(f"{field} was {_shown(raw)}, not an object: dropped")
+        return None
     get = raw.get
     cached = get("cached_tokens")
     where = field
@@ -89,12 +113,12 @@ def parse_usage(raw: Any, field: str = "usage") -> Usage | None:
         details = get("prompt_tokens_details")
         if isinstance(details, dict):
             cached, where = details.get("cached_tokens"), f"{field}.prompt_tokens_details"
-    prompt = _num(get("prompt_tokens"), field, "prompt_tokens")
-    completion = _num(get("completion_tokens"), field, "completion_tokens")
-    total = _num(get("total_tokens"), field, "total_tokens")
+    prompt = _num(get("prompt_tokens"), field, "prompt_tokens", warn)
+    completion = _num(get("completion_tokens"), field, "completion_tokens", warn)
+    total = _num(get("total_tokens"), field, "total_tokens", warn)
     if total is None and prompt is not None and completion is not None:
         total = prompt + completion
-    return Usage(prompt, completion, total, _num(cached, where, "cached_tokens"))
+    return Usage(prompt, completion, total, _num(cached, where, "cached_tokens", warn))
 
 
 def _text(value: Any, field: str) -> str | None:
@@ -112,10 +136,20 @@ def _text(value: Any, field: str) -> str | None:
     raise _Bad(field, value, "a string")
 
 
-def _finish_reason(value: Any, field: str) -> str | None:
+def _finish_reason(value: Any, field: str, warn: list[str]) -> str | None:
     if value is None or isinstance(value, str):
         return value or None
-    raise _Bad(field, value, "a string")
+    warn.append(f"{field} was {_shown(value)}, not a string: dropped")
+    return None
+
+
+def _reasoning(value: Any, field: str, warn: list[str]) -> str | None:
+    """Reasoning text; reasoning of another type is dropped with a warning (the answer stays)."""
+    try:
+        return _text(value, field)
+    except _Bad:
+        warn.append(f"{field} was {_shown(value)}, not text: dropped")
+        return None
 
 
 def _arguments(value: Any, field: str) -> str:
@@ -183,20 +217,32 @@ def _completion(data: dict[str, Any]) -> Answer:
     message = choice.get("message")
     if not isinstance(message, dict):
         raise _Bad("choices[0].message", message, "an object")
-    usage = parse_usage(data.get("usage")) or parse_usage(choice.get("usage"), "choices[0].usage") or Usage()
+    warn: list[str] = []
+    usage = (parse_usage(data.get("usage"), "usage", warn)
+             or parse_usage(choice.get("usage"), "choices[0].usage", warn) or Usage())
     reasoning = message.get("reasoning_content")
     field = "choices[0].message.reasoning_content"
     if reasoning is None and "reasoning" in message:
         reasoning, field = message.get("reasoning"), "choices[0].message.reasoning"
-    return Answer(
+    answer = Answer(
         content=_text(message.get("content"), "choices[0].message.content") or "",
-        reasoning_content=_text(reasoning, field),
+        reasoning_content=_reasoning(reasoning, field, warn),
         tool_calls=_tool_calls(message.get("tool_calls"), "choices[0].message.tool_calls"),
-        finish_reason=_finish_reason(choice.get("finish_reason"), "choices[0].finish_reason"),
+        finish_reason=_finish_reason(choice.get("finish_reason"), "choices[0].finish_reason", warn),
         usage=usage,
         model=model if type(model := data.get("model")) is str else _meta(model),
         response_id=rid if type(rid := data.get("id")) is str else _meta(rid),
+        warnings=tuple(warn),
     )
+    _require_something(answer)
+    return answer
+
+
+def _require_something(answer: Answer) -> None:
+    """A reply with no text, no reasoning and no tool call is no answer, whatever its status."""
+    if not answer.content and not answer.reasoning_content and not answer.tool_calls:
+        raise ResponseError("the reply holds no text, no reasoning and no tool call: no answer came",
+                            error_type="empty_answer", retryable=True)
 
 
 _SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
@@ -225,7 +271,8 @@ class StreamAssembler:
     naming it (the attempt is retried like a cut stream).
     """
 
-    __slots__ = ("content", "reasoning", "tools", "finish_reason", "usage", "model", "response_id", "done", "chunks")
+    __slots__ = ("content", "reasoning", "tools", "finish_reason", "usage", "model", "response_id", "done", "chunks",
+                 "warnings")
 
     def __init__(self) -> None:
         self.content: list[str] = []
@@ -237,6 +284,7 @@ class StreamAssembler:
         self.response_id: str | None = None
         self.done = False
         self.chunks = 0
+        self.warnings: list[str] = []
 
     def add(self, data: bytes | str) -> bool:
         if self.done:
@@ -279,7 +327,7 @@ class StreamAssembler:
             self.response_id = rid if type(rid) is str else _meta(rid)
         usage = chunk.get("usage")
         if usage is not None:
-            self.usage = parse_usage(usage)
+            self.usage = parse_usage(usage, "usage", self.warnings) or self.usage
         choices = chunk.get("choices")
         if not choices:
             return
@@ -290,10 +338,10 @@ class StreamAssembler:
             raise _Bad("choices[0]", choice, "an object")
         usage = choice.get("usage")
         if usage is not None:
-            self.usage = parse_usage(usage, "choices[0].usage")
+            self.usage = parse_usage(usage, "choices[0].usage", self.warnings) or self.usage
         finish = choice.get("finish_reason")
         if finish is not None:
-            self.finish_reason = _finish_reason(finish, "choices[0].finish_reason")
+            self.finish_reason = _finish_reason(finish, "choices[0].finish_reason", self.warnings) or self.finish_reason
         delta = choice.get("delta")
         if delta is None:
             delta = choice.get("message")
@@ -312,7 +360,7 @@ class StreamAssembler:
             reasoning = delta.get("reasoning")
         if reasoning is not None:
             if type(reasoning) is not str:
-                reasoning = _text(reasoning, "choices[0].delta.reasoning_content")
+                reasoning = _reasoning(reasoning, f"choices[0].delta.reasoning_content (chunk {self.chunks})", self.warnings)
             if reasoning:
                 self.reasoning.append(reasoning)
         calls = delta.get("tool_calls")
@@ -352,7 +400,11 @@ class StreamAssembler:
             if not slot["name"]:
                 slot["name"] = name
         args = fn.get("arguments")
-        if args is not None:
+        if isinstance(args, dict):
+            # An object is the whole arguments (a proxy that re-sends them with every delta),
+            # never a fragment: the last one stands, as in a non-streaming answer.
+            slot["arguments"] = [_arguments(args, f"{where}.function.arguments")]
+        elif args is not None:
             slot["arguments"].append(_arguments(args, f"{where}.function.arguments"))
 
     def finish(self, ttft_s: float | None = None) -> Answer:
@@ -373,7 +425,7 @@ class StreamAssembler:
                     raise _bad_response(f"the stream's tool call {index} has no function.name")
                 tool_calls.append({"id": slot["id"], "type": slot["type"],
                                    "function": {"name": slot["name"], "arguments": "".join(slot["arguments"])}})
-        return Answer(
+        answer = Answer(
             content="".join(self.content),
             reasoning_content="".join(self.reasoning) if self.reasoning else None,
             tool_calls=tool_calls,
@@ -382,7 +434,10 @@ class StreamAssembler:
             model=self.model,
             response_id=self.response_id,
             ttft_s=ttft_s,
+            warnings=tuple(dict.fromkeys(self.warnings)),
         )
+        _require_something(answer)
+        return answer
 
 
 # ---- errors ---------------------------------------------------------------------------

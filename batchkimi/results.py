@@ -51,6 +51,8 @@ RESULT_FIELDS: list[tuple[str, pa.DataType]] = [
     ("error_type", pa.string()),
     ("error_message", pa.string()),
     ("request_id", pa.string()),
+    ("max_tokens", pa.int64()),  # the max_tokens the row was sent with (null: none sent)
+    ("warnings", pa.string()),  # what was odd in an answer that was kept, one line each
     ("finished_at", pa.timestamp("ms", tz="UTC")),
     ("media", MEDIA_TYPE),
     ("media_gone", pa.bool_()),
@@ -102,6 +104,7 @@ def ok_row(
     finish_reason: str | None, prompt_tokens: int | None, completion_tokens: int | None, total_tokens: int | None,
     cached_tokens: int | None, cost_usd: float | None, model: str | None, attempts: int, latency_s: float,
     ttft_s: float | None, http_status: int, error_type: str | None, error_message: str | None, request_id: str | None,
+    max_tokens: int | None = None, warnings: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """A row for an answer (``ok``, or ``truncated``/``error`` by its finish reason). On every
     answer's path: values of the right type pass without a call."""
@@ -121,18 +124,19 @@ def ok_row(
         "ttft_s": None if ttft_s is None else round(ttft_s, 4), "http_status": http_status,
         "error_type": error_type, "error_message": error_message,
         "request_id": request_id if request_id is None or type(request_id) is str else text(request_id),
+        "max_tokens": whole(max_tokens), "warnings": "\n".join(warnings)[:ERROR_MESSAGE_CHARS] if warnings else None,
         "finished_at": now_ms(),
     }
 
 
 def error_row(rid: str, pos: int, *, model: str, attempts: int, latency_s: float, http_status: int | None,
-              error_type: str, error_message: str, request_id: str | None) -> dict[str, Any]:
+              error_type: str, error_message: str, request_id: str | None, max_tokens: int | None = None) -> dict[str, Any]:
     """A row whose request failed after its retries."""
     return {
         "id": rid, "row": pos, "status": "error", "model": model, "attempts": attempts,
         "latency_s": round(latency_s, 4), "http_status": whole(http_status), "error_type": text(error_type),
         "error_message": (text(error_message) or "")[:ERROR_MESSAGE_CHARS], "request_id": text(request_id),
-        "finished_at": now_ms(),
+        "max_tokens": whole(max_tokens), "finished_at": now_ms(),
     }
 
 

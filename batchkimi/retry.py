@@ -8,7 +8,9 @@ The wait before attempt ``k + 1`` (``k`` attempts made so far) is, in order of p
 3. full-jitter exponential backoff: ``uniform(0, min(backoff_max_s, backoff_base_s * 2**(k-1)))``.
 
 Only errors marked ``retryable`` are retried (:func:`batchkimi.response.classify`), and never past
-``max_attempts`` attempts or ``max_retry_time_s`` seconds since the row's first attempt.
+``max_attempts`` attempts or ``max_retry_time_s`` seconds since the row's first attempt. A 2xx
+reply whose answer cannot be used (``MALFORMED``) is tried again at most once: a server that
+sends a malformed answer almost always sends it again, and every try is paid.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import APIError
+
+# A 2xx reply that was paid for but holds no usable answer: one more try, never more.
+MALFORMED = frozenset({"bad_response", "bad_stream", "empty_answer"})
+MALFORMED_MAX_ATTEMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class RetryPolicy:
     ) -> float | None:
         """Seconds to wait before the next attempt, or None: give up and record the error."""
         if not error.retryable or error.fatal or attempts >= self.max_attempts:
+            return None
+        if error.error_type in MALFORMED and attempts >= MALFORMED_MAX_ATTEMPTS:
             return None
         delay = self.server_delay_s(error)
         if delay is None:

@@ -169,7 +169,8 @@ class RowEngine:
                     raise FatalAPIError(reason, cause=failure)
                 return error_row(rid, pos, model=self.job.model, attempts=attempts, latency_s=self.clock.now() - t0,
                                  http_status=failure.http_status, error_type=failure.error_type,
-                                 error_message=failure.message, request_id=failure.request_id)
+                                 error_message=failure.message, request_id=failure.request_id,
+                                 max_tokens=sent_max_tokens(prepared.body))
             if self.stopping:
                 raise RowAbandoned
             self.retries += 1
@@ -226,7 +227,14 @@ class RowEngine:
             cost_usd=cost_usd(self.job.prices, model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
             model=model, attempts=attempts, latency_s=latency, ttft_s=answer.ttft_s, http_status=reply.http_status,
             error_type=error_type, error_message=message, request_id=reply.request_id,
+            max_tokens=sent_max_tokens(prepared.body), warnings=answer.warnings,
         )
+
+
+def sent_max_tokens(body: dict[str, Any]) -> int | None:
+    """The completion budget a request was sent with (``max_completion_tokens`` wins, as at Kimi)."""
+    value = body.get("max_completion_tokens", body.get("max_tokens"))
+    return value if type(value) is int else None
 
 
 def timeouts_of(job: Job) -> Timeouts:

@@ -52,7 +52,7 @@ from .ratelimit import CompletionEstimate
 from .reader import InputScan, SourceRow, columns_seen, detect_format, read_rows, row_id, scan_input
 from .request import Prepared, RowInvalid, build_request
 from .results import invalid_row, kept_column_name, text
-from .rowengine import RowAbandoned, RowEngine, endpoint, limiter_of, policy_of
+from .rowengine import RowAbandoned, RowEngine, endpoint, limiter_of, policy_of, sent_max_tokens
 from .scoring import score_output, specs_of
 from .sink import MANIFEST, Sink
 from .summary import Summary, cost_usd
@@ -176,7 +176,8 @@ def check_resume(manifest: dict[str, Any] | None, job: Job, scan: InputScan | No
         raise OutputError(f"the input changed since {out} was written (its fingerprint differs). {fresh}")
     old = manifest.get("request_settings", {})
     new = orjson.loads(orjson.dumps(job.request_settings()))
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    # A key the old manifest does not record (added since) cannot be compared: it passes.
+    changed = [k for k in sorted(new) if k in old and old.get(k) != new.get(k)]
     if changed:
         diff = "; ".join(f"{k}: {old.get(k, '(not recorded)')!r} -> {new.get(k)!r}" for k in changed[:6])
         why = ""
@@ -318,13 +319,14 @@ class JobRun:
     async def _execute(self, manifest: dict[str, Any] | None) -> Summary:
         job, sink, scan = self.job, self.sink, self.scan
         state = sink.compact(scan.rows)
+        state.apply_rerun(frozenset(job.retry), job.effective_max_tokens)
         self.limit = min(scan.rows, job.limit) if job.limit is not None else scan.rows
         unsendable = 0
         if self.folder is not None:
             state, unsendable = await asyncio.to_thread(self._folder_state, state)
         self.done = state.done
-        if not job.retry_errors:
-            self.done[sink.positions_with_status(["error", "truncated"])] = True
+        # a truncated row is sent again only with a larger budget than it had (a batch line may set its own)
+        self.old_max_tokens = {} if {"truncated", "all"} & set(job.retry) else state.old_max_tokens()
         self.first_pending = state.first_pending()  # state.done is self.done: the marks above count
         already = int(self.done[: self.limit].sum()) - unsendable
         self.summary = Summary(str(sink.dir), self.limit - unsendable, already)
@@ -376,6 +378,7 @@ class JobRun:
         sink, entries = self.sink, self.folder.entries
         if mark_gone(sink, entries):
             state = sink.compact(self.scan.rows)
+            state.apply_rerun(frozenset(self.job.retry), self.job.effective_max_tokens)
         gone = resume_marks(sink.dir, self.folder, state.done)
         gone = gone[gone < self.limit]
         has_row = np.zeros(len(state.done), dtype=bool)
@@ -462,6 +465,8 @@ class JobRun:
             inv = invalid_row(rid, row.pos, prepared)
             inv.update(kept_values(row, self.job))
             await self._finish(inv)
+        elif (old := self.old_max_tokens.get(row.pos)) is not None and (sent_max_tokens(prepared.body) or 0) <= old:
+            self.summary.already_done += 1  # truncated at this very budget before: it would truncate again
         else:
             await self.work.put((row.pos, rid, prepared, kept_values(row, self.job), row.where))
             self.summary.sent_rows += 1

@@ -119,7 +119,7 @@ def test_bad_rows_become_invalid_rows_naming_line_and_column(tmp_path: Path, sim
 
 
 def test_failed_rows_are_rows_and_rerun_retries_only_them(tmp_path: Path, simulator) -> None:
-    """A 400 is not retried in the run; the rerun sends only the failed row and keeps one row per id."""
+    """A 400 is not retried in the run nor by a plain rerun; --retry refused sends only that row, one row per id."""
     h = simulator()
     rows = reviews(10)
     rows[3]["text"] = "broken [[sim:400*1]]"
@@ -130,7 +130,9 @@ def test_failed_rows_are_rows_and_rerun_retries_only_them(tmp_path: Path, simula
     err = batchkimi.read_results(job.output).set_index("id").loc["r3"]
     assert (err["status"], err["http_status"], err["error_type"], err["attempts"]) == ("error", 400, "invalid_request_error", 1)
     served_before = h.simulator.stats["requests"]
-    second = batchkimi.run(job)
+    plain = batchkimi.run(job)  # a deterministic refusal is final for a plain rerun
+    assert plain.sent_rows == 0 and plain.exit_code == 3 and h.simulator.stats["requests"] == served_before
+    second = batchkimi.run(job.replace(retry=("refused",)))
     assert second.exit_code == 0 and second.run_status == {"ok": 1} and second.already_done == 9
     assert h.simulator.stats["requests"] == served_before + 1
     df = pd.read_parquet(job.output)
@@ -139,14 +141,20 @@ def test_failed_rows_are_rows_and_rerun_retries_only_them(tmp_path: Path, simula
     assert third.sent_rows == 0 and h.simulator.stats["requests"] == served_before + 1
 
 
-def test_no_retry_errors_leaves_failed_rows(tmp_path: Path, simulator) -> None:
+def test_a_rerun_resends_transient_failures_and_leaves_refusals(tmp_path: Path, simulator) -> None:
+    """A row that ran out of attempts on 5xx is sent again by a plain rerun; a 400 row is not."""
     h = simulator()
     rows = reviews(4)
     rows[0]["text"] = "x [[sim:400]]"
-    job = fast_job(tmp_path, h.base_url, input=str(write_jsonl(tmp_path / "in.jsonl", rows)), prompt_template=TEMPLATE)
-    batchkimi.run(job)
-    again = batchkimi.run(job.replace(retry_errors=False))
-    assert again.sent_rows == 0
+    rows[1]["text"] = "y [[sim:500*2]]"
+    job = fast_job(tmp_path, h.base_url, input=str(write_jsonl(tmp_path / "in.jsonl", rows)), prompt_template=TEMPLATE,
+                   max_attempts=2)
+    assert batchkimi.run(job).final_status == {"ok": 2, "error": 2}
+    served = h.simulator.stats["requests"]
+    again = batchkimi.run(job)
+    assert again.sent_rows == 1 and again.final_status == {"ok": 3, "error": 1}
+    assert h.simulator.stats["requests"] == served + 1
+    assert batchkimi.run(job.replace(retry=("errors",))).sent_rows == 1
 
 
 def test_retried_faults_recover_within_the_run(tmp_path: Path, simulator) -> None:

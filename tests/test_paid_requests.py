@@ -1,0 +1,233 @@
+"""What a run pays for (issue "Every request worth its price"): every test counts the requests
+a loopback server received, on the first run and on a rerun of the same command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+import batchkimi
+from batchkimi.config import load_job
+
+from .conftest import chunk, fast_job, sse, write_jsonl
+
+USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+
+
+def completion(message: dict[str, Any], finish: Any = "stop", usage: Any = None) -> dict[str, Any]:
+    return {"id": "chatcmpl-1", "object": "chat.completion", "model": "kimi-k2.6",
+            "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
+            "usage": USAGE if usage is None else usage}
+
+
+def json_reply(body: Any):  # noqa: ANN201
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=json.dumps(body).encode(), content_type="application/json")
+
+    return handler
+
+
+def stream_reply(raw: bytes):  # noqa: ANN201
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(raw)
+        return resp
+
+    return handler
+
+
+def rows(n: int, **extra: Any) -> list[dict[str, Any]]:
+    return [{"id": f"r{i}", "prompt": f"question {i}", **extra} for i in range(n)]
+
+
+def run(job: Any) -> batchkimi.Summary:
+    async def go() -> batchkimi.Summary:
+        return await asyncio.wait_for(batchkimi.run_async(job), 60)
+
+    return asyncio.run(go())
+
+
+# ---- 1: a complete answer with an odd accounting field is kept, not bought again ----
+
+ODD = [
+    pytest.param(completion({"content": "yes", "reasoning_content": "r"}, usage={"prompt_tokens": "9", "completion_tokens": "4"}),
+                 "usage.prompt_tokens was the text '9'", 9, id="usage-as-text"),
+    pytest.param(completion({"content": "yes", "reasoning_content": "r"}, finish=3), "finish_reason was a number", 9,
+                 id="finish-reason-a-number"),
+    pytest.param(completion({"content": "yes", "reasoning_content": 42}), "reasoning_content was a number", 9,
+                 id="reasoning-a-number"),
+    pytest.param(completion({"content": "yes"}, usage={"prompt_tokens": 9, "completion_tokens": [4]}),
+                 "completion_tokens was an array", 9, id="count-an-array"),
+]
+
+
+@pytest.mark.parametrize("body,warning,prompt_tokens", ODD)
+def test_a_whole_answer_with_an_odd_field_is_kept_once_with_a_warning(tmp_path: Path, raw_server, body: Any,
+                                                                       warning: str, prompt_tokens: int) -> None:
+    """60 rows, max_attempts 3: 60 paid requests (not 180), every answer kept, the oddity said per row."""
+    srv = raw_server(json_reply(body))
+    data = write_jsonl(tmp_path / "in.jsonl", rows(60))
+    job = fast_job(tmp_path, srv.base_url, input=str(data), stream=False, max_attempts=3, max_tokens=20000)
+    assert run(job).final_status == {"ok": 60}
+    assert len(srv.requests) == 60
+    df = batchkimi.read_results(job.output)
+    assert (df["content"] == "yes").all() and (df["prompt_tokens"] == prompt_tokens).all()
+    assert df["warnings"].str.contains(warning, regex=False).all(), df["warnings"][0]
+    assert run(job).final_status == {"ok": 60} and len(srv.requests) == 60  # a rerun buys nothing
+
+
+def test_a_streamed_answer_with_string_usage_is_kept_with_its_counts(tmp_path: Path, raw_server) -> None:
+    raw = sse(chunk({"role": "assistant", "content": ""}), chunk({"content": "yes"}),
+              chunk({}, "stop", {"prompt_tokens": "9", "completion_tokens": "4", "total_tokens": "13"}))
+    srv = raw_server(stream_reply(raw))
+    data = write_jsonl(tmp_path / "in.jsonl", rows(10))
+    job = fast_job(tmp_path, srv.base_url, input=str(data), stream=True, max_tokens=20000)
+    assert run(job).final_status == {"ok": 10} and len(srv.requests) == 10
+    df = batchkimi.read_results(job.output)
+    assert (df["total_tokens"] == 13).all() and df["warnings"].notna().all()
+
+
+def test_an_unusable_answer_is_tried_twice_at_most(tmp_path: Path, raw_server) -> None:
+    """A 200 whose text is unusable (content a number) is paid for twice per row, not max_attempts times."""
+    srv = raw_server(json_reply(completion({"content": 42})))
+    data = write_jsonl(tmp_path / "in.jsonl", rows(20))
+    job = fast_job(tmp_path, srv.base_url, input=str(data), stream=False, max_attempts=6, max_tokens=20000)
+    assert run(job).final_status == {"error": 20}
+    assert len(srv.requests) == 40
+
+
+# ---- 16: the same answer streamed or not ----
+
+def test_streamed_tool_arguments_sent_as_objects_are_the_arguments_not_a_concatenation(tmp_path: Path, raw_server) -> None:
+    """A proxy re-sending the whole arguments object with each delta: the answer is one object, as unstreamed."""
+    call = {"index": 0, "id": "functions.w:0", "type": "function", "function": {"name": "w", "arguments": {"city": "Beijing"}}}
+    again = {"index": 0, "function": {"arguments": {"city": "Beijing"}}}
+    raw = sse(chunk({"role": "assistant", "content": ""}), chunk({"tool_calls": [call]}), chunk({"tool_calls": [again]}),
+              chunk({"tool_calls": [again]}), chunk({}, "tool_calls", USAGE))
+    srv = raw_server(stream_reply(raw))
+    data = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    job = fast_job(tmp_path, srv.base_url, input=str(data), stream=True, max_tokens=20000)
+    assert run(job).final_status == {"ok": 3}
+    calls = json.loads(batchkimi.read_results(job.output)["tool_calls"][0])
+    assert calls[0]["function"]["arguments"] == '{"city":"Beijing"}'
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_a_reply_with_no_text_and_no_tool_call_is_no_answer(tmp_path: Path, raw_server, stream: bool) -> None:
+    if stream:
+        nulls = {"role": None, "content": None, "reasoning_content": None, "tool_calls": None}
+        srv = raw_server(stream_reply(sse(chunk(nulls), chunk(nulls), chunk({}, "stop", USAGE))))
+    else:
+        srv = raw_server(json_reply(completion({"content": None})))
+    data = write_jsonl(tmp_path / "in.jsonl", rows(5))
+    job = fast_job(tmp_path, srv.base_url, input=str(data), stream=stream, max_tokens=20000)
+    assert run(job).final_status == {"error": 5}
+    df = batchkimi.read_results(job.output)
+    assert (df["error_type"] == "empty_answer").all()
+    assert len(srv.requests) == 10
+
+
+# ---- 2, 3: a rerun re-sends what can succeed next time, and nothing else unasked ----
+
+class Budgeted:
+    """Answers whole when max_tokens >= 4000, else cuts the reasoning at max_tokens (content empty)."""
+
+    def __init__(self) -> None:
+        self.max_tokens: list[int] = []
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        mt = body.get("max_tokens")
+        self.max_tokens.append(mt)
+        if mt is not None and mt < 4000:
+            doc = completion({"content": "", "reasoning_content": "long thought"}, finish="length",
+                             usage={"prompt_tokens": 9, "completion_tokens": mt, "total_tokens": 9 + mt})
+        else:
+            doc = completion({"content": "yes", "reasoning_content": "thought"})
+        return web.Response(body=json.dumps(doc).encode(), content_type="application/json")
+
+
+def test_truncated_rows_are_final_for_their_budget_and_sent_again_with_a_larger_one(tmp_path: Path, raw_server) -> None:
+    server = Budgeted()
+    srv = raw_server(server)
+    data = write_jsonl(tmp_path / "in.jsonl", rows(10))
+    job = fast_job(tmp_path, srv.base_url, input=str(data), stream=False, max_tokens=1000)
+    assert run(job).final_status == {"truncated": 10} and len(srv.requests) == 10
+    df = batchkimi.read_results(job.output)
+    assert (df["max_tokens"] == 1000).all() and (df["error_type"] == "reasoning_exhausted_budget").all()
+    again = run(job)  # the same budget would truncate again: nothing is sent
+    assert again.sent_rows == 0 and len(srv.requests) == 10
+    raised = run(job.replace(max_tokens=8000))  # accepted on the same output; exactly the truncated rows
+    assert raised.final_status == {"ok": 10} and len(srv.requests) == 20
+    assert server.max_tokens[10:] == [8000] * 10
+    assert (batchkimi.read_results(job.output)["max_tokens"] == 8000).all()
+
+
+def test_retry_truncated_resends_at_the_same_budget_on_request(tmp_path: Path, raw_server) -> None:
+    srv = raw_server(Budgeted())
+    data = write_jsonl(tmp_path / "in.jsonl", rows(4))
+    job = fast_job(tmp_path, srv.base_url, input=str(data), stream=False, max_tokens=1000)
+    run(job)
+    assert run(job.replace(retry=("truncated",))).sent_rows == 4 and len(srv.requests) == 8
+
+
+def test_a_batch_line_truncated_at_its_own_budget_is_not_resent_when_the_job_budget_rises(tmp_path: Path, raw_server) -> None:
+    srv = raw_server(Budgeted())
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 1000}} for i in range(3)]
+    data = write_jsonl(tmp_path / "batch.jsonl", lines)
+    job = fast_job(tmp_path, srv.base_url, input=str(data), input_format="openai_batch", stream=False, max_tokens=2000)
+    assert run(job).final_status == {"truncated": 3}
+    assert run(job.replace(max_tokens=9000)).sent_rows == 0 and len(srv.requests) == 3
+
+
+def by_marker(request_body: dict[str, Any]) -> str:
+    return request_body["messages"][-1]["content"]
+
+
+class Refuser:
+    """Each row's prompt names the status it gets: 'question 400' is refused with a 400..."""
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        status = int(by_marker(body).split()[-1])
+        if status == 200:
+            return web.Response(body=json.dumps(completion({"content": "yes"})).encode(), content_type="application/json")
+        err = {"error": {"type": "invalid_request_error" if status < 500 else "server_error", "message": f"status {status}"}}
+        return web.Response(status=status, body=json.dumps(err).encode(), content_type="application/json")
+
+
+def test_refusals_are_final_and_transient_failures_are_resent(tmp_path: Path, raw_server) -> None:
+    """400, 413, 451 and a context-window 400 cost one request each, ever; a 503 row is sent again by a plain rerun."""
+    srv = raw_server(Refuser())
+    statuses = [400, 413, 451, 422, 503, 200]
+    data = write_jsonl(tmp_path / "in.jsonl", [{"id": f"s{s}", "prompt": f"question {s}"} for s in statuses])
+    job = fast_job(tmp_path, srv.base_url, input=str(data), stream=False, max_attempts=2, max_tokens=20000,
+                   stop_after_failures=0)
+    assert run(job).final_status == {"error": 5, "ok": 1}
+    first = len(srv.requests)
+    assert first == 4 + 2 + 1  # 503 tried twice in the run
+    again = run(job)
+    assert again.sent_rows == 1 and len(srv.requests) == first + 2  # only the 503 row, with its retries
+    asked = run(job.replace(retry=("refused",)))
+    assert asked.sent_rows == 5  # the four refusals and the transient row
+    assert len(srv.requests) == first + 2 + 4 + 2
+
+
+def test_the_retry_flag_takes_a_list_and_refuses_a_bad_word(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from batchkimi.cli import cli
+
+    data = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    res = CliRunner().invoke(cli, ["run", "--input", str(data), "--output", str(tmp_path / "o"), "--base-url", "simulator",
+                                   "--retry", "refused,sometimes", "--dry-run"])
+    assert res.exit_code == 1 and "'sometimes' is not one of truncated, refused, errors, all" in res.output
+    job = load_job(None, {"retry": "truncated,refused", "input": str(data)})
+    assert job.retry == ("truncated", "refused")
