@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import functools
 import math
 import os
 import tomllib
@@ -71,6 +72,7 @@ class Job:
     ca_file: str | None = None  # a CA certificate (PEM) to trust besides the system's: a proxy, a test server
     # request
     model: str = "kimi-k2.6"
+    ep_model: str | None = None  # the model a TokenHub endpoint id (ep-...) serves: its rules and prices
     prompt_template: str | None = None
     system: str | None = None
     thinking: str | None = None  # enabled | disabled | None (server default: enabled)
@@ -159,6 +161,19 @@ class Job:
         return (not self.applies_kimi_rules) if self.include_usage is None else self.include_usage
 
     @property
+    def served_model(self) -> str:
+        """The model whose rules and prices apply: ``ep_model`` for a TokenHub endpoint id."""
+        return self.ep_model if self.ep_model and self.model.startswith("ep-") else self.model
+
+    @functools.cached_property
+    def price_table(self) -> dict[str, tuple[float, float, float]]:
+        """``prices``, with the job's ``ep-`` id priced as the model it serves (unless priced itself)."""
+        table = dict(self.prices)
+        if self.model not in table and self.served_model in table:
+            table[self.model] = table[self.served_model]
+        return table
+
+    @property
     def uses_simulator(self) -> bool:
         return self.base_url == SIMULATOR
 
@@ -179,7 +194,7 @@ class Job:
         here makes old results stale, so a resume with a different one is refused. Simulated
         answers never pass for real ones: the endpoint and the simulator's settings are part of it."""
         keys = (
-            "input_format id_column prompt_column system_column messages_column model "
+            "input_format id_column prompt_column system_column messages_column model ep_model "
             "prompt_template system thinking thinking_keep temperature top_p n "
             "presence_penalty frequency_penalty tools tool_choice response_format stop "
             "extra_body image_columns video_columns media_root media_url_prefix max_image_side"
@@ -207,7 +222,7 @@ _BOOL_KEYS = {"stream", "include_usage", "kimi_rules"}
 _STR_KEYS = {
     "input", "input_format", "id_column", "prompt_column", "system_column", "messages_column",
     "output", "base_url", "api_key_env", "api_key_file", "model", "prompt_template", "system",
-    "thinking", "thinking_keep", "media_root", "media_url_prefix", "event_loop", "ca_file",
+    "thinking", "thinking_keep", "media_root", "media_url_prefix", "event_loop", "ca_file", "ep_model",
     "engine", "ray_address",
 }
 _LIST_KEYS = {"keep_columns", "image_columns", "video_columns", "include", "exclude", "retry"}
@@ -366,14 +381,31 @@ def check_job(job: Job) -> None:
         raise ConfigError("tool_choice must be 'none', 'auto', 'required' or a function table")
     if job.max_cost_usd < 0 or job.max_total_tokens < 0:
         raise ConfigError("max_cost_usd and max_total_tokens must be 0 (no budget) or more")
-    if job.max_cost_usd and job.model not in job.prices:
+    if job.ep_model is not None:
+        if job.ep_model not in kimi.MODELS:
+            raise ConfigError(f"ep_model must be one of {', '.join(kimi.MODELS)}, got {job.ep_model!r}")
+        if not job.model.startswith("ep-"):
+            raise ConfigError(f"ep_model names the model a TokenHub endpoint id (ep-...) serves; model is {job.model!r}")
+    if job.max_cost_usd and job.model not in job.price_table:
+        also = (f", or say which model {job.model} serves with ep_model = \"kimi-k2.6\""
+                if job.model.startswith("ep-") else "")
         raise ConfigError(f"max_cost_usd needs a price for {job.model}: add it to the prices table "
-                          "([input_miss, input_hit, output] USD per 1M tokens)")
+                          f"([input_miss, input_hit, output] USD per 1M tokens){also}")
     from .scoring import specs_of
 
     specs_of(job.extract, job.score, job.tools)  # raises ConfigError naming the key
     if job.applies_kimi_rules:
         _check_kimi_rules(job)
+
+
+def job_notices(job: Job) -> list[str]:
+    """Warnings about a job that is allowed but likely to waste money; said at start and in --dry-run."""
+    notes = []
+    if job.applies_kimi_rules:
+        note = kimi.thinking_budget_note(job.max_tokens, job.thinking_on, "the job")
+        if note:
+            notes.append(note)
+    return notes
 
 
 def _check_kimi_rules(job: Job) -> None:

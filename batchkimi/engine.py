@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import Job, resolve_api_key
+from .config import Job, job_notices, resolve_api_key
 from .errors import ConfigError
 from .events import Hook, no_hook
 from .folder import INDEX, FolderScan, read_index, resume_marks
@@ -33,6 +33,7 @@ from .reader import read_rows
 from .rowengine import RowAbandoned, RowEngine
 from .runner import (
     JobRun,
+    LineBudgetNotes,
     check_resume,
     input_format,
     media_settings,
@@ -82,6 +83,7 @@ def _dry_run(job: Job, path: Path, fmt: str, scan: Any, done: Any, folder: Folde
     prompt_tokens = 0
     media = media_settings(job, folder=folder is not None)
     limit = job.limit if job.limit is not None else scan.rows
+    lines = LineBudgetNotes(job)
     for batch in read_rows(path, fmt):
         for row in batch:
             if row.pos >= limit:
@@ -96,6 +98,8 @@ def _dry_run(job: Job, path: Path, fmt: str, scan: Any, done: Any, folder: Folde
                     invalid.append(prepared)
                 continue
             status["to_send"] += 1
+            if fmt == "openai_batch":
+                lines.check(prepared, row.where)
             prompt_tokens += prepared.prompt_tokens_estimate
             if first is None:
                 first = {
@@ -114,9 +118,9 @@ def _dry_run(job: Job, path: Path, fmt: str, scan: Any, done: Any, folder: Folde
         prompt_tokens_estimate=prompt_tokens,
         expected_completion_tokens=est.tokens(),
         max_completion_tokens=job.effective_max_tokens,
-        prices=job.prices,
+        prices=job.price_table,
         model=job.model,
-        notes=folder.lines() if folder is not None else [],
+        notes=[*(folder.lines() if folder is not None else []), *(f"warning: {n}" for n in job_notices(job)), *lines.lines()],
     )
 
 

@@ -47,7 +47,22 @@ class Stopping:
     reason: str
 
 
-Event = RunStarted | AttemptStarted | AttemptFinished | RowFinished | Stopping
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something the user should know, said once (a thinking budget under Kimi's floor, a wait)."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """Every request waits until ``until_epoch_s`` (a 429's Retry-After); 0: the wait is over."""
+
+    until_epoch_s: float
+    reason: str
+
+
+Event = RunStarted | AttemptStarted | AttemptFinished | RowFinished | Stopping | Notice | Waiting
 Hook = Callable[[Event], None]
 
 

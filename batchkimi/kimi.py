@@ -19,7 +19,13 @@ MODELS = ("kimi-k2.6", "kimi-k2.5")
 VIDEO_MODELS = frozenset({"kimi-k2.6"})  # TokenHub: kimi-k2.5 takes no video
 CONTEXT_LIMIT_TOKENS = 262144
 THINKING_DEFAULT_MAX_TOKENS = 32768
+# The guide's floor for a thinking budget: below it, reasoning often uses the whole budget.
+THINKING_MIN_MAX_TOKENS = 16000
 MAX_STOP_STRINGS = 5
+# batchkimi's prompt estimate runs high (about 4 characters a token for English, one token per
+# CJK character, where Kimi's tokenizer packs more): a row is refused before sending only when
+# three quarters of its estimate plus its max_tokens would still pass the window.
+CONTEXT_CHECK_SHARE = 0.75
 
 # USD per 1M tokens: (input cache miss, input cache hit, output). Moonshot's published list
 # prices; TokenHub publishes none for Kimi, so a job can override them (``prices``).
@@ -95,3 +101,26 @@ def missing_reasoning(message: Mapping[str, Any], thinking_on: bool) -> bool:
 
 def takes_video(model: str) -> bool:
     return model in VIDEO_MODELS
+
+
+def context_overflow(prompt_tokens_estimate: int, max_tokens: int | None) -> str | None:
+    """Why a request can never fit Kimi's context window (prompt plus the completion budget),
+    or None. Kimi itself answers such a request with a 400 ('Your request exceeded model token
+    limit'); refusing it here spares the upload, the wait and the rerun."""
+    low = int(prompt_tokens_estimate * CONTEXT_CHECK_SHARE)
+    if low > CONTEXT_LIMIT_TOKENS:
+        return (f"the prompt is about {prompt_tokens_estimate:,} tokens (estimated), over Kimi's context window "
+                f"of {CONTEXT_LIMIT_TOKENS:,}: shorten it or split the row")
+    if max_tokens is not None and low + max_tokens > CONTEXT_LIMIT_TOKENS:
+        return (f"the prompt (about {prompt_tokens_estimate:,} tokens, estimated) plus max_tokens ({max_tokens:,}) "
+                f"cannot fit Kimi's context window of {CONTEXT_LIMIT_TOKENS:,}: lower max_tokens or shorten the prompt")
+    return None
+
+
+def thinking_budget_note(max_tokens: int | None, thinking_on: bool, source: str) -> str | None:
+    """A warning for a thinking budget under the guide's floor (reasoning and answer share it)."""
+    if not thinking_on or max_tokens is None or max_tokens >= THINKING_MIN_MAX_TOKENS:
+        return None
+    return (f"{source} sets max_tokens = {max_tokens:,} with thinking on: Kimi's guide asks for at least "
+            f"{THINKING_MIN_MAX_TOKENS:,} (32,768 recommended), since reasoning and answer share it; "
+            "expect truncated rows (finish_reason 'length', often with an empty answer)")

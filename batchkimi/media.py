@@ -5,7 +5,8 @@ A row names its media in image and video columns (``image``, ``images``, ``video
 ``video_url`` parts of its ``messages``. Each reference is one of:
 
 - an ``http(s)://`` URL: sent untouched (TokenHub fetches it);
-- a ``data:`` URL: sent untouched, but decoded once to check its type and count its tokens;
+- a ``data:`` URL: decoded once to check its type and count its tokens, and sent with the type
+  its bytes are (a wrong label is corrected, a type Kimi cannot take is refused);
 - a local path (or ``file://`` URL): resolved under the *media root*, checked, and read,
   base64-encoded and put in the request only when that request is about to be sent.
 
@@ -13,7 +14,8 @@ Checking (:func:`collect`, run when the row is prepared, so ``--dry-run`` sees i
 naming the column and the file: a path that leaves the media root (``..``, an absolute path
 elsewhere, a symbolic link out), anything but a regular file, a missing or unreadable file,
 content that is not an image or video Kimi takes (the type comes from the bytes: Pillow for
-images, puremagic for video containers; a file's name is never trusted), a video for a model
+images, puremagic for video containers; a file's name is never trusted), a damaged image (a
+JPEG, PNG or WebP that ends early), a video for a model
 that takes none, and a request that would pass the body limit.
 
 :func:`materialize` (called by the row engine, in a thread, under the job's
@@ -154,11 +156,12 @@ class MediaSettings:
 # ---- type from content ---------------------------------------------------------------------
 def sniff_file(path: str) -> Sniffed:
     """The kind and Kimi MIME type of a file, from its bytes; raises MediaInvalid."""
-    found = _as_image(path)
-    if found is not None:
-        return found
     try:
         with open(path, "rb") as fh:
+            found = _as_image(fh)
+            if found is not None:
+                return found
+            fh.seek(0)
             head = fh.read(SNIFF_BYTES)
     except OSError as exc:
         raise MediaInvalid(f"cannot be read ({exc.strerror or exc})") from None
@@ -169,9 +172,38 @@ def sniff_bytes(data: bytes) -> Sniffed:
     return _as_image(io.BytesIO(data)) or _as_video(data[:SNIFF_BYTES])
 
 
+_TAIL_BYTES = 1024
+_JPEG_EOI, _JPEG_SOS = b"\xff\xd9", b"\xff\xda"
+
+
+def _whole(fh: Any, fmt: str) -> bool:
+    """Whether an image file is whole: its format's end is there (a JPEG's end-of-image marker
+    after its scan, a PNG's IEND chunk, a WebP's RIFF length). One read of the last KiB; the
+    whole file only when a JPEG or PNG carries data after its end (a phone's motion photo).
+    GIF has no end worth checking: it is taken as it is."""
+    size = fh.seek(0, io.SEEK_END)
+    if fmt == "WEBP":
+        fh.seek(4)
+        riff = fh.read(4)
+        return len(riff) == 4 and size >= int.from_bytes(riff, "little") + 8
+    end = {"JPEG": _JPEG_EOI, "PNG": b"IEND"}.get(fmt)
+    if end is None:
+        return True
+    fh.seek(max(0, size - _TAIL_BYTES))
+    if end in fh.read(_TAIL_BYTES):
+        return True
+    fh.seek(0)
+    data = fh.read()
+    if fmt == "PNG":
+        return b"IEND" in data
+    sos = data.find(_JPEG_SOS)  # 0xFFD9 cannot occur inside the scan's entropy-coded data
+    return sos >= 0 and data.find(_JPEG_EOI, sos) >= 0
+
+
 def _as_image(source: Any) -> Sniffed | None:
-    """Pillow's reading of an image header; None when Pillow knows no such image (perhaps a
-    video); MediaInvalid (kind "image") for an image Kimi does not take."""
+    """Pillow's reading of an image header, and a check that the file is whole; None when
+    Pillow knows no such image (perhaps a video); MediaInvalid (kind "image") for an image Kimi
+    does not take or a damaged one."""
     try:
         with Image.open(source) as img:
             fmt = img.format or "unknown"
@@ -182,6 +214,8 @@ def _as_image(source: Any) -> Sniffed | None:
         return None
     mime = IMAGE_MIME.get(fmt)
     if mime is not None:
+        if not _whole(source, fmt):
+            raise MediaInvalid(f"is a damaged {fmt} image (it ends early: a cut download or copy?)", kind="image")
         return Sniffed("image", mime, int(width), int(height))
     if fmt == "MPEG":  # Pillow reads MPEG video frames too: a video container, then
         return None
@@ -361,10 +395,17 @@ class Collector:
         self.body_bytes = 0
 
     def part(self, kind: str, ref: str | Inline, where: str) -> dict[str, Any]:
-        item = self._inline_item(kind, ref, where) if isinstance(ref, Inline) else self._item(kind, ref, where)
+        url: str | None = None
+        if isinstance(ref, Inline):
+            item = self._inline_item(kind, ref, where)
+        elif ref[:5].lower() == "data:":
+            item, url = self._data_item(kind, ref, where)
+        else:
+            item = self._item(kind, ref, where)
         self.items.append(item)
         self.body_bytes += item.body_bytes
-        url = item.marker if item.marker is not None else self._url(item, str(ref))
+        if url is None:
+            url = item.marker if item.marker is not None else self._url(item, str(ref))
         return {"type": f"{kind}_url", f"{kind}_url": {"url": url}}
 
     def _url(self, item: MediaItem, ref: str) -> str:
@@ -379,8 +420,6 @@ class Collector:
         except MediaInvalid as exc:
             raise MediaInvalid(f"{where}: {exc}") from None
         if local is None:
-            if ref[:5].lower() == "data:":
-                return self._data_item(kind, ref, where)
             if kind == "video" and not self.s.video_ok:
                 raise MediaInvalid(f"{where}: {self.s.model} takes no video (use kimi-k2.6)")
             return MediaItem(kind, "url", ref, where, tokens=URL_MEDIA_TOKENS, body_bytes=len(ref))
@@ -435,7 +474,10 @@ class Collector:
                          tokens=tokens, body_bytes=data_url_bytes(sniffed.mime, len(raw)),
                          sha256=hashlib.sha256(raw).hexdigest(), inline=raw)
 
-    def _data_item(self, kind: str, ref: str, where: str) -> MediaItem:
+    def _data_item(self, kind: str, ref: str, where: str) -> tuple[MediaItem, str]:
+        """A data URL, checked, and the URL to send: the bytes decide its type (a ``video/quicktime``,
+        ``application/octet-stream`` or ``image/bmp`` label on PNG bytes goes out under Kimi's name
+        for what the bytes are)."""
         head, sep, b64 = ref.partition(",")
         declared = head[5:].split(";")[0].lower()
         if not sep or not head.lower().endswith(";base64"):
@@ -450,10 +492,12 @@ class Collector:
             raise MediaInvalid(f"{where}: the data URL ({declared or 'no type'}) {exc}") from None
         self._accept(sniffed, kind, where, "the data URL")
         _, _, tokens = _cost(sniffed, len(raw), None)  # sent as it is: never downscaled
+        url = ref if declared == sniffed.mime else f"data:{sniffed.mime};base64,{b64}"
         short = f"data:{declared};base64,...({len(raw)} bytes)"
-        return MediaItem(kind, "data", short, where, mime=declared or sniffed.mime, size_bytes=len(raw),
+        item = MediaItem(kind, "data", short, where, mime=sniffed.mime, size_bytes=len(raw),
                          width=sniffed.width, height=sniffed.height, send_width=sniffed.width, send_height=sniffed.height,
-                         tokens=tokens, body_bytes=len(ref), sha256=hashlib.sha256(raw).hexdigest())
+                         tokens=tokens, body_bytes=len(url), sha256=hashlib.sha256(raw).hexdigest())
+        return item, url
 
     # ---- where references live ---------------------------------------------------------
     def column_parts(self, row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -672,5 +716,5 @@ def settings_for(job: Any, input_path: Path | None) -> MediaSettings:
         image_columns=tuple(job.image_columns), video_columns=tuple(job.video_columns), root=root,
         url_prefix=job.media_url_prefix, max_image_side=job.max_image_side,
         max_request_bytes=int(job.max_request_mb * 1_000_000),
-        video_ok=takes_video(job.model) or not job.applies_kimi_rules, model=job.model,
+        video_ok=takes_video(job.served_model) or not job.applies_kimi_rules, model=job.served_model,
     )

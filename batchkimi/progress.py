@@ -1,7 +1,8 @@
 """The CLI's progress bar: a hook that turns engine events into a tqdm line on stderr.
 
 Shows rows done of total, ok / failed, live requests and tokens per minute (over the last
-60 seconds) against the job's limits, requests in flight, retries and 429s.
+60 seconds) against the job's limits, requests in flight, retries and 429s, and a countdown
+while the server asked every request to wait.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections import deque
 
 from tqdm import tqdm
 
-from .events import AttemptFinished, AttemptStarted, Event, RowFinished, RunStarted, Stopping
+from .events import AttemptFinished, AttemptStarted, Event, Notice, RowFinished, RunStarted, Stopping, Waiting
 
 
 class ProgressBar:
@@ -26,6 +27,8 @@ class ProgressBar:
         self._tokens = 0
         self._last_draw = 0.0
         self._started = time.monotonic()
+        self.waiting_until = 0.0  # epoch seconds: every request waits for the server until then
+        self.waiting_reason = ""
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, RunStarted):
@@ -53,9 +56,19 @@ class ProgressBar:
             if self.bar is not None:
                 self.bar.update(1)
         elif isinstance(event, Stopping):
-            if self.bar is not None:
-                self.bar.write(f"stopping: {event.reason}", file=sys.stderr)
+            self._say(f"stopping: {event.reason}")
+        elif isinstance(event, Notice):
+            self._say(f"warning: {event.message}")
+        elif isinstance(event, Waiting):
+            self.waiting_until, self.waiting_reason = event.until_epoch_s, event.reason
+            self._last_draw = 0.0
         self._draw()
+
+    def _say(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
 
     def _draw(self) -> None:
         now = time.monotonic()
@@ -69,10 +82,12 @@ class ProgressBar:
         tpm = self._tokens * 60 / span
         rpm_s = f"{rpm:.0f}" + (f"/{self.rpm_limit:.0f}" if self.rpm_limit else "")
         tpm_s = f"{tpm / 1000:.1f}k" + (f"/{self.tpm_limit / 1000:.0f}k" if self.tpm_limit else "")
+        left = self.waiting_until - time.time()
+        wait = f" waiting {left:.0f}s ({self.waiting_reason})" if left >= 1 else ""
         self.bar.set_postfix_str(
             f"ok={self.ok} fail={self.failed} rpm={rpm_s} tpm={tpm_s} in-flight={self.in_flight} "
-            f"retries={self.retries} 429s={self.rate_limited}",
-            refresh=False,
+            f"retries={self.retries} 429s={self.rate_limited}{wait}",
+            refresh=wait != "",
         )
 
     def close(self) -> None:

@@ -42,6 +42,9 @@ _ROW_BODY_KEYS = {
     "frequency_penalty", "tools", "tool_choice", "response_format", "stop", "thinking",
     "prompt_cache_key", "safety_identifier", "seed", "user",
 }
+# Standard OpenAI keys with no meaning for Kimi: a batch line may carry them; they are not sent.
+DROPPED_BATCH_KEYS = frozenset({"parallel_tool_calls", "store", "metadata", "reasoning_effort", "service_tier"})
+BATCH_URLS = ("/v1/chat/completions", "/chat/completions")
 
 
 class RowInvalid(Exception):
@@ -138,6 +141,9 @@ def build_request(row: dict[str, Any], job: Job, *, batch_line: bool = False,
 def _build(row: dict[str, Any], job: Job, batch_line: bool, collector: Collector) -> Prepared:
     overrides: dict[str, Any] = {}
     if batch_line:
+        url = row.get("url")
+        if url is not None and url not in BATCH_URLS:
+            raise RowInvalid(f"key 'url' is {url!r}: batchkimi sends chat completions only ({BATCH_URLS[0]})")
         line_body = row.get("body")
         if not isinstance(line_body, dict):
             raise RowInvalid("key 'body' must be an object (OpenAI batch format)")
@@ -146,7 +152,9 @@ def _build(row: dict[str, Any], job: Job, batch_line: bool, collector: Collector
         for key, value in line_body.items():
             if key in _ROW_BODY_KEYS:
                 overrides[key] = value
-        unknown = set(line_body) - _ROW_BODY_KEYS - {"messages", "model", "stream", "stream_options"}
+        if "max_completion_tokens" in overrides:  # the line's budget, sent as Kimi's max_tokens
+            overrides["max_tokens"] = overrides.pop("max_completion_tokens")
+        unknown = set(line_body) - _ROW_BODY_KEYS - DROPPED_BATCH_KEYS - {"messages", "model", "stream", "stream_options"}
         if unknown:
             raise RowInvalid(f"body has keys batchkimi does not send: {', '.join(sorted(unknown))}")
     elif row.get(job.messages_column) is not None:
@@ -205,7 +213,7 @@ def _build(row: dict[str, Any], job: Job, batch_line: bool, collector: Collector
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise RowInvalid(f"the row holds a value that cannot be sent as JSON ({exc})") from None
     if not collector.items:
-        return Prepared(body, estimate_messages_tokens(messages), payload, request_bytes=len(payload))
+        return _fits(job, Prepared(body, estimate_messages_tokens(messages), payload, request_bytes=len(payload)))
     items = tuple(collector.items)
     tokens_by_url = {(i.marker or i.ref): i.tokens for i in items}
 
@@ -221,7 +229,17 @@ def _build(row: dict[str, Any], job: Job, batch_line: bool, collector: Collector
         raise RowInvalid(f"the request would be about {size / 1e6:,.1f} MB, over the {limit / 1e6:g} MB limit "
                          f"(the largest item: {biggest.where}, {biggest.ref!r}, {biggest.body_bytes / 1e6:,.1f} MB "
                          "as base64); set max_image_side to send smaller images, or split the row")
-    return Prepared(body, estimate_messages_tokens(messages, media_tokens), payload, items, size)
+    return _fits(job, Prepared(body, estimate_messages_tokens(messages, media_tokens), payload, items, size))
+
+
+def _fits(job: Job, prepared: Prepared) -> Prepared:
+    """Refuse a request that can never fit Kimi's context window (see :func:`kimi.context_overflow`)."""
+    if job.applies_kimi_rules:
+        budget = prepared.body.get("max_tokens")
+        why = kimi.context_overflow(prepared.prompt_tokens_estimate, budget if type(budget) is int else None)
+        if why is not None:
+            raise RowInvalid(why)
+    return prepared
 
 
 
@@ -235,3 +253,13 @@ def _check_row_overrides(overrides: dict[str, Any], job: Job) -> None:
     if violation is not None:
         key, message = violation
         raise RowInvalid(f"body.{key} = {overrides[key]!r}: Kimi would refuse it ('{message}'); remove it from the batch line")
+
+
+def thinking_budget_note(prepared: Prepared, job: Job, source: str) -> str | None:
+    """A warning when this request's thinking budget is under Kimi's floor (see :mod:`batchkimi.kimi`)."""
+    if not job.applies_kimi_rules:
+        return None
+    thinking = prepared.body.get("thinking")
+    on = not (isinstance(thinking, dict) and thinking.get("type") == "disabled")
+    budget = prepared.body.get("max_tokens")
+    return kimi.thinking_budget_note(budget if type(budget) is int else None, on, source)

@@ -224,7 +224,7 @@ class RowEngine:
             finish_reason=answer.finish_reason, prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens,
             cached_tokens=usage.cached_tokens,
-            cost_usd=cost_usd(self.job.prices, model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
+            cost_usd=cost_usd(self.job.price_table, model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
             model=model, attempts=attempts, latency_s=latency, ttft_s=answer.ttft_s, http_status=reply.http_status,
             error_type=error_type, error_message=message, request_id=reply.request_id,
             max_tokens=sent_max_tokens(prepared.body), warnings=answer.warnings,

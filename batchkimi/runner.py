@@ -33,9 +33,9 @@ import orjson
 
 from . import __version__
 from .breaker import FailureBreaker
-from .config import Job
+from .config import Job, job_notices
 from .errors import ConfigError, FatalAPIError, JobError, OutputError
-from .events import Hook, RowFinished, RunStarted, SafeHook, Stopping
+from .events import Hook, Notice, RowFinished, RunStarted, SafeHook, Stopping
 from .folder import (
     INDEX,
     FolderScan,
@@ -50,7 +50,7 @@ from .media import MediaSettings, has_media, known_from, settings_for
 from .parts import ResumeState
 from .ratelimit import CompletionEstimate
 from .reader import InputScan, SourceRow, columns_seen, detect_format, read_rows, row_id, scan_input
-from .request import Prepared, RowInvalid, build_request
+from .request import Prepared, RowInvalid, build_request, thinking_budget_note
 from .results import invalid_row, kept_column_name, text
 from .rowengine import RowAbandoned, RowEngine, endpoint, limiter_of, policy_of, sent_max_tokens
 from .scoring import score_output, specs_of
@@ -336,6 +336,10 @@ class JobRun:
         self.manifest = manifest_of(job, self.path, self.fmt, scan, manifest, "running", folder=self.folder)
         sink.write_manifest(self.manifest)
         self.hook(RunStarted(self.limit, already, self.limit - already))
+        for note in job_notices(job):
+            self.hook(Notice(note))
+            self.summary.notes.append(f"warning: {note}")
+        self.budget_lines = LineBudgetNotes(job, self.hook)
         # Bounded queues: flat memory whatever the dataset's size.
         self.results: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(2 * job.concurrency, 1024))
         self.work: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(2 * job.concurrency, 64))
@@ -468,6 +472,8 @@ class JobRun:
         elif (old := self.old_max_tokens.get(row.pos)) is not None and (sent_max_tokens(prepared.body) or 0) <= old:
             self.summary.already_done += 1  # truncated at this very budget before: it would truncate again
         else:
+            if self.fmt == "openai_batch":
+                self.budget_lines.check(prepared, row.where)
             await self.work.put((row.pos, rid, prepared, kept_values(row, self.job), row.where))
             self.summary.sent_rows += 1
 
@@ -517,7 +523,7 @@ class JobRun:
             return 0.0, 0
         completion = self.completion.tokens()
         tokens = prepared.prompt_tokens_estimate + completion
-        usd = cost_usd(job.prices, job.model, prepared.prompt_tokens_estimate, completion, 0) or 0.0
+        usd = cost_usd(job.price_table, job.model, prepared.prompt_tokens_estimate, completion, 0) or 0.0
         over = None
         if job.max_cost_usd and s.cost_usd + self._committed_usd + usd > job.max_cost_usd:
             over = f"${s.cost_usd:.4f} spent and ${self._committed_usd:.4f} in flight, of a ${job.max_cost_usd:g} budget"
@@ -625,6 +631,7 @@ class JobRun:
             except Exception as exc:  # noqa: BLE001 - the results stand; their scores can be made again
                 summary.notes.append(f"scoring failed ({type(exc).__name__}: {exc}); "
                                      f"run `batchkimi score {sink.dir}` to try again")
+        summary.notes.extend(self.budget_lines.lines())
         summary.wall_s = time.monotonic() - self.started
         summary.fatal = self.fatal
         if self.hook.error is not None and self.error is None:
@@ -635,6 +642,33 @@ class JobRun:
         if self.error is not None:
             raise self.error
         return summary
+
+
+class LineBudgetNotes:
+    """Batch lines that set their own thinking budget under Kimi's floor: the first is said at
+    once, the count at the end."""
+
+    def __init__(self, job: Job, hook: Any = None) -> None:
+        self.job, self.hook = job, hook
+        self.count = 0
+        self.first = ""
+
+    def check(self, prepared: Prepared, where: str) -> None:
+        if prepared.body.get("max_tokens") == self.job.effective_max_tokens:
+            return  # the job's own budget: said once for the job
+        note = thinking_budget_note(prepared, self.job, f"the OpenAI batch line at {where}")
+        if note is None:
+            return
+        self.count += 1
+        if self.count == 1:
+            self.first = note
+            if self.hook is not None:
+                self.hook(Notice(note))
+
+    def lines(self) -> list[str]:
+        if not self.count:
+            return []
+        return [f"warning: {self.first}" + (f" ({self.count:,} such lines in all)" if self.count > 1 else "")]
 
 
 def _first_error(eg: BaseException) -> BaseException:

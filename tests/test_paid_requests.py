@@ -231,3 +231,145 @@ def test_the_retry_flag_takes_a_list_and_refuses_a_bad_word(tmp_path: Path) -> N
     assert res.exit_code == 1 and "'sometimes' is not one of truncated, refused, errors, all" in res.output
     job = load_job(None, {"retry": "truncated,refused", "input": str(data)})
     assert job.retry == ("truncated", "refused")
+
+
+# ---- 4, 5, 13, 14, 17: what can never succeed is refused before it is sent ----
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGES = ROOT / "sample_data" / "media" / "images"
+
+
+def test_a_prompt_over_the_context_window_is_refused_before_sending(tmp_path: Path, simulator) -> None:
+    """A 2 MB line (about 500k tokens) and a prompt that only fits without max_tokens: invalid rows, no request."""
+    h = simulator()
+    big = "word " * 400_000
+    medium = "word " * 260_000  # ~325k tokens estimated (kept generous: 3/4 of it): fits alone, never with 32k more
+    data = write_jsonl(tmp_path / "in.jsonl", [{"id": "big", "prompt": big}, {"id": "mid", "prompt": medium},
+                                               {"id": "ok", "prompt": "short"}])
+    job = fast_job(tmp_path, h.base_url, input=str(data), max_tokens=32768)
+    report = batchkimi.engine.dry_run(job)
+    assert report.status == {"invalid": 2, "to_send": 1}
+    assert any("context window of 262,144" in line for line in report.invalid_examples)
+    assert run(job).final_status == {"invalid": 2, "ok": 1}
+    assert h.simulator.stats["requests"] == 1
+    df = batchkimi.read_results(job.output).set_index("id")
+    assert "about 500,0" in df.loc["big", "error_message"] and "over Kimi's context window" in df.loc["big", "error_message"]
+    assert "plus max_tokens (32,768)" in df.loc["mid", "error_message"]
+
+
+def test_a_truncated_jpeg_is_refused_before_sending_and_a_whole_one_is_sent(tmp_path: Path, simulator) -> None:
+    h = simulator()
+    whole = (IMAGES / "square.jpg").read_bytes()
+    (tmp_path / "whole.jpg").write_bytes(whole)
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 3])
+    (tmp_path / "motion.jpg").write_bytes(whole + b"\0" * 4096 + b"ftypmp42" + b"x" * 4096)  # data after the end
+    png = (IMAGES / "circle.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
+    webp = (IMAGES / "triangle.webp").read_bytes()
+    (tmp_path / "cut.webp").write_bytes(webp[: len(webp) // 2])
+    names = ["whole.jpg", "cut.jpg", "motion.jpg", "cut.png", "cut.webp"]
+    data = write_jsonl(tmp_path / "in.jsonl", [{"id": n, "prompt": "describe", "image": n} for n in names])
+    job = fast_job(tmp_path, h.base_url, input=str(data), thinking="disabled")
+    assert run(job).final_status == {"ok": 2, "invalid": 3}
+    assert h.simulator.stats["requests"] == 2
+    df = batchkimi.read_results(job.output).set_index("id")
+    assert df.loc["cut.jpg", "status"] == "invalid" and "damaged JPEG" in df.loc["cut.jpg", "error_message"]
+    assert df.loc["motion.jpg", "status"] == "ok"
+
+
+@pytest.mark.parametrize("label,source,sent", [
+    ("video/quicktime", "videos/clip.mov", "video/mov"),
+    ("application/octet-stream", "images/circle.png", "image/png"),
+    ("image/bmp", "images/circle.png", "image/png"),
+    ("image/jpeg", "images/circle.png", "image/png"),
+], ids=["quicktime", "octet-stream", "bmp-label-on-png", "jpeg-label-on-png"])
+def test_a_data_url_goes_out_under_the_type_its_bytes_are(tmp_path: Path, raw_server, label: str, source: str, sent: str) -> None:
+    import base64
+
+    srv = raw_server(json_reply(completion({"content": "a caption"})))
+    raw = (ROOT / "sample_data" / "media" / source).read_bytes()
+    url = f"data:{label};base64,{base64.b64encode(raw).decode()}"
+    column = "video" if sent.startswith("video") else "image"
+    data = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "describe", column: url}])
+    job = fast_job(tmp_path, srv.base_url, input=str(data), stream=False, thinking="disabled")
+    assert run(job).final_status == {"ok": 1}
+    part = srv.requests[0]["body"]["messages"][-1]["content"][1]
+    assert part[f"{column}_url"]["url"].startswith(f"data:{sent};base64,")
+
+
+def test_a_data_url_of_a_type_kimi_cannot_take_is_refused_before_sending(tmp_path: Path, raw_server) -> None:
+    import base64
+    import io as _io
+
+    from PIL import Image
+
+    buf = _io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="BMP")
+    srv = raw_server(json_reply(completion({"content": "a caption"})))
+    url = f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"
+    data = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "describe", "image": url}])
+    job = fast_job(tmp_path, srv.base_url, input=str(data), stream=False, thinking="disabled")
+    assert run(job).final_status == {"invalid": 1} and srv.requests == []
+
+
+def batch_line(i: int, **body: Any) -> dict[str, Any]:
+    return {"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": f"q{i}"}], **body}}
+
+
+def test_openai_batch_lines_with_harmless_keys_are_sent_without_them(tmp_path: Path, raw_server) -> None:
+    srv = raw_server(json_reply(completion({"content": "yes"})))
+    harmless = {"parallel_tool_calls": False, "store": True, "metadata": {"team": "x"}, "reasoning_effort": "high"}
+    lines = [batch_line(0, **harmless), batch_line(1, max_completion_tokens=20000)]
+    bad = {"custom_id": "e", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x", "model": "m"}}
+    data = write_jsonl(tmp_path / "batch.jsonl", [*lines, bad])
+    job = fast_job(tmp_path, srv.base_url, input=str(data), input_format="openai_batch", stream=False, max_tokens=32768)
+    assert run(job).final_status == {"ok": 2, "invalid": 1}
+    bodies = {r["body"]["messages"][0]["content"]: r["body"] for r in srv.requests}
+    assert not set(harmless) & set(bodies["q0"])
+    assert bodies["q1"]["max_tokens"] == 20000 and "max_completion_tokens" not in bodies["q1"]
+    err = batchkimi.read_results(job.output).set_index("id").loc["e", "error_message"]
+    assert "'url' is '/v1/embeddings'" in err
+
+
+def test_a_thinking_budget_under_the_floor_is_warned_once_naming_its_source(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from batchkimi.cli import cli
+
+    lines = [batch_line(i, max_tokens=300) for i in range(3)]
+    data = write_jsonl(tmp_path / "batch.jsonl", lines)
+    res = CliRunner().invoke(cli, ["run", "--input", str(data), "--output",
+                                   str(tmp_path / "o"), "--base-url", "simulator", "--max-tokens", "2048", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "the job sets max_tokens = 2,048 with thinking on" in res.output
+    assert "the OpenAI batch line at" in res.output and "(3 such lines in all)" in res.output
+    for shipped in ("demo", "nightly_eval"):
+        job = load_job(ROOT / "jobs" / f"{shipped}.toml")
+        assert job.effective_max_tokens >= 16000, shipped
+
+
+# ---- 10, 15: endpoint ids ----
+
+def test_an_endpoint_id_takes_the_rules_and_prices_of_the_model_it_serves(tmp_path: Path, simulator) -> None:
+    h = simulator(endpoints={"ep-7f3a9": "kimi-k2.6"})
+    video = ROOT / "sample_data" / "media" / "videos" / "clip.mp4"
+    data = write_jsonl(tmp_path / "in.jsonl", [{"id": "v", "prompt": "describe", "video": str(video)}])
+    job = fast_job(tmp_path, h.base_url, input=str(data), model="ep-7f3a9", ep_model="kimi-k2.6",
+                   media_root=str(video.parent), thinking="disabled", max_cost_usd=1.0)
+    summary = run(job)
+    assert summary.final_status == {"ok": 1}
+    df = batchkimi.read_results(job.output)
+    prompt, completion_tokens = int(df["prompt_tokens"][0]), int(df["completion_tokens"][0])
+    miss, hit, out = 0.95, 0.16, 4.00
+    cached = int(df["cached_tokens"][0] or 0)
+    assert df["cost_usd"][0] == pytest.approx(((prompt - cached) * miss + cached * hit + completion_tokens * out) / 1e6)
+
+
+def test_a_budget_for_an_unpriced_endpoint_id_is_refused_naming_the_keys(tmp_path: Path) -> None:
+    from batchkimi.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ep_model"):
+        load_job(None, {"model": "ep-1234", "max_cost_usd": 1.0, "base_url": "simulator"})
+    priced = load_job(None, {"model": "ep-1234", "max_cost_usd": 1.0, "base_url": "simulator", "ep_model": "kimi-k2.5"})
+    assert priced.price_table["ep-1234"] == (0.60, 0.10, 3.00)

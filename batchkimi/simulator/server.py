@@ -69,6 +69,7 @@ class SimConfig:
     seed: int = 0
     error_style: str = "tokenhub"  # tokenhub | moonshot
     unknown_model_status: int = 404  # 404 (Moonshot) or 400 (TokenHub)
+    endpoints: dict[str, str] = field(default_factory=dict)  # TokenHub endpoint id (ep-...) -> the model it serves
     latency_ms: float = 0.0  # non-streaming: time to the answer; streaming: time to first chunk
     # A modelled network between client and simulator (loopback has none): each request waits one
     # round trip more, and a connection's first request the handshakes' too (TCP's, and TLS 1.3's
@@ -233,7 +234,7 @@ class Simulator:
                 raise SimError(400, "invalid_request_error", "Invalid request: the body is not valid JSON", code="400001") from None
             if not isinstance(body, dict):
                 raise SimError(400, "invalid_request_error", "Invalid request: the body must be a JSON object", code="400001")
-            req = validate(body, self.cfg.key_models.get(key), self.cfg.unknown_model_status)
+            req = validate(body, self.cfg.key_models.get(key), self.cfg.unknown_model_status, self.cfg.endpoints)
             model, thinking, max_tokens = req.model, req.thinking, req.max_tokens
             for seen in req.media:
                 self.stats["media_urls" if seen.mime is None else f"{seen.kind}s"] += 1
@@ -500,7 +501,7 @@ class Simulator:
             if not isinstance(body, dict):
                 raise invalid("Invalid request: the body must be a JSON object", upstream=False, code="400001")
             req = validate({"model": body.get("model"), "messages": body.get("messages")}, self.cfg.key_models.get(key),
-                           self.cfg.unknown_model_status)
+                           self.cfg.unknown_model_status, self.cfg.endpoints)
             total = req.prompt_tokens
             return web.Response(body=orjson.dumps({"data": {"total_tokens": total}}), content_type="application/json")
         except SimError as err:

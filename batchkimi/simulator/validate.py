@@ -95,13 +95,18 @@ def _expect(body: dict[str, Any], name: str, ok: bool, what: str) -> None:
         raise invalid(f"Invalid request: {name} must be {what}, got {_type_name(body.get(name))}")
 
 
-def validate(body: dict[str, Any], key_models: list[str] | None, unknown_model_status: int) -> ChatRequest:
-    """The request, checked; raises :class:`SimError` as TokenHub/Kimi would answer."""
+def validate(body: dict[str, Any], key_models: list[str] | None, unknown_model_status: int,
+             endpoints: dict[str, str] | None = None) -> ChatRequest:
+    """The request, checked; raises :class:`SimError` as TokenHub/Kimi would answer. ``endpoints``
+    maps TokenHub endpoint ids (``ep-...``) to the model each serves."""
     model = body.get("model")
     if model is None or model == "":
         raise invalid("invalid parameter 'model': model is required", upstream=False, code="400001")
     if not isinstance(model, str):
         raise invalid(f"invalid parameter 'model': model must be a string, got {_type_name(model)}", upstream=False, code="400001")
+    if key_models is not None and model in (endpoints or {}) and model not in key_models:
+        raise SimError(403, "permission_error", f"access denied: this API key may not use {model}", code="403002")
+    model = (endpoints or {}).get(model, model)
     if model not in MODELS:
         if unknown_model_status == 404:
             raise SimError(404, "resource_not_found_error", f"Not found the model {model} or Permission denied")
