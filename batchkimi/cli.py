@@ -105,8 +105,9 @@ def run(job_file: Path | None, input_: str | None, dry_run: bool, quiet: bool, o
 @cli.command()
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--output", required=True, help="Output directory (Parquet parts + _manifest.json).")
-@click.option("--prompt", "prompt_template", required=True,
-              help="What to ask about each file, e.g. 'Describe this image in one sentence.' ({id} is its path).")
+@click.option("--prompt", "prompt_template",
+              help="What to ask about each file, e.g. 'Describe this image in one sentence.' ({id} is its path); "
+                   "required unless --job sets prompt_template.")
 @click.option("--job", "job_file", type=click.Path(dir_okay=False, path_type=Path), help="A job file for every other key.")
 @click.option("--include", multiple=True, help="Only paths matching this pattern, e.g. '*.jpg' (repeatable).")
 @click.option("--exclude", multiple=True, help="Skip paths matching this pattern, e.g. 'raw/*' (repeatable).")

@@ -38,6 +38,13 @@ from .rerun import check_retry
 
 DEFAULT_BASE_URL = "https://tokenhub-intl.tencentcloudmaas.com/v1"
 SIMULATOR = "simulator"
+# Simulator settings that change when and how fast it answers, or which attempts fail, never
+# what an answer says: a rehearsal with other pacing is the same job.
+SIMULATOR_PACING = frozenset({
+    "host", "port", "tls", "latency_ms", "rtt_ms", "tokens_per_s", "chunk_tokens", "rpm", "tpm", "concurrency",
+    "window_s", "retry_after", "rate_limit_style", "fail_rate", "fail_faults", "overload_rate", "stall_s",
+    "slow_first_byte_s", "error_style", "speed", "api_keys",
+})
 
 
 @dataclass(frozen=True)
@@ -189,10 +196,12 @@ class Job:
         out["prices"] = {k: list(v) for k, v in self.prices.items()}
         return out
 
-    def request_settings(self) -> dict[str, Any]:
+    def request_settings(self, input_format: str | None = None) -> dict[str, Any]:
         """The resume key: what decides the bytes sent for a row and who answers them. A change
         here makes old results stale, so a resume with a different one is refused. Simulated
-        answers never pass for real ones: the endpoint and the simulator's settings are part of it."""
+        answers never pass for real ones: the endpoint and the simulator's settings that shape
+        answers are part of it (its pacing is not). ``input_format``: the format ``auto`` resolved
+        to, so that the same job through two doors is the same job."""
         keys = (
             "input_format id_column prompt_column system_column messages_column model ep_model "
             "prompt_template system thinking thinking_keep temperature top_p n "
@@ -204,7 +213,10 @@ class Job:
         out["base_url"] = self.base_url.rstrip("/")
         out["kimi_rules"] = self.applies_kimi_rules
         out["include_usage"] = self.sends_include_usage
-        out["simulator"] = dict(self.simulator) if self.uses_simulator else None
+        out["simulator"] = ({k: v for k, v in self.simulator.items() if k not in SIMULATOR_PACING}
+                            if self.uses_simulator else None)
+        if input_format is not None:
+            out["input_format"] = input_format
         return out
 
 

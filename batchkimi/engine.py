@@ -59,7 +59,7 @@ def dry_run(job: Job) -> DryRunReport:
     if input_format(job) != "folder":
         path, fmt, scan = open_input(job, manifest)
         if sink is not None and manifest:
-            check_resume(manifest, job, scan, sink.dir)
+            check_resume(manifest, job, scan, sink.dir, path, fmt)
         done = _done(sink.compact(scan.rows, rewrite=False), job) if sink is not None and manifest else None
         return _dry_run(job, path, fmt, scan, done, None)
     if sink is not None and manifest:

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from .errors import DatasetError, json_type
 
 BATCH_ROWS = 1024
-_BOM = b"\xef\xbb\xbf"
+BOM = b"\xef\xbb\xbf"
 _GENERATED_ID = re.compile(r"^(_*)row-\d+$")
 # What reading a file can raise: I/O, a bad or truncated gzip stream, a damaged Parquet file.
 _READ_ERRORS = (OSError, EOFError, zlib.error, pa.ArrowException, ValueError)
@@ -102,13 +102,13 @@ def detect_format(path: Path, declared: str = "auto") -> str:
     raise DatasetError(f"cannot tell the format of {path}: name it .jsonl, .jsonl.gz or .parquet, or set input_format")
 
 
-def _open_bytes(path: Path) -> io.BufferedIOBase:
+def open_bytes(path: Path) -> io.BufferedIOBase:
     if path.name.lower().endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]
     return open(path, "rb")
 
 
-def _parquet_files(path: Path) -> list[Path]:
+def parquet_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
         if not files:
@@ -122,7 +122,7 @@ def _iter_jsonl(path: Path, stop_after: int | None = None, skip_until: int = 0,
     """``start``: (byte offset, lines before it, rows before it), from :func:`jsonl_blocks`."""
     offset, lineno, pos = start
     name = path.name
-    with reading(path, "the start"), _open_bytes(path) as fh:
+    with reading(path, "the start"), open_bytes(path) as fh:
         if offset:
             fh.seek(offset)
         lines = iter(fh)
@@ -134,7 +134,7 @@ def _iter_jsonl(path: Path, stop_after: int | None = None, skip_until: int = 0,
             if raw is None:
                 return
             lineno += 1
-            if lineno == 1 and raw.startswith(_BOM):
+            if lineno == 1 and raw.startswith(BOM):
                 raw = raw[3:]
             if not raw.strip():
                 continue
@@ -168,7 +168,7 @@ def _parquet_file(file: Path) -> pq.ParquetFile:
 
 def _iter_parquet(path: Path, skip_until: int = 0) -> Iterator[SourceRow]:
     pos = 0
-    for file in _parquet_files(path):
+    for file in parquet_files(path):
         pf = _parquet_file(file)
         n = pf.metadata.num_rows
         if pos + n <= skip_until:
@@ -221,7 +221,7 @@ def jsonl_blocks(path: Path, block_rows: int, limit: int) -> Iterator[tuple[int,
     begin: tuple[int, int, int] | None = None
     with reading(path), open(path, "rb") as fh:
         for raw in fh:
-            if (raw.removeprefix(_BOM) if lineno == 0 else raw).strip():
+            if (raw.removeprefix(BOM) if lineno == 0 else raw).strip():
                 if begin is None:
                     if pos >= limit:
                         return
@@ -240,7 +240,7 @@ def parquet_blocks(path: Path, block_rows: int, limit: int) -> Iterator[tuple[st
     """(file, first row in the file, first row overall, row after the last) of each run of at
     most ``block_rows`` rows below ``limit``; a block never spans two files or row groups."""
     pos = 0
-    for file in _parquet_files(path):
+    for file in parquet_files(path):
         meta = _parquet_file(file).metadata
         in_file = 0
         for g in range(meta.num_row_groups):
@@ -302,7 +302,7 @@ def _scan_input(path: Path, fmt: str, id_column: str) -> InputScan:
     if not path.exists():
         raise DatasetError(f"the input {path} does not exist")
     digest = hashlib.sha256()
-    files = _parquet_files(path) if fmt == "parquet" else [path]
+    files = parquet_files(path) if fmt == "parquet" else [path]
     size = 0
     mtime = 0
     for file in files:
@@ -337,9 +337,9 @@ def _scan_input(path: Path, fmt: str, id_column: str) -> InputScan:
                         if value is not None and value != "":
                             note(str(value))
     elif not has_id and fmt == "jsonl":
-        with _open_bytes(path) as stream:  # positions are ids: count rows the way _iter_jsonl does
+        with open_bytes(path) as stream:  # positions are ids: count rows the way _iter_jsonl does
             first = stream.readline()
-            rows = int(bool(first.removeprefix(_BOM).strip())) + sum(1 for raw in stream if raw.strip())
+            rows = int(bool(first.removeprefix(BOM).strip())) + sum(1 for raw in stream if raw.strip())
     else:
         for rows_batch in read_rows(path, fmt):
             for row in rows_batch:
@@ -357,7 +357,7 @@ def _scan_input(path: Path, fmt: str, id_column: str) -> InputScan:
 def columns_seen(path: Path, fmt: str, sample_rows: int = 1000) -> set[str]:
     """The dataset's columns: a Parquet schema's, or the keys of the first JSONL rows."""
     if fmt == "parquet":
-        return set(_parquet_file(_parquet_files(path)[0]).schema_arrow.names)
+        return set(_parquet_file(parquet_files(path)[0]).schema_arrow.names)
     seen: set[str] = set()
     for row in _iter_jsonl(path, stop_after=sample_rows):
         if row.data is not None:
@@ -369,7 +369,7 @@ def _has_id_column(path: Path, fmt: str, id_column: str) -> bool:
     if fmt == "openai_batch":
         return True
     if fmt == "parquet":
-        return id_column in _parquet_file(_parquet_files(path)[0]).schema_arrow.names
+        return id_column in _parquet_file(parquet_files(path)[0]).schema_arrow.names
     for row in _iter_jsonl(path):
         if row.data is not None:
             return id_column in row.data

@@ -33,7 +33,7 @@ import orjson
 
 from . import __version__
 from .breaker import FailureBreaker
-from .config import Job, job_notices
+from .config import SIMULATOR_PACING, Job, job_notices
 from .errors import ConfigError, FatalAPIError, JobError, OutputError
 from .events import Hook, Notice, RowFinished, RunStarted, SafeHook, Stopping
 from .folder import (
@@ -46,6 +46,7 @@ from .folder import (
     write_index,
 )
 from .grader import grade_pending, known_grades
+from .input_history import first_change, remember
 from .media import MediaSettings, has_media, known_from, settings_for
 from .parts import ResumeState
 from .ratelimit import CompletionEstimate
@@ -162,20 +163,37 @@ def refuse_foreign_output(out: Path) -> None:
         )
 
 
-def check_resume(manifest: dict[str, Any] | None, job: Job, scan: InputScan | None, out: Path) -> None:
+def check_resume(manifest: dict[str, Any] | None, job: Job, scan: InputScan | None, out: Path,
+                 path: Path | None = None, fmt: str | None = None) -> bool:
     """Refuse to resume over results of another input (``scan`` None: a folder, whose index
-    carries its own history) or of other requests."""
+    carries its own history) or of other requests. True when the input grew since (rows
+    appended, files added: see :mod:`batchkimi.input_history`), which resumes."""
     if not manifest:
-        return
+        return False
     fresh = f"Use a new --output, or pass --overwrite to delete {out} and start fresh."
     was_folder = manifest.get("input", {}).get("format") == "folder"
     if was_folder != (scan is None):
         kind = "a folder of images and videos" if was_folder else "a dataset file"
         raise OutputError(f"{out} holds the results of {kind}. {fresh}")
-    if scan is not None and manifest.get("input", {}).get("fingerprint") != scan.fingerprint:
-        raise OutputError(f"the input changed since {out} was written (its fingerprint differs). {fresh}")
-    old = manifest.get("request_settings", {})
-    new = orjson.loads(orjson.dumps(job.request_settings()))
+    old_input = manifest.get("input", {})
+    grew = False
+    if scan is not None and old_input.get("fingerprint") != scan.fingerprint:
+        why = None
+        if (old_input.get("has_id_column"), old_input.get("id_prefix", "row-")) != (scan.has_id_column, scan.id_prefix):
+            why = "its ids are made differently now"
+        elif path is not None and fmt is not None:
+            why = first_change(out, path, fmt, old_input)
+        if why is not None or path is None:
+            raise OutputError(f"the input changed since {out} was written: {why or 'its fingerprint differs'}. "
+                              f"Rows that only follow the old ones resume; changed rows do not. {fresh}")
+        grew = True
+    old = dict(manifest.get("request_settings", {}))
+    new = orjson.loads(orjson.dumps(job.request_settings(fmt if scan is not None else "folder")))
+    # Older outputs recorded 'auto' and the simulator's pacing: read them as this version would write them.
+    if old.get("input_format") == "auto":
+        old["input_format"] = new["input_format"] if fmt is not None or scan is None else "auto"
+    if isinstance(old.get("simulator"), dict):
+        old["simulator"] = {k: v for k, v in old["simulator"].items() if k not in SIMULATOR_PACING}
     # A key the old manifest does not record (added since) cannot be compared: it passes.
     changed = [k for k in sorted(new) if k in old and old.get(k) != new.get(k)]
     if changed:
@@ -184,10 +202,12 @@ def check_resume(manifest: dict[str, Any] | None, job: Job, scan: InputScan | No
         if "base_url" in changed and "simulator" in (str(old.get("base_url")), str(new.get("base_url"))):
             why = " Answers from the simulator never pass for real ones (or the other way round)."
         raise OutputError(f"{out} was made by a job that sends different requests or sends them elsewhere ({diff}).{why} {fresh}")
+    return grew
 
 
 def manifest_of(job: Job, path: Path, fmt: str, scan: InputScan, old: dict[str, Any] | None, state: str,
-                summary: Summary | None = None, folder: FolderScan | None = None) -> dict[str, Any]:
+                summary: Summary | None = None, folder: FolderScan | None = None,
+                history: dict[str, Any] | None = None) -> dict[str, Any]:
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     runs = list((old or {}).get("runs", []))
     if summary is None:
@@ -199,7 +219,7 @@ def manifest_of(job: Job, path: Path, fmt: str, scan: InputScan, old: dict[str, 
         "state": state,
         "simulated": job.uses_simulator,
         "job": job.public_dict(),
-        "request_settings": job.request_settings(),
+        "request_settings": job.request_settings("folder" if folder is not None else fmt),
         "input": {
             "path": str(folder.root if folder is not None else path),
             "format": "folder" if folder is not None else fmt,
@@ -209,6 +229,7 @@ def manifest_of(job: Job, path: Path, fmt: str, scan: InputScan, old: dict[str, 
             "id_prefix": scan.id_prefix,
             "size_bytes": scan.size_bytes,
             "mtime_ns": scan.mtime_ns,
+            **(history if history is not None else {k: v for k, v in (old or {}).get("input", {}).items() if k == "files"}),
         },
         "counts": summary.final_status if summary else (old or {}).get("counts", {}),
         "created": (old or {}).get("created", now),
@@ -247,6 +268,7 @@ class JobRun:
         self._watcher: asyncio.Task[None] | None = None
         self._where = ""
         self.folder: FolderScan | None = None
+        self.history: dict[str, Any] | None = None  # what the manifest records of the input's files, when new
         self._committed_usd = 0.0  # expected cost of the requests in flight (the budget counts them)
         self._committed_tokens = 0
 
@@ -306,8 +328,14 @@ class JobRun:
                 raise
         else:
             self.path, self.fmt, self.scan = open_input(job, manifest)
-            check_resume(manifest, job, self.scan, out)
+            grew = check_resume(manifest, job, self.scan, out, self.path, self.fmt)
             self.sink.prepare(overwrite=self.overwrite)
+            if manifest is None or grew:
+                try:  # what a later run needs to tell a grown input from a changed one
+                    self.history = await asyncio.to_thread(remember, out, self.path, self.fmt)
+                except BaseException:
+                    self.sink.unlock()
+                    raise
         self.media = media_settings(job, folder=self.folder is not None)
         try:
             return await self._execute(manifest)
@@ -333,7 +361,8 @@ class JobRun:
         if self.folder is not None:
             self.summary.notes = self.folder.lines()
             self.folder.entries = []  # the index is on disk; a dict per file is not kept for the run
-        self.manifest = manifest_of(job, self.path, self.fmt, scan, manifest, "running", folder=self.folder)
+        self.manifest = manifest_of(job, self.path, self.fmt, scan, manifest, "running", folder=self.folder,
+                                    history=self.history)
         sink.write_manifest(self.manifest)
         self.hook(RunStarted(self.limit, already, self.limit - already))
         for note in job_notices(job):
@@ -638,7 +667,8 @@ class JobRun:
             self.error = JobError(f"the progress hook raised {type(self.hook.error).__name__}: {self.hook.error}")
         state = ("failed" if self.error or self.fatal else "interrupted" if summary.interrupted
                  else "stopped at the budget" if summary.budget_stop else "finished")
-        sink.write_manifest(manifest_of(job, self.path, self.fmt, self.scan, self.manifest, state, summary, self.folder))
+        sink.write_manifest(manifest_of(job, self.path, self.fmt, self.scan, self.manifest, state, summary, self.folder,
+                                        self.history))
         if self.error is not None:
             raise self.error
         return summary

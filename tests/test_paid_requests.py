@@ -373,3 +373,68 @@ def test_a_budget_for_an_unpriced_endpoint_id_is_refused_naming_the_keys(tmp_pat
         load_job(None, {"model": "ep-1234", "max_cost_usd": 1.0, "base_url": "simulator"})
     priced = load_job(None, {"model": "ep-1234", "max_cost_usd": 1.0, "base_url": "simulator", "ep_model": "kimi-k2.5"})
     assert priced.price_table["ep-1234"] == (0.60, 0.10, 3.00)
+
+
+# ---- 6, 7: the same job resumes whatever door and however its input grew ----
+
+def test_an_input_that_only_grew_resumes_and_sends_only_the_new_rows(tmp_path: Path, simulator) -> None:
+    h = simulator()
+    data = write_jsonl(tmp_path / "in.jsonl", rows(30))
+    job = fast_job(tmp_path, h.base_url, input=str(data), thinking="disabled")
+    assert run(job).final_status == {"ok": 30} and h.simulator.stats["requests"] == 30
+    with open(data, "a", encoding="utf-8") as fh:
+        for i in range(30, 50):
+            fh.write(json.dumps({"id": f"r{i}", "prompt": f"question {i}"}) + "\n")
+    grown = run(job)
+    assert grown.sent_rows == 20 and grown.final_status == {"ok": 50} and h.simulator.stats["requests"] == 50
+    assert run(job).sent_rows == 0  # and the grown input is the one remembered now
+    lines = data.read_text().splitlines()
+    lines[7] = json.dumps({"id": "r7", "prompt": "a different question"})
+    data.write_text("\n".join(lines) + "\n")
+    from batchkimi.errors import OutputError
+
+    with pytest.raises(OutputError, match="data row 8"):
+        run(job)
+    assert h.simulator.stats["requests"] == 50
+
+
+def test_a_parquet_folder_with_a_new_file_resumes_and_a_changed_file_is_named(tmp_path: Path, simulator) -> None:
+    import pandas as pd
+
+    h = simulator()
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    pd.DataFrame(rows(10)).to_parquet(folder / "part-0.parquet")
+    job = fast_job(tmp_path, h.base_url, input=str(folder), thinking="disabled")
+    assert run(job).final_status == {"ok": 10}
+    pd.DataFrame([{"id": f"n{i}", "prompt": f"new {i}"} for i in range(5)]).to_parquet(folder / "part-1.parquet")
+    assert run(job).sent_rows == 5 and h.simulator.stats["requests"] == 15
+    pd.DataFrame(rows(9)).to_parquet(folder / "part-0.parquet")
+    from batchkimi.errors import OutputError
+
+    with pytest.raises(OutputError, match="part-0.parquet changed"):
+        run(job)
+
+
+def test_the_caption_job_file_and_the_caption_command_are_one_job(tmp_path: Path, monkeypatch) -> None:
+    """`batchkimi run jobs/caption.toml`, then the README's `batchkimi caption ...` on the same output: nothing re-sent."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from batchkimi.cli import cli
+
+    media = tmp_path / "media"
+    shutil.copytree(ROOT / "sample_data" / "media", media)
+    job_file = tmp_path / "jobs" / "caption.toml"
+    job_file.parent.mkdir()
+    job_file.write_text((ROOT / "jobs" / "caption.toml").read_text().replace("../sample_data/media", "../media"))
+    first = CliRunner().invoke(cli, ["run", str(job_file), "--quiet"])
+    assert first.exit_code in (0, 3), first.output
+    monkeypatch.chdir(tmp_path)
+    second = CliRunner().invoke(cli, ["caption", "media", "--output", "runs/caption", "--base-url", "simulator",
+                                      "--no-thinking", "--max-tokens", "512", "--max-image-side", "2048", "--exclude", "*.py",
+                                      "--prompt", "Describe this image or video in one sentence.", "--quiet", "--json-summary"])
+    assert second.exit_code in (0, 3), second.output
+    summary = json.loads(second.output.splitlines()[0])
+    assert summary["run_status"] == {} and summary["already_done"] > 0

@@ -194,8 +194,10 @@ def test_resume_against_a_changed_input_is_refused(tmp_path: Path, simulator) ->
     data = write_jsonl(tmp_path / "in.jsonl", reviews(3))
     job = fast_job(tmp_path, h.base_url, input=str(data), prompt_template=TEMPLATE)
     batchkimi.run(job)
-    write_jsonl(data, reviews(4))
-    with pytest.raises(OutputError, match="input changed"):
+    changed = reviews(4)
+    changed[1]["text"] = "an edited review"
+    write_jsonl(data, changed)  # grown, and an old row edited: its old answer would be filed under it
+    with pytest.raises(OutputError, match="input changed since .*: its data row 2"):
         batchkimi.run(job)
 
 
