@@ -417,6 +417,9 @@ def job_notices(job: Job) -> list[str]:
         note = kimi.thinking_budget_note(job.max_tokens, job.thinking_on, "the job")
         if note:
             notes.append(note)
+    if (job.max_cost_usd or job.max_total_tokens) and job.effective_max_tokens is None:
+        notes.append("a budget with no max_tokens counts every request at its worst case, the whole context "
+                     f"window ({CONTEXT_LIMIT_TOKENS:,} tokens): set max_tokens to let more requests run at once")
     return notes
 
 

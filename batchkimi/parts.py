@@ -25,8 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from .results import rows_to_table
 from .rerun import KINDS, kinds_of, resend_mask
+from .results import rows_to_table
 
 PART = re.compile(r"^part-(\d{6,})\.parquet$")
 

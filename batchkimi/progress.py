@@ -13,7 +13,16 @@ from collections import deque
 
 from tqdm import tqdm
 
-from .events import AttemptFinished, AttemptStarted, Event, Notice, RowFinished, RunStarted, Stopping, Waiting
+from .events import (
+    AttemptFinished,
+    AttemptStarted,
+    Event,
+    Notice,
+    RowFinished,
+    RunStarted,
+    Stopping,
+    Waiting,
+)
 
 
 class ProgressBar:

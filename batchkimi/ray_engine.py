@@ -39,6 +39,7 @@ from typing import Any
 import orjson
 
 from .breaker import FailureBreaker
+from .budget import Reservation
 from .client import Transport
 from .config import Job
 from .errors import ConfigError, FatalAPIError, JobError
@@ -47,7 +48,7 @@ from .ray_limiter import LeasedLimiter, limit_actor, limit_name
 from .reader import _iter_jsonl, jsonl_blocks, parquet_block_rows, parquet_blocks
 from .results import invalid_row
 from .rowengine import RowAbandoned, RowEngine, policy_of, timeouts_of
-from .runner import _END, JobRun, kept_values, prepare_row
+from .runner import _END, JobRun, _tokens_of, kept_values, prepare_row
 from .summary import Summary
 
 log = logging.getLogger("batchkimi.ray")
@@ -324,13 +325,16 @@ class RayJobRun(JobRun):
                 elif stats.get("error"):
                     self.stop(stats["error"], error=JobError(stats["error"]))
                 continue
-            await self._finish(orjson.loads(raw))
-        job = self.job
-        if job.max_cost_usd and s.cost_usd >= job.max_cost_usd and not self.stopping:
-            s.budget_stop = f"${s.cost_usd:.4f} spent, of a ${job.max_cost_usd:g} budget"
-            self.stop(f"stopping at the budget: {s.budget_stop}")
-        elif job.max_total_tokens and s.prompt_tokens + s.completion_tokens >= job.max_total_tokens and not self.stopping:
-            s.budget_stop = f"{s.prompt_tokens + s.completion_tokens:,} tokens used, of a {job.max_total_tokens:,}-token budget"
+            row = orjson.loads(raw)
+            await self._finish(row)
+            if row.get("status") in ("ok", "truncated"):
+                self.gate.settle(Reservation(0.0, 0), row.get("cost_usd"), _tokens_of(row))
+        # The actors send without asking the driver: the budget is checked as their rows come back,
+        # so a Ray run can pass it by what its actors have in flight (the local engine never does).
+        job, gate = self.job, self.gate
+        if not self.stopping and ((job.max_cost_usd and gate.spent_usd >= job.max_cost_usd)
+                                  or (job.max_total_tokens and gate.spent_tokens >= job.max_total_tokens)):
+            s.budget_stop = gate.lines()[0]
             self.stop(f"stopping at the budget: {s.budget_stop}")
 
 

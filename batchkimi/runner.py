@@ -33,6 +33,7 @@ import orjson
 
 from . import __version__
 from .breaker import FailureBreaker
+from .budget import BudgetGate, output_spend
 from .config import SIMULATOR_PACING, Job, job_notices
 from .errors import ConfigError, FatalAPIError, JobError, OutputError
 from .events import Hook, Notice, RowFinished, RunStarted, SafeHook, Stopping
@@ -49,14 +50,13 @@ from .grader import grade_pending, known_grades
 from .input_history import first_change, remember
 from .media import MediaSettings, has_media, known_from, settings_for
 from .parts import ResumeState
-from .ratelimit import CompletionEstimate
 from .reader import InputScan, SourceRow, columns_seen, detect_format, read_rows, row_id, scan_input
 from .request import Prepared, RowInvalid, build_request, thinking_budget_note
 from .results import invalid_row, kept_column_name, text
 from .rowengine import RowAbandoned, RowEngine, endpoint, limiter_of, policy_of, sent_max_tokens
 from .scoring import score_output, specs_of
 from .sink import MANIFEST, Sink
-from .summary import Summary, cost_usd
+from .summary import Summary
 
 PREPARE_IN_THREAD = 32  # rows with media checked per trip to a worker thread
 _FOLDER_COLUMN = re.compile(r"^column '(image|video)': ")
@@ -269,8 +269,7 @@ class JobRun:
         self._where = ""
         self.folder: FolderScan | None = None
         self.history: dict[str, Any] | None = None  # what the manifest records of the input's files, when new
-        self._committed_usd = 0.0  # expected cost of the requests in flight (the budget counts them)
-        self._committed_tokens = 0
+        self.gate = BudgetGate(0.0, 0, job.price_table, job.model)  # replaced once the output's spend is known
 
     # ---- stopping ------------------------------------------------------------------------
     def stop(self, reason: str, *, error: BaseException | None = None, fatal: str | None = None) -> None:
@@ -361,8 +360,11 @@ class JobRun:
         if self.folder is not None:
             self.summary.notes = self.folder.lines()
             self.folder.entries = []  # the index is on disk; a dict per file is not kept for the run
+        usd, tokens, self.counted_through = await asyncio.to_thread(output_spend, sink.dir, (manifest or {}).get("spend"))
+        self.gate = BudgetGate(job.max_cost_usd, job.max_total_tokens, job.price_table, job.model, usd, tokens)
         self.manifest = manifest_of(job, self.path, self.fmt, scan, manifest, "running", folder=self.folder,
                                     history=self.history)
+        self.manifest["spend"] = self._spend()
         sink.write_manifest(self.manifest)
         self.hook(RunStarted(self.limit, already, self.limit - already))
         for note in job_notices(job):
@@ -384,7 +386,6 @@ class JobRun:
             opened = contextlib.nullcontext(self.transport) if self.transport is not None else endpoint(job, self.key)
             async with opened as transport:
                 limiter = limiter_of(job)
-                self.completion = limiter.completion or CompletionEstimate(job.effective_max_tokens)
                 breaker = FailureBreaker(job.stop_after_failures)
                 self.engine = RowEngine(job, transport, limiter, policy_of(job), hook=self.hook, breaker=breaker)
                 try:
@@ -403,6 +404,11 @@ class JobRun:
             if self._grace is not None:
                 self._grace.cancel()
         return await self._close()
+
+    def _spend(self, through: int | None = None) -> dict[str, Any]:
+        """The output's spend for the manifest: every run's, and the last part it counts."""
+        return {"usd": round(self.gate.spent_usd, 8), "tokens": self.gate.spent_tokens,
+                "through_part": self.counted_through if through is None else through}
 
     def _folder_state(self, state: ResumeState) -> tuple[ResumeState, int]:
         """A folder's resume state: changed files pending again, gone files never sent (their
@@ -507,7 +513,7 @@ class JobRun:
             self.summary.sent_rows += 1
 
     async def _work(self) -> None:
-        engine = self.engine
+        engine, gate = self.engine, self.gate
         assert engine is not None
         task = asyncio.current_task()
         try:
@@ -516,27 +522,39 @@ class JobRun:
                 if item is None or self.stopping:
                     return
                 pos, rid, prepared, kept, where = item
-                reserved = self._reserve(prepared)
-                if reserved is None:
-                    return  # the budget would be passed: this row stays pending
+                held = await gate.admit(prepared.prompt_tokens_estimate, sent_max_tokens(prepared.body))
+                if isinstance(held, str):  # could never fit the budget: this row stays pending
+                    if self.summary.budget_stop is None:
+                        self.summary.budget_stop = held
+                    self.stop(f"stopping at the budget: {held}")
+                    return
+                if self.stopping:
+                    gate.settle(held, 0.0, 0)
+                    return
                 try:
                     row = await engine.process(rid, pos, prepared)
                 except RowAbandoned:
+                    gate.settle(held, 0.0, 0)  # not sent, or cut in its grace period: its usage is unknown
                     return
                 except FatalAPIError as exc:
+                    gate.settle(held, 0.0, 0)
                     self.stop(str(exc), fatal=str(exc))
                     return
-                except Exception as exc:  # noqa: BLE001 - the row's request path itself failed
+                except BaseException as exc:
+                    gate.settle(held, 0.0, 0)
+                    if not isinstance(exc, Exception):
+                        raise
                     self.stop(f"unexpected error on {where}",
                               error=JobError(f"unexpected error on {where} (id {rid}): {type(exc).__name__}: {exc}"))
                     return
-                finally:
-                    self._committed_usd -= reserved[0]
-                    self._committed_tokens -= reserved[1]
                 row.update(kept)
+                self._account(row)
+                answered = row["status"] in ("ok", "truncated")
+                gate.settle(held, row.get("cost_usd") if answered else 0.0,
+                            _tokens_of(row) if answered else 0)
                 self.delivering.add(task)  # type: ignore[arg-type]
                 try:
-                    await self._finish(row)  # a paid answer: never cancelled before it is queued
+                    await self.results.put(row)  # a paid answer: never cancelled before it is queued
                 finally:
                     self.delivering.discard(task)  # type: ignore[arg-type]
         finally:
@@ -544,31 +562,11 @@ class JobRun:
             if self._live == 0 and self._watcher is not None:
                 self._watcher.cancel()
 
-    def _reserve(self, prepared: Prepared) -> tuple[float, int] | None:
-        """Count this request against the run's budget (spent, plus the expected cost of every
-        request in flight); None, and a stop, when it would pass it."""
-        job, s = self.job, self.summary
-        if not job.max_cost_usd and not job.max_total_tokens:
-            return 0.0, 0
-        completion = self.completion.tokens()
-        tokens = prepared.prompt_tokens_estimate + completion
-        usd = cost_usd(job.price_table, job.model, prepared.prompt_tokens_estimate, completion, 0) or 0.0
-        over = None
-        if job.max_cost_usd and s.cost_usd + self._committed_usd + usd > job.max_cost_usd:
-            over = f"${s.cost_usd:.4f} spent and ${self._committed_usd:.4f} in flight, of a ${job.max_cost_usd:g} budget"
-        elif job.max_total_tokens and s.prompt_tokens + s.completion_tokens + self._committed_tokens + tokens > job.max_total_tokens:
-            over = (f"{s.prompt_tokens + s.completion_tokens:,} tokens used and about {self._committed_tokens:,} in flight, "
-                    f"of a {job.max_total_tokens:,}-token budget")
-        if over is not None:
-            if s.budget_stop is None:
-                s.budget_stop = over
-            self.stop(f"stopping at the budget: {over}")
-            return None
-        self._committed_usd += usd
-        self._committed_tokens += tokens
-        return usd, tokens
-
     async def _finish(self, row: dict[str, Any]) -> None:
+        self._account(row)
+        await self.results.put(row)
+
+    def _account(self, row: dict[str, Any]) -> None:
         s = self.summary
         status = row["status"]
         s.run_status[status] += 1
@@ -586,7 +584,6 @@ class JobRun:
             message = row.get("error_message") or ""
             s.errors[f"{row.get('error_type')}: {message[:160]}{'...' if len(message) > 160 else ''}"] += 1
         self.hook(RowFinished(status, row.get("total_tokens") or 0, row.get("attempts") or 0))
-        await self.results.put(row)
 
     async def _write(self) -> None:
         """The one writer: journal each batch at once, fsync at least every second while anything
@@ -667,8 +664,10 @@ class JobRun:
             self.error = JobError(f"the progress hook raised {type(self.hook.error).__name__}: {self.hook.error}")
         state = ("failed" if self.error or self.fatal else "interrupted" if summary.interrupted
                  else "stopped at the budget" if summary.budget_stop else "finished")
-        sink.write_manifest(manifest_of(job, self.path, self.fmt, self.scan, self.manifest, state, summary, self.folder,
-                                        self.history))
+        summary.notes.extend(self.gate.lines())
+        final = manifest_of(job, self.path, self.fmt, self.scan, self.manifest, state, summary, self.folder, self.history)
+        final["spend"] = self._spend(through=sink.last_part)
+        sink.write_manifest(final)
         if self.error is not None:
             raise self.error
         return summary
@@ -699,6 +698,13 @@ class LineBudgetNotes:
         if not self.count:
             return []
         return [f"warning: {self.first}" + (f" ({self.count:,} such lines in all)" if self.count > 1 else "")]
+
+
+def _tokens_of(row: dict[str, Any]) -> int | None:
+    """An answer's tokens (None: the server reported none)."""
+    if row.get("prompt_tokens") is None and row.get("completion_tokens") is None:
+        return None
+    return (row.get("prompt_tokens") or 0) + (row.get("completion_tokens") or 0)
 
 
 def _first_error(eg: BaseException) -> BaseException:

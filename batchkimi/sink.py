@@ -189,6 +189,11 @@ class Sink:
         return self.journal.rows >= self.rows_per_part or self.journal.bytes >= self.bytes_per_part
 
     @property
+    def last_part(self) -> int:
+        """The sequence number of the newest part written or begun (0: none)."""
+        return self._seq
+
+    @property
     def unsynced(self) -> bool:
         return self.journal.dirty
 

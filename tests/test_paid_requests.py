@@ -356,7 +356,7 @@ def test_an_endpoint_id_takes_the_rules_and_prices_of_the_model_it_serves(tmp_pa
     video = ROOT / "sample_data" / "media" / "videos" / "clip.mp4"
     data = write_jsonl(tmp_path / "in.jsonl", [{"id": "v", "prompt": "describe", "video": str(video)}])
     job = fast_job(tmp_path, h.base_url, input=str(data), model="ep-7f3a9", ep_model="kimi-k2.6",
-                   media_root=str(video.parent), thinking="disabled", max_cost_usd=1.0)
+                   media_root=str(video.parent), thinking="disabled", max_cost_usd=1.0, max_tokens=1000)
     summary = run(job)
     assert summary.final_status == {"ok": 1}
     df = batchkimi.read_results(job.output)
@@ -438,3 +438,80 @@ def test_the_caption_job_file_and_the_caption_command_are_one_job(tmp_path: Path
     assert second.exit_code in (0, 3), second.output
     summary = json.loads(second.output.splitlines()[0])
     assert summary["run_status"] == {} and summary["already_done"] > 0
+
+
+# ---- 8, 9: a budget is a ceiling, for the whole output ----
+
+class Thinker:
+    """Answers after a short wait with a thinking-length usage: 6,000 of the 8,000 tokens allowed."""
+
+    def __init__(self, completion_tokens: int = 6000) -> None:
+        self.completion_tokens = completion_tokens
+        self.usages: list[dict[str, int]] = []
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(0.02)
+        usage = {"prompt_tokens": 100, "completion_tokens": self.completion_tokens,
+                 "total_tokens": 100 + self.completion_tokens}
+        self.usages.append(usage)
+        doc = completion({"content": "yes", "reasoning_content": "long thought"}, usage=usage)
+        return web.Response(body=json.dumps(doc).encode(), content_type="application/json")
+
+    def billed_usd(self) -> float:
+        """What the server billed, at kimi-k2.6's list prices: an independent count of the spend."""
+        return sum(u["prompt_tokens"] * 0.95 + u["completion_tokens"] * 4.00 for u in self.usages) / 1e6
+
+
+def test_a_cost_budget_is_never_passed_and_mostly_used(tmp_path: Path, raw_server) -> None:
+    server = Thinker()
+    srv = raw_server(server)
+    data = write_jsonl(tmp_path / "in.jsonl", rows(100))
+    budget = 0.20
+    job = fast_job(tmp_path, srv.base_url, input=str(data), stream=False, max_tokens=8000, concurrency=32,
+                   max_cost_usd=budget)
+    summary = run(job)
+    assert summary.exit_code == 4 and summary.budget_stop
+    worst = (int(12 * 1.25) + 1) * 0.95e-6 + 8000 * 4e-6  # one request's worst case
+    assert budget - worst <= server.billed_usd() <= budget
+    assert summary.cost_usd == pytest.approx(server.billed_usd())
+    assert any("of $0.2 spent by this output" in line for line in summary.lines())
+
+
+def test_a_token_budget_is_never_passed(tmp_path: Path, raw_server) -> None:
+    server = Thinker()
+    srv = raw_server(server)
+    data = write_jsonl(tmp_path / "in.jsonl", rows(100))
+    job = fast_job(tmp_path, srv.base_url, input=str(data), stream=False, max_tokens=8000, max_total_tokens=100_000)
+    assert run(job).exit_code == 4
+    used = sum(u["total_tokens"] for u in server.usages)
+    assert 100_000 - 8016 <= used <= 100_000
+
+
+def test_the_budget_covers_every_run_of_the_output(tmp_path: Path, raw_server) -> None:
+    """Three runs with --max-cost 0.05: together they spend at most $0.05, and the run at the cap sends nothing."""
+    server = Thinker(completion_tokens=2000)
+    srv = raw_server(server)
+    data = write_jsonl(tmp_path / "in.jsonl", rows(100))
+    job = fast_job(tmp_path, srv.base_url, input=str(data), stream=False, max_tokens=3000, max_cost_usd=0.05)
+    codes = [run(job).exit_code for _ in range(3)]
+    assert codes == [4, 4, 4]
+    assert server.billed_usd() <= 0.05
+    sent = len(srv.requests)
+    last = run(job)
+    assert len(srv.requests) == sent and last.exit_code == 4 and last.requests == 0
+
+
+def test_a_budget_counts_the_spend_of_a_killed_run(tmp_path: Path, raw_server) -> None:
+    """A run that never recorded its spend (killed): its parts are counted by the next run."""
+    server = Thinker(completion_tokens=2000)
+    srv = raw_server(server)
+    data = write_jsonl(tmp_path / "in.jsonl", rows(20))
+    job = fast_job(tmp_path, srv.base_url, input=str(data), stream=False, max_tokens=3000, limit=5)
+    run(job)
+    manifest_path = Path(job.output) / "_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["spend"]  # as a run killed before it wrote its spend leaves it
+    manifest_path.write_text(json.dumps(manifest))
+    spent = server.billed_usd()
+    capped = run(job.replace(limit=None, max_cost_usd=spent + 0.0125))
+    assert server.billed_usd() <= spent + 0.0125 and capped.exit_code == 4
