@@ -1,8 +1,8 @@
 """``batchkimi``: thin click glue over the library.
 
 Exit codes: 0 every row ok; 1 a job-level error; 2 usage; 3 finished with failed rows;
-4 stopped at its budget; 5 ``compare`` found a regression; 130 interrupted (run the same
-command to resume).
+4 stopped at its budget; 5 ``compare`` found a regression; 6 the account must wait (a quota's
+Retry-After longer than max_wait_s); 130 interrupted (run the same command to resume).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .config import Job, load_job, resolve_api_key
 from .errors import JobError, MissingKeyError
 
 EXIT_OK, EXIT_JOB_ERROR, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-EXIT_BUDGET, EXIT_REGRESSION = 4, 5
+EXIT_BUDGET, EXIT_REGRESSION, EXIT_WAITING = 4, 5, 6
 
 
 class _Fail(click.ClickException):
@@ -174,6 +174,8 @@ def _go(job_file: Path | None, flags: dict[str, Any], *, dry_run: bool, quiet: b
         click.echo(f"stopped early: {summary.fatal}. Nothing done is lost: fix this and run the same command to resume.", err=True)
     elif summary.interrupted:
         click.echo("interrupted: run the same command to resume.", err=True)
+    elif summary.wait_until is not None:
+        click.echo("waiting for the account: run the same command at the time above to resume.", err=True)
     elif summary.budget_stop:
         click.echo("stopped at the budget: run the same command (with a larger budget) to go on.", err=True)
     elif summary.exit_code == EXIT_FAILED_ROWS:

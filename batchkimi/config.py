@@ -107,6 +107,7 @@ class Job:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
     max_retry_after_s: float = 3600.0
+    max_wait_s: float = 300.0  # a 429 asking for a longer wait (a daily quota) stops the run: exit 6, resumable
     # timeouts
     connect_timeout_s: float = 15.0
     first_byte_timeout_s: float = 180.0  # streaming: until the first chunk
@@ -226,7 +227,7 @@ _INT_KEYS = {"limit", "max_tokens", "n", "concurrency", "max_attempts", "rows_pe
              "max_image_side", "max_total_tokens", "ray_actors", "ray_block_rows"}
 _FLOAT_KEYS = {
     "temperature", "top_p", "presence_penalty", "frequency_penalty", "rpm", "tpm",
-    "max_retry_time_s", "backoff_base_s", "backoff_max_s", "max_retry_after_s",
+    "max_retry_time_s", "backoff_base_s", "backoff_max_s", "max_retry_after_s", "max_wait_s",
     "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "attempt_timeout_s",
     "grace_s", "flush_interval_s", "max_request_mb", "max_mb_in_flight", "max_cost_usd",
 }

@@ -17,11 +17,12 @@ then. The clock is injected (:class:`Clock`), so the limiter is tested without r
   climbs back linearly, ``recovery_per_s`` of the configured rate each second (AIMD). The cut
   is 0.9 when the job states its rpm or tpm (the pacing is already near the limit, a 429 means
   a small overshoot) and 0.7 when it paces blind.
-- **Overload 429s** (``engine_overloaded_error``) say the server is busy, not that the account
-  is over its limits: the engine backs off that one request, and the shared rate is cut only
-  when they cluster: at least ``overload_cluster_min`` of them, and ``overload_cluster_share``
-  of the attempts, over the last ``overload_window_s`` seconds (decaying counts). Sparse ones
-  cost one request's backoff, never the whole job's pace.
+- **Overload 429s** (``engine_overloaded_error``), and 429s whose Retry-After is a second or
+  two, pace one request, not the account: the engine backs off that one request, and the
+  shared rate is cut only when they cluster: at least ``overload_cluster_min`` of them, and
+  ``overload_cluster_share`` of the attempts (those in flight included), over the last
+  ``overload_window_s`` seconds (decaying counts). Sparse ones cost one request's wait, never
+  the whole job's pace.
 - The configured rates are multiplied by ``headroom`` (0.99): a server counting a sliding
   minute sees a little network jitter as a burst.
 
@@ -265,8 +266,11 @@ class RateLimiter:
         if overload:
             self._decay(now)
             self._recent_overloads += 1
+            # the share of recent attempts, those still in flight included: at the start of a run
+            # few have ended, and a handful of early 429s are not yet a cluster
+            attempts = self._recent_done + self.in_flight
             clustered = (self._recent_overloads >= self.overload_cluster_min
-                         and self._recent_overloads >= self.overload_cluster_share * max(self._recent_done, 1.0))
+                         and self._recent_overloads >= self.overload_cluster_share * max(attempts, 1.0))
             if not clustered:
                 return
         self._refill(now)

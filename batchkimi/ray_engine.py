@@ -47,9 +47,9 @@ from .events import Hook, no_hook
 from .ray_limiter import LeasedLimiter, limit_actor, limit_name
 from .reader import _iter_jsonl, jsonl_blocks, parquet_block_rows, parquet_blocks
 from .results import invalid_row
-from .rowengine import RowAbandoned, RowEngine, policy_of, timeouts_of
+from .rowengine import AccountWaiting, RowAbandoned, RowEngine, policy_of, timeouts_of
 from .runner import _END, JobRun, _tokens_of, kept_values, prepare_row
-from .summary import Summary
+from .summary import Summary, resume_time
 
 log = logging.getLogger("batchkimi.ray")
 
@@ -146,6 +146,10 @@ class BlockWorker:
                     return
                 except FatalAPIError as exc:
                     trouble.setdefault("fatal", str(exc))
+                    engine.stop()
+                    return
+                except AccountWaiting as exc:  # the row stays pending; the driver stops the run
+                    trouble.setdefault("wait", orjson.dumps([exc.until_epoch_s, exc.message]).decode())
                     engine.stop()
                     return
                 except Exception as exc:  # noqa: BLE001 - the row's request path failed: the job stops, as locally
@@ -322,6 +326,11 @@ class RayJobRun(JobRun):
                     self.summary.notes.append("ray: a worker could not reach the cluster limit and kept to its share")
                 if stats.get("fatal"):
                     self.stop(stats["fatal"], fatal=stats["fatal"])
+                elif stats.get("wait"):
+                    until, message = orjson.loads(stats["wait"])
+                    if s.wait_until is None:
+                        s.wait_until, s.wait_reason = until, message
+                    self.stop(f"the server asks this account to wait until {resume_time(until)}")
                 elif stats.get("error"):
                     self.stop(stats["error"], error=JobError(stats["error"]))
                 continue

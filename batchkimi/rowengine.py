@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -33,7 +34,7 @@ from .breaker import FailureBreaker
 from .client import Reply, Timeouts, Transport
 from .config import SIMULATOR, Job
 from .errors import APIError, FatalAPIError
-from .events import AttemptFinished, AttemptStarted, Hook, SafeHook, no_hook
+from .events import AttemptFinished, AttemptStarted, Hook, SafeHook, Waiting, no_hook
 from .media import ByteBudget, MediaInvalid, materialize
 from .ratelimit import Clock, CompletionEstimate, Limiter, MonotonicClock, RateLimiter
 from .request import Prepared
@@ -42,9 +43,23 @@ from .results import error_row, ok_row
 from .retry import RetryPolicy
 from .summary import cost_usd
 
+SHORT_RETRY_AFTER_S = 2.0  # a Retry-After this short paces one request, not the whole job
+COUNTDOWN_FROM_S = 5.0  # a shared wait this long is shown on the progress line
+
 
 class RowAbandoned(Exception):
     """The engine is stopping and this row was not finished: it stays pending (sent on resume)."""
+
+
+class AccountWaiting(Exception):
+    """A 429 asked for a wait longer than ``max_wait_s`` (a daily quota): the run stops, every
+    row not finished stays pending, and the same command resumes once the wait is over."""
+
+    def __init__(self, wait_s: float, message: str) -> None:
+        super().__init__(message)
+        self.wait_s = wait_s
+        self.until_epoch_s = time.time() + wait_s
+        self.message = message
 
 
 class RowEngine:
@@ -163,8 +178,8 @@ class RowEngine:
                 self.limiter.release(permit, used, completion)
             if failure is None:
                 return self._answered(rid, pos, prepared, reply, attempts, self.clock.now() - t0)
-            delay = self._after_failure(failure, attempts, self.clock.now() - first_start)
-            if delay is None:
+            decided = self._after_failure(failure, attempts, self.clock.now() - first_start)
+            if decided is None:
                 if self.breaker is not None and (reason := self.breaker.row_failed(failure)):
                     raise FatalAPIError(reason, cause=failure)
                 return error_row(rid, pos, model=self.job.model, attempts=attempts, latency_s=self.clock.now() - t0,
@@ -174,11 +189,23 @@ class RowEngine:
             if self.stopping:
                 raise RowAbandoned
             self.retries += 1
-            if failure.http_status != 429 or is_overload(failure):
-                await self.clock.sleep(delay)  # a rate limit's wait is the shared cool-down, taken in acquire()
+            delay, shared = decided
+            if not shared:
+                await self.clock.sleep(delay)  # a shared cool-down's wait is taken in acquire(), by every worker
 
-    def _after_failure(self, exc: APIError, attempts: int, elapsed_s: float) -> float | None:
-        """Decide what a failed attempt means: stop the job (raise), retry after a delay, or give up (None)."""
+    def _after_failure(self, exc: APIError, attempts: int, elapsed_s: float) -> tuple[float, bool] | None:
+        """Decide what a failed attempt means: stop the job (raise), retry after a delay (and
+        whether every worker takes that wait), or give up (None).
+
+        A 429 whose wait passes ``max_wait_s`` (a daily quota: Retry-After 1800) stops the run
+        (:class:`AccountWaiting`): the account is waiting, no row failed. A Retry-After of a
+        second or two paces this one request (the shared rate is cut only when such 429s
+        cluster); a longer one pauses every worker, shown as a countdown."""
+        shared = False
+        if exc.http_status == 429 and exc.retryable and exc.retry_after_s is not None \
+                and exc.retry_after_s > self.job.max_wait_s:
+            self.hook(AttemptFinished(False, exc.http_status, exc.error_type, 0))
+            raise AccountWaiting(exc.retry_after_s, exc.message)
         if exc.fatal:
             self.hook(AttemptFinished(False, exc.http_status, exc.error_type, 0))
             raise FatalAPIError(f"every request would fail like this one: {exc}", cause=exc) from exc
@@ -188,12 +215,16 @@ class RowEngine:
         if exc.http_status == 429 and exc.retryable:
             pause = self.policy.server_delay_s(exc)
             wait = pause if pause is not None else self.policy.backoff_s(attempts, self.rng)
-            # An overload (no server-given wait) backs off this request; the shared rate is cut
-            # only when overloads cluster. Any other 429 pauses every worker.
-            self.limiter.cool_down(wait, overload=is_overload(exc) and pause is None)
+            # An overload (no server-given wait) or a short Retry-After backs off this request;
+            # the shared rate is cut only when they cluster. A longer wait pauses every worker.
+            paced = (is_overload(exc) and pause is None) or (pause is not None and pause <= SHORT_RETRY_AFTER_S)
+            self.limiter.cool_down(wait, overload=paced)
+            shared = not paced
+            if not paced and wait >= COUNTDOWN_FROM_S:
+                self.hook(Waiting(time.time() + wait, f"{exc.error_type}: the server asked every request to wait"))
         delay = self.policy.next_delay_s(exc, attempts, elapsed_s, self.rng)
         self.hook(AttemptFinished(False, exc.http_status, exc.error_type, 0, delay))
-        return delay
+        return None if delay is None else (delay, shared)
 
     def _answered(self, rid: str, pos: int, prepared: Prepared, reply: Reply, attempts: int, latency: float) -> dict[str, Any]:
         if self.breaker is not None and self.breaker.armed:

@@ -53,10 +53,18 @@ from .parts import ResumeState
 from .reader import InputScan, SourceRow, columns_seen, detect_format, read_rows, row_id, scan_input
 from .request import Prepared, RowInvalid, build_request, thinking_budget_note
 from .results import invalid_row, kept_column_name, text
-from .rowengine import RowAbandoned, RowEngine, endpoint, limiter_of, policy_of, sent_max_tokens
+from .rowengine import (
+    AccountWaiting,
+    RowAbandoned,
+    RowEngine,
+    endpoint,
+    limiter_of,
+    policy_of,
+    sent_max_tokens,
+)
 from .scoring import score_output, specs_of
 from .sink import MANIFEST, Sink
-from .summary import Summary
+from .summary import Summary, resume_time
 
 PREPARE_IN_THREAD = 32  # rows with media checked per trip to a worker thread
 _FOLDER_COLUMN = re.compile(r"^column '(image|video)': ")
@@ -540,6 +548,13 @@ class JobRun:
                     gate.settle(held, 0.0, 0)
                     self.stop(str(exc), fatal=str(exc))
                     return
+                except AccountWaiting as exc:  # the row stays pending: nothing about it failed
+                    gate.settle(held, 0.0, 0)
+                    s = self.summary
+                    if s.wait_until is None:
+                        s.wait_until, s.wait_reason = exc.until_epoch_s, exc.message
+                    self.stop(f"the server asks this account to wait until {resume_time(exc.until_epoch_s)}")
+                    return
                 except BaseException as exc:
                     gate.settle(held, 0.0, 0)
                     if not isinstance(exc, Exception):
@@ -663,6 +678,7 @@ class JobRun:
         if self.hook.error is not None and self.error is None:
             self.error = JobError(f"the progress hook raised {type(self.hook.error).__name__}: {self.hook.error}")
         state = ("failed" if self.error or self.fatal else "interrupted" if summary.interrupted
+                 else "waiting for the account" if summary.wait_until is not None
                  else "stopped at the budget" if summary.budget_stop else "finished")
         summary.notes.extend(self.gate.lines())
         final = manifest_of(job, self.path, self.fmt, self.scan, self.manifest, state, summary, self.folder, self.history)

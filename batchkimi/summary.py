@@ -36,6 +36,18 @@ def cost_usd(prices: Any, model: str | None, prompt: int | None, completion: int
     return ((prompt - cached) * miss + cached * hit + (completion or 0) * out) / 1e6
 
 
+def resume_time(epoch_s: float) -> str:
+    """'14:32 local (06:32 UTC), in 29 min': when a run told to wait can go on."""
+    import datetime
+    import time
+
+    local = datetime.datetime.fromtimestamp(epoch_s).astimezone()
+    utc = datetime.datetime.fromtimestamp(epoch_s, datetime.UTC)
+    minutes = max(0, round((epoch_s - time.time()) / 60))
+    day = "" if local.date() == datetime.datetime.now().astimezone().date() else f"{local:%Y-%m-%d} "
+    return f"{day}{local:%H:%M} local ({utc:%H:%M} UTC), in {minutes} min"
+
+
 @dataclass
 class Summary:
     output: str
@@ -60,6 +72,8 @@ class Summary:
     fatal: str | None = None
     notes: list[str] = field(default_factory=list)  # what the input said (a folder's walk)
     budget_stop: str | None = None  # why the run stopped at its budget
+    wait_until: float | None = None  # epoch seconds: the run stopped because the account must wait until then
+    wait_reason: str | None = None
     scores: dict[str, Any] = field(default_factory=dict)  # what scoring the whole output found
 
     @property
@@ -72,11 +86,14 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        """0 all rows ok; 1 job-level error; 3 finished with failed rows; 130 interrupted."""
+        """0 all rows ok; 1 job-level error; 3 finished with failed rows; 4 stopped at the budget;
+        6 stopped because the account must wait (a quota); 130 interrupted."""
         if self.fatal:
             return 1
         if self.interrupted:
             return 130
+        if self.wait_until is not None:
+            return 6
         if self.budget_stop:
             return 4
         if self.failed_rows or self.pending_rows:
@@ -103,6 +120,9 @@ class Summary:
         if self.budget_stop:
             out.append(f"stopped at the budget: {self.budget_stop}. Nothing is lost: run again (with a larger "
                        "budget) to go on.")
+        if self.wait_until is not None:
+            out.append(f"stopped: the server asks this account to wait until {resume_time(self.wait_until)} "
+                       f"({self.wait_reason}). No row failed for it: run the same command then to resume.")
         if self.errors:
             out.append("top errors:")
             out.extend(f"  {n}x {e}" for e, n in self.errors.most_common(5))
@@ -134,6 +154,7 @@ class Summary:
             "interrupted": self.interrupted,
             "fatal": self.fatal,
             "budget_stop": self.budget_stop,
+            "wait_until": self.wait_until,
             "scores": self.scores,
         }
 

@@ -515,3 +515,111 @@ def test_a_budget_counts_the_spend_of_a_killed_run(tmp_path: Path, raw_server) -
     spent = server.billed_usd()
     capped = run(job.replace(limit=None, max_cost_usd=spent + 0.0125))
     assert server.billed_usd() <= spent + 0.0125 and capped.exit_code == 4
+
+
+# ---- 11, 12: a quota waits visibly or stops resumably; a short Retry-After paces one request ----
+
+class Quota:
+    """Rows whose prompt ends in 'quota' get a daily-quota 429 (Retry-After 1800) until ``open``."""
+
+    def __init__(self, retry_after: str = "1800") -> None:
+        self.open = False
+        self.retry_after = retry_after
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        if not self.open and by_marker(body).endswith("quota"):
+            err = {"error": {"message": "Your account org-1<ak-1> request reached organization TPD rate limit, "
+                                        "current:1507272, limit:1500000", "type": "rate_limit_reached_error"}}
+            return web.Response(status=429, body=json.dumps(err).encode(), content_type="application/json",
+                                headers={"Retry-After": self.retry_after})
+        await asyncio.sleep(0.05)
+        return web.Response(body=json.dumps(completion({"content": "yes"})).encode(), content_type="application/json")
+
+
+def test_a_daily_quota_stops_the_run_resumably_and_no_row_becomes_an_error(tmp_path: Path, raw_server) -> None:
+    from click.testing import CliRunner
+
+    from batchkimi.cli import cli
+
+    server = Quota()
+    srv = raw_server(server)
+    data = write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": f"q{i} " + ("quota" if i % 5 == 4 else "fine")}
+                                               for i in range(30)])
+    args = ["run", "--input", str(data), "--output", str(tmp_path / "out"), "--base-url", srv.base_url,
+            "--no-stream", "--concurrency", "3", "--max-tokens", "20000", "--quiet"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 6, res.output
+    assert "wait until" in res.output and "local (" in res.output and "UTC)" in res.output
+    df = batchkimi.read_results(tmp_path / "out")
+    assert set(df["status"]) <= {"ok"}  # nothing became an error while the account waited
+    server.open = True
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert len(batchkimi.read_results(tmp_path / "out")) == 30
+
+
+def test_a_wait_under_max_wait_is_taken_and_shown_as_a_countdown(tmp_path: Path, raw_server) -> None:
+    from batchkimi.events import Waiting
+
+    server = Quota(retry_after="6")
+    srv = raw_server(server)
+    data = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "q quota"}, {"id": "b", "prompt": "q fine"}])
+    seen: list[Waiting] = []
+
+    def hook(event: Any) -> None:
+        if isinstance(event, Waiting):
+            seen.append(event)
+            server.open = True
+
+    job = fast_job(tmp_path, srv.base_url, input=str(data), stream=False, max_tokens=20000)
+
+    async def go() -> batchkimi.Summary:
+        return await asyncio.wait_for(batchkimi.run_async(job, hook=hook), 60)
+
+    assert asyncio.run(go()).final_status == {"ok": 2}
+    assert len(seen) == 1 and 4 < seen[0].until_epoch_s - __import__("time").time() + 6 <= 13
+
+
+def test_sparse_short_retry_after_429s_pace_one_request_not_the_job(tmp_path: Path, raw_server) -> None:
+    """One 429 with Retry-After 1 on each of 12 of 200 rows: the rate is never cut and each of those rows waits its second."""
+    from batchkimi.rowengine import RowEngine, endpoint, limiter_of, policy_of
+
+    seen: dict[str, int] = {}
+    times: dict[str, list[float]] = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        prompt = by_marker(body)
+        seen[prompt] = seen.get(prompt, 0) + 1
+        times.setdefault(prompt, []).append(asyncio.get_running_loop().time())
+        if prompt.endswith("pace") and seen[prompt] == 1:
+            err = {"error": {"type": "rate_limit_error", "code": "429001", "message": "rate limit exceeded on dimension: rpm"}}
+            return web.Response(status=429, body=json.dumps(err).encode(), content_type="application/json",
+                                headers={"Retry-After": "1"})
+        await asyncio.sleep(0.01)
+        return web.Response(body=json.dumps(completion({"content": "yes"})).encode(), content_type="application/json")
+
+    srv = raw_server(handler)
+    job = fast_job(tmp_path, srv.base_url, stream=False, max_tokens=20000, concurrency=50)
+    from batchkimi.request import build_request
+
+    async def go() -> tuple[Any, list[dict[str, Any]]]:
+        limiter = limiter_of(job)
+        async with endpoint(job, "sk-test") as transport:
+            engine = RowEngine(job, transport, limiter, policy_of(job))
+            sem = asyncio.Semaphore(50)
+
+            async def one(i: int) -> dict[str, Any]:
+                async with sem:
+                    prompt = f"q{i} " + ("pace" if i % 17 == 3 else "fine")
+                    return await engine.process(f"r{i}", i, build_request({"prompt": prompt}, job))
+
+            return limiter, list(await asyncio.gather(*(one(i) for i in range(200))))
+
+    limiter, results = asyncio.run(go())
+    assert all(r["status"] == "ok" for r in results)
+    paced = [r for r in results if r["attempts"] == 2]
+    assert len(paced) == 12
+    assert all(t[1] - t[0] >= 0.95 for p, t in times.items() if p.endswith("pace"))  # each waited its Retry-After
+    assert limiter.rate_limited == 12 and limiter.cuts == 0 and limiter.share == 1.0
