@@ -14,6 +14,7 @@ as a number.
 from __future__ import annotations
 
 import argparse
+import json
 import datetime
 import os
 import platform
@@ -460,6 +461,55 @@ def overload(n: int, concurrency: int, latency_s: float, rate: float) -> list[Ro
              verdict(statistics.median(ratios) <= 1.2))]
 
 
+def paced_429s(n: int, faulted: int, concurrency: int, latency_s: float) -> list[Row]:
+    """Sparse rate-limit 429s with a short Retry-After (2 s): the server pacing single requests.
+    They should cost those requests their wait, not the whole job's pace."""
+    step = n // faulted
+    clean = write_prompts(WORK / f"prompts_{n}.jsonl", n)
+    paced = WORK / f"prompts_{n}_paced.jsonl"
+    with open(paced, "w") as fh:
+        for i in range(n):
+            mark = " [[sim:429*1]]" if i % step == 0 and i // step < faulted else ""
+            fh.write(json.dumps({"id": f"q{i}", "prompt": f"What is {i} + 1? Reply with the number.{mark}"}) + "\n")
+    ratios, faults = [], []
+    for _ in range(REPEATS):
+        walls = {}
+        for label, data in (("clean", clean), ("paced", paced)):
+            with SimProcess(latency_ms=latency_s * 1000) as sim:
+                r = run_scenario("batchkimi_client.py", sim.base_url, str(data), str(WORK / "out_paced"), str(concurrency), "plain")
+                assert r["ok"] == n, r
+                walls[label] = r["wall_s"]
+                if label == "paced":
+                    faults.append(sim.stats()["by_status"].get("429", 0))
+        ratios.append(walls["paced"] / walls["clean"])
+    return [("13. sparse short Retry-After 429s", f"{n:,} rows, C={concurrency}, L={latency_s:g}s, {faulted} rows answered "
+             "one rate-limit 429 with Retry-After: 2",
+             f"wall time **{spread(ratios)}x** the fault-free run ({spread(faults, '{:.0f}')} 429s)", "target <= 2x",
+             verdict(statistics.median(ratios) <= 2.0))]
+
+
+def budget_use(n: int, budgets: list[float], max_tokens: int, concurrency: int, reasoning_words: int) -> list[Row]:
+    """A cost budget on a thinking-length dataset: never passed (the simulator's own count of
+    the tokens it served, at kimi-k2.6's list prices, is the independent bill), and how much of
+    it the run gets to use."""
+    data = write_prompts(WORK / f"prompts_{n}.jsonl", n)
+    rows: list[Row] = []
+    for budget in budgets:
+        with SimProcess(reasoning_words=reasoning_words, answer_words=40, latency_ms=200) as sim:
+            r = run_scenario("budget_client.py", sim.base_url, str(data), str(WORK / "out_budget"), str(budget),
+                             str(max_tokens), str(concurrency))
+            st = sim.stats()
+        billed = ((st["prompt_tokens"] - st["cached_tokens"]) * 0.95 + st["cached_tokens"] * 0.16
+                  + st["completion_tokens"] * 4.00) / 1e6
+        per = billed / max(1, st["requests"])
+        rows.append(("14. a cost budget", f"${budget:g} budget, max_tokens {max_tokens:,}, C={concurrency}, answers of "
+                     f"about {st['completion_tokens'] // max(1, st['requests']):,} completion tokens (${per:.4f} a request)",
+                     f"**{billed / budget:.1%}** of the budget billed by the server (${billed:.4f}; batchkimi counted "
+                     f"${r['cost_usd']:.4f}), {st['requests']} requests", "never over; >= 90% used",
+                     verdict(billed <= budget + 1e-9 and billed / budget >= 0.9)))
+    return rows
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -475,7 +525,8 @@ def machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes and shorter rate runs")
-    ap.add_argument("--only", default="overhead,loops,tls,waiting,chunks,streams,memory,media,scoring,resume,overload,rate,ray")
+    ap.add_argument("--only", default="overhead,loops,tls,waiting,chunks,streams,memory,media,scoring,resume,overload,"
+                    "paced,budget,rate,ray")
     ap.add_argument("--repeats", type=int, default=None, help="runs of each speed figure (default 3; --quick 2)")
     ap.add_argument("--rate-repeats", type=int, default=None, help="runs of each rate-accuracy scenario (default 5; --quick 1)")
     ap.add_argument("--output", default=str(HERE / "RESULTS.md"))
@@ -498,6 +549,8 @@ def main() -> None:
         "overload": lambda: overload(5000 if q else 5000, 200, 0.3, 0.005),
         "rate": lambda: rate(90 if q else 180, rate_repeats),
         "ray": lambda: ray_scaling(1000 if q else 3000, 300),
+        "paced": lambda: paced_429s(1000, 59, 50, 0.25),
+        "budget": lambda: budget_use(2000, [2.0, 10.0] if q else [2.0, 10.0, 25.0], 32768, 64, 2500),
     }
     rows: list[Row] = []
     for name in args.only.split(","):
