@@ -138,7 +138,7 @@ def _go(job_file: Path | None, flags: dict[str, Any], *, dry_run: bool, quiet: b
         job = load_job(job_file, flags)
     except JobError as exc:
         raise _Fail(str(exc)) from None
-    from . import engine
+    from . import api as engine
 
     if dry_run:
         try:
@@ -237,7 +237,7 @@ def simulate(host: str, port: int, accept_keys: tuple[str, ...], ca_out: str | N
 @click.option("--head", type=int, default=5, show_default=True, help="Rows to show.")
 def show(output: Path, head: int) -> None:
     """Counts by status, the first rows and the failed rows of a run's OUTPUT directory."""
-    from .sink import read_results
+    from .output.sink import read_results
 
     df = read_results(output)
     click.echo(f"{len(df)} rows")
@@ -261,7 +261,7 @@ def show(output: Path, head: int) -> None:
 
 def _job_for(output: Path, job_file: Path | None) -> Job:
     """The job whose [extract] and [score] apply: a job file's, or the run's own (its manifest)."""
-    from .sink import Sink
+    from .output.sink import Sink
 
     if job_file is not None:
         return load_job(job_file)
@@ -280,9 +280,9 @@ def score(output: Path, job_file: Path | None) -> None:
     except, for a model-graded score, the grading requests of answers not graded yet."""
     import asyncio
 
-    from .grader import grade_pending, known_grades
-    from .scoring import score_output, specs_of
-    from .summary import accuracy_text
+    from .execution.summary import accuracy_text
+    from .scoring.grader import grade_pending, known_grades
+    from .scoring.score import score_output, specs_of
 
     try:
         job = _job_for(output, job_file)
@@ -312,12 +312,12 @@ def score(output: Path, job_file: Path | None) -> None:
               help="Also write one self-contained page with plots (and a contact sheet for images).")
 def report(output: Path, as_json: bool, html_file: Path | None) -> None:
     """Status, errors, finish reasons, tokens, cost, latency, retries and accuracy of OUTPUT."""
-    from .report import report as make_report
-    from .report import report_lines
+    from .report.report import report as make_report
+    from .report.report import report_lines
 
     if html_file is not None:
         try:
-            from .htmlreport import write_html
+            from .report.html import write_html
         except ImportError as exc:  # matplotlib is an extra
             raise _Fail(f"--html needs matplotlib ({exc}): pip install 'batchkimi[report]'") from None
         for path in write_html(output, html_file):
@@ -341,8 +341,8 @@ def report(output: Path, as_json: bool, html_file: Path | None) -> None:
 def compare(runs: tuple[Path, ...], latest: Path | None, max_accuracy_drop: float | None,
             max_error_rate_rise: float | None, significant: bool, as_json: bool) -> None:
     """Compare two runs (BEFORE AFTER): aggregates, rows whose score flipped, and whether it is a regression."""
-    from .report import compare as make_compare
-    from .report import compare_lines, latest_two, regressions
+    from .report.report import compare as make_compare
+    from .report.report import compare_lines, latest_two, regressions
 
     if latest is not None:
         if runs:
@@ -375,7 +375,7 @@ def compare(runs: tuple[Path, ...], latest: Path | None, max_accuracy_drop: floa
 @click.option("--output", "dest", type=click.Path(dir_okay=False, path_type=Path), help="Write here (default: stdout).")
 def export(output: Path, fmt: str, dest: Path | None) -> None:
     """Write OUTPUT's rows (with their scores) as JSONL, CSV or OpenAI Batch output, streamed."""
-    from .export import export as do_export
+    from .report.export import export as do_export
 
     if dest is None:
         n = do_export(output, fmt, sys.stdout.buffer)

@@ -34,7 +34,7 @@ from typing import Any
 from . import kimi
 from .errors import ConfigError, MissingKeyError
 from .kimi import CONTEXT_LIMIT_TOKENS, DEFAULT_PRICES, FIXED_PARAMS, THINKING_DEFAULT_MAX_TOKENS
-from .rerun import check_retry
+from .policy.rerun import check_retry
 
 DEFAULT_BASE_URL = "https://tokenhub-intl.tencentcloudmaas.com/v1"
 SIMULATOR = "simulator"
@@ -117,7 +117,7 @@ class Job:
     retry: tuple[str, ...] = ()  # what a rerun sends besides transient failures: truncated, refused, errors, all
     stop_after_failures: int = 20  # the first N rows all failing alike stop the job; 0: never
     event_loop: str = "auto"  # auto (uvloop where it is installed) | uvloop | asyncio; the sync door only
-    # where the requests are sent from: this process, or the actors of a Ray cluster (batchkimi.ray_engine)
+    # where the requests are sent from: this process, or the actors of a Ray cluster (batchkimi.execution.ray)
     engine: str = "local"  # local | ray
     ray_address: str | None = None  # None or "local": start a cluster here; "auto", "host:port", "ray://host:10001"
     ray_actors: int = 0  # 0: one per CPU of the cluster but one
@@ -127,7 +127,7 @@ class Job:
     flush_interval_s: float = 30.0
     prices: Mapping[str, tuple[float, float, float]] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     simulator: Mapping[str, Any] = field(default_factory=dict)
-    # after the requests (see batchkimi.scoring): never part of what is sent
+    # after the requests (see batchkimi.scoring.score): never part of what is sent
     extract: Mapping[str, Any] = field(default_factory=dict)
     score: Mapping[str, Any] = field(default_factory=dict)
     # budget: stop sending once spent + in flight would pass it (0: none)
@@ -404,7 +404,7 @@ def check_job(job: Job) -> None:
                 if job.model.startswith("ep-") else "")
         raise ConfigError(f"max_cost_usd needs a price for {job.model}: add it to the prices table "
                           f"([input_miss, input_hit, output] USD per 1M tokens){also}")
-    from .scoring import specs_of
+    from .scoring.score import specs_of
 
     specs_of(job.extract, job.score, job.tools)  # raises ConfigError naming the key
     if job.applies_kimi_rules:

@@ -21,11 +21,11 @@
 
 A job that stops for a JobError during a run first writes what is done (requests in flight
 get their grace period), so the same command resumes it. ``RowAbandoned`` (in
-:mod:`batchkimi.rowengine`) is not an error: a row a stopping engine did not send.
+:mod:`batchkimi.execution.row`) is not an error: a row a stopping engine did not send.
 
 ``APIError`` carries what the result row needs (``error_type``, ``http_status``,
 ``request_id``, ``retryable``, ``retry_after_s``).  aiohttp's exceptions are translated
-into ``TransportError`` in exactly one place, ``batchkimi.client``.
+into ``TransportError`` in exactly one place, ``batchkimi.http.transport``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Values that are not strings enter a prompt as JSON (a Parquet struct or list as
 as JSON makes the row invalid instead of failing later in the transport.
 
 A row that cannot make a request raises :class:`RowInvalid`, naming the column to fix.
-Images and videos (see :mod:`batchkimi.media`) come from the job's image and video columns,
+Images and videos (see :mod:`batchkimi.input.media`) come from the job's image and video columns,
 after the prompt in the user turn, or from ``image_url``/``video_url`` parts of ``messages``.
 A local file is checked here and stands in the encoded body as a placeholder: its bytes are
 read only when the request is sent.
@@ -31,7 +31,7 @@ import orjson
 
 from . import kimi
 from .config import Job
-from .media import Collector, Known, MediaInvalid, MediaItem, MediaSettings, settings_for
+from .input.media import Collector, Known, MediaInvalid, MediaItem, MediaSettings, settings_for
 from .tokens import URL_MEDIA_TOKENS, estimate_messages_tokens
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -17,8 +17,8 @@ import time
 from common import WORK, emit, peak_rss_mb
 
 import batchkimi
-from batchkimi.client import Reply
-from batchkimi.response import Answer, Usage
+from batchkimi.http.response import Answer, Usage
+from batchkimi.http.transport import Reply
 
 ANSWER = Answer(content="positive", reasoning_content="The review praises the product. " * 8, tool_calls=None,
                 finish_reason="stop", usage=Usage(40, 60, 100, 0), model="kimi-k2.6", response_id="chatcmpl-x")

@@ -31,7 +31,7 @@ def main(base_url: str, data: str, output: str, concurrency: int, actors: int) -
     job = batchkimi.Job(input=data, output=output, base_url=base_url, thinking="enabled", stream=True, max_tokens=4096,
                         concurrency=concurrency, **extra)
     if actors:  # made before the run, so that its start-up is not counted in its cost per permit
-        from batchkimi.ray_limiter import limit_actor
+        from batchkimi.execution.ray_limiter import limit_actor
 
         before = ray.get(limit_actor(base_url, os.environ["TOKENHUB_API_KEY"], 0, 0, concurrency).stats.remote())
     t0 = time.perf_counter()
@@ -39,7 +39,7 @@ def main(base_url: str, data: str, output: str, concurrency: int, actors: int) -
     wall = time.perf_counter() - t0
     result = {"ok": summary.final_status.get("ok", 0), "wall_s": wall}
     if actors:
-        from batchkimi.ray_limiter import limit_name
+        from batchkimi.execution.ray_limiter import limit_name
 
         stats = ray.get(ray.get_actor(limit_name(base_url, os.environ["TOKENHUB_API_KEY"]), namespace="batchkimi").stats.remote())
         result.update(start_s=start_s, leases=stats["leases"], permits=stats["units"], limit_cpu_s=stats["busy_s"],

@@ -14,8 +14,8 @@ as a number.
 from __future__ import annotations
 
 import argparse
-import json
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -502,11 +502,15 @@ def budget_use(n: int, budgets: list[float], max_tokens: int, concurrency: int, 
         billed = ((st["prompt_tokens"] - st["cached_tokens"]) * 0.95 + st["cached_tokens"] * 0.16
                   + st["completion_tokens"] * 4.00) / 1e6
         per = billed / max(1, st["requests"])
-        rows.append(("14. a cost budget", f"${budget:g} budget, max_tokens {max_tokens:,}, C={concurrency}, answers of "
-                     f"about {st['completion_tokens'] // max(1, st['requests']):,} completion tokens (${per:.4f} a request)",
+        worst = max_tokens * 4.00 / 1e6  # a request's worst case: its whole max_tokens
+        roomy = budget >= 10 * worst  # a ceiling must stop a worst case short of the budget
+        rows.append(("14. a cost budget", f"${budget:g} budget ({budget / worst:.1f} worst cases of ${worst:.3f}), "
+                     f"max_tokens {max_tokens:,}, C={concurrency}, answers of about "
+                     f"{st['completion_tokens'] // max(1, st['requests']):,} completion tokens (${per:.4f} a request)",
                      f"**{billed / budget:.1%}** of the budget billed by the server (${billed:.4f}; batchkimi counted "
-                     f"${r['cost_usd']:.4f}), {st['requests']} requests", "never over; >= 90% used",
-                     verdict(billed <= budget + 1e-9 and billed / budget >= 0.9)))
+                     f"${r['cost_usd']:.4f}), {st['requests']} requests",
+                     "never over" + ("; >= 90% used" if roomy else " (too small a budget to use 90% of)"),
+                     verdict(billed <= budget + 1e-9 and (billed / budget >= 0.9 or not roomy))))
     return rows
 
 
@@ -550,7 +554,7 @@ def main() -> None:
         "rate": lambda: rate(90 if q else 180, rate_repeats),
         "ray": lambda: ray_scaling(1000 if q else 3000, 300),
         "paced": lambda: paced_429s(1000, 59, 50, 0.25),
-        "budget": lambda: budget_use(2000, [2.0, 10.0] if q else [2.0, 10.0, 25.0], 32768, 64, 2500),
+        "budget": lambda: budget_use(2000, [0.2, 2.0, 10.0] if q else [0.2, 2.0, 10.0, 25.0], 32768, 32, 2500),
     }
     rows: list[Row] = []
     for name in args.only.split(","):

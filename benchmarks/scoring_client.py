@@ -26,8 +26,8 @@ def out_dir(n: int) -> Path:
 def make(n: int) -> None:
     import pyarrow as pa
 
-    from batchkimi.parts import part_path, write_table_atomic
-    from batchkimi.results import result_schema
+    from batchkimi.output.parts import part_path, write_table_atomic
+    from batchkimi.output.results import result_schema
 
     out = out_dir(n)
     if out.exists() and len(list(out.glob("part-*.parquet"))) == (n + PER_PART - 1) // PER_PART:
@@ -53,7 +53,7 @@ def make(n: int) -> None:
 
 
 def score(n: int) -> None:
-    from batchkimi.scoring import score_output, specs_of
+    from batchkimi.scoring.score import score_output, specs_of
 
     specs = specs_of({"labels": list(LABELS)}, {"expected": "gold", "method": "label"})
     c0, t0 = cpu_s(), time.perf_counter()

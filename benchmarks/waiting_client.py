@@ -20,8 +20,8 @@ from common import WORK, cpu_s, emit, run_loop, write_prompts
 
 # Imported here, before any clock starts, by every kind: importing batchkimi costs about 0.45 s
 # of CPU, which inside the timed part would be charged to the minimal loop's chunks.
-from batchkimi.response import StreamAssembler
-from batchkimi.sse import SSEDecoder
+from batchkimi.http.response import StreamAssembler
+from batchkimi.http.sse import SSEDecoder
 
 
 async def baseline(base_url: str, n: int, concurrency: int, stream: bool, parse: bool = False) -> int:

@@ -15,8 +15,8 @@ from aiohttp import web
 from aioresponses import aioresponses
 
 import batchkimi
-from batchkimi.client import Timeouts, Transport
 from batchkimi.errors import ResponseError, TransportError
+from batchkimi.http.transport import Timeouts, Transport
 
 from .conftest import chunk, fast_job, sse, write_jsonl
 

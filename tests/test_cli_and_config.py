@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from batchkimi.cli import cli
 from batchkimi.config import Job, load_job
 from batchkimi.errors import ConfigError, DatasetError
-from batchkimi.reader import detect_format, read_rows, scan_input
+from batchkimi.input.reader import detect_format, read_rows, scan_input
 from batchkimi.request import RowInvalid, build_request, render_template
 
 from .conftest import TEST_KEY, write_jsonl

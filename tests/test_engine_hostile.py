@@ -20,15 +20,15 @@ import pytest
 from aiohttp import web
 
 import batchkimi
-from batchkimi.client import Reply
 from batchkimi.config import Job
 from batchkimi.errors import DatasetError, JobError, OutputError
-from batchkimi.ratelimit import RateLimiter
+from batchkimi.execution.row import RowEngine
+from batchkimi.http.response import Answer, Usage
+from batchkimi.http.transport import Reply
+from batchkimi.output.sink import Sink
+from batchkimi.policy.ratelimit import RateLimiter
+from batchkimi.policy.retry import RetryPolicy
 from batchkimi.request import build_request
-from batchkimi.response import Answer, Usage
-from batchkimi.retry import RetryPolicy
-from batchkimi.rowengine import RowEngine
-from batchkimi.sink import Sink
 
 from .conftest import TEST_KEY, chunk, fast_job, sse, write_jsonl
 
@@ -447,7 +447,7 @@ def test_a_generated_id_never_collides_with_a_real_one(tmp_path: Path, simulator
 
 def test_a_row_whose_request_cannot_be_built_is_invalid_and_the_job_goes_on(tmp_path: Path, simulator, monkeypatch) -> None:
     """Whatever goes wrong building one row's request costs that row, named, not the job."""
-    from batchkimi import runner
+    from batchkimi.execution import run as runner
 
     real = runner.build_request
 

@@ -64,13 +64,13 @@ def test_uvloop_asked_for_where_it_is_missing_is_a_clear_error(tmp_path: Path, m
     job = small_job(tmp_path, "http://127.0.0.1:9/v1", event_loop="uvloop")
     with pytest.raises(ConfigError, match="uvloop is not installed"):
         batchkimi.run(job)
-    from batchkimi.engine import loop_factory
+    from batchkimi.api import loop_factory
 
     assert loop_factory("auto") is None  # auto falls back to asyncio's own loop
 
 
 def test_the_cli_flag_chooses_the_loop(tmp_path: Path, simulator, monkeypatch: pytest.MonkeyPatch) -> None:
-    from batchkimi import engine
+    from batchkimi import api as engine
 
     asked: list[str] = []
     real = engine.loop_factory

@@ -24,8 +24,9 @@ import pytest
 from aiohttp import web
 
 import batchkimi
-from batchkimi import rowengine, runner
 from batchkimi.errors import JobError
+from batchkimi.execution import row as rowengine
+from batchkimi.execution import run as runner
 
 from .conftest import fast_job, write_jsonl
 

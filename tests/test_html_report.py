@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 import batchkimi
-from batchkimi import htmlreport
 from batchkimi.cli import cli
 from batchkimi.config import load_job
+from batchkimi.report import html as htmlreport
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -24,14 +24,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 import batchkimi
-from batchkimi import engine
+from batchkimi import api as engine
 from batchkimi.cli import cli
 from batchkimi.config import load_job
-from batchkimi.media import settings_for
-from batchkimi.ratelimit import RateLimiter
+from batchkimi.execution.row import RowEngine, endpoint, policy_of
+from batchkimi.input.media import settings_for
+from batchkimi.output.sink import read_results
+from batchkimi.policy.ratelimit import RateLimiter
 from batchkimi.request import build_request
-from batchkimi.rowengine import RowEngine, endpoint, policy_of
-from batchkimi.sink import read_results
 from batchkimi.tokens import MESSAGE_OVERHEAD_TOKENS, estimate_text_tokens
 
 from .conftest import TEST_KEY, fast_job, write_jsonl
@@ -530,7 +530,7 @@ def test_video_tokens_follow_the_file_size_on_both_sides(tmp_path: Path, simulat
 
 
 def test_byte_budget_is_first_come_first_served_and_never_leaks() -> None:
-    from batchkimi.media import ByteBudget
+    from batchkimi.input.media import ByteBudget
 
     async def go() -> None:
         b = ByteBudget(100)

@@ -247,7 +247,7 @@ def test_a_prompt_over_the_context_window_is_refused_before_sending(tmp_path: Pa
     data = write_jsonl(tmp_path / "in.jsonl", [{"id": "big", "prompt": big}, {"id": "mid", "prompt": medium},
                                                {"id": "ok", "prompt": "short"}])
     job = fast_job(tmp_path, h.base_url, input=str(data), max_tokens=32768)
-    report = batchkimi.engine.dry_run(job)
+    report = batchkimi.api.dry_run(job)
     assert report.status == {"invalid": 2, "to_send": 1}
     assert any("context window of 262,144" in line for line in report.invalid_examples)
     assert run(job).final_status == {"invalid": 2, "ok": 1}
@@ -583,7 +583,7 @@ def test_a_wait_under_max_wait_is_taken_and_shown_as_a_countdown(tmp_path: Path,
 
 def test_sparse_short_retry_after_429s_pace_one_request_not_the_job(tmp_path: Path, raw_server) -> None:
     """One 429 with Retry-After 1 on each of 12 of 200 rows: the rate is never cut and each of those rows waits its second."""
-    from batchkimi.rowengine import RowEngine, endpoint, limiter_of, policy_of
+    from batchkimi.execution.row import RowEngine, endpoint, limiter_of, policy_of
 
     seen: dict[str, int] = {}
     times: dict[str, list[float]] = {}

@@ -10,7 +10,7 @@ import pytest
 
 import batchkimi
 from batchkimi.errors import OutputError
-from batchkimi.sink import Sink
+from batchkimi.output.sink import Sink
 
 from .conftest import fast_job, write_jsonl
 

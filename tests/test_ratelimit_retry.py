@@ -8,8 +8,8 @@ import email.utils
 import pytest
 
 from batchkimi.errors import APIError
-from batchkimi.ratelimit import CompletionEstimate, RateLimiter
-from batchkimi.retry import RetryPolicy, parse_retry_after
+from batchkimi.policy.ratelimit import CompletionEstimate, RateLimiter
+from batchkimi.policy.retry import RetryPolicy, parse_retry_after
 
 
 class FakeClock:

@@ -200,7 +200,7 @@ def test_server_429s_cool_every_actor_down_together(tmp_path: Path, simulator, r
 def test_a_lost_limit_actor_leaves_each_worker_its_share_and_the_summary_says_so(tmp_path: Path, simulator,
                                                                                   ray_cluster: str) -> None:
     from batchkimi.events import RowFinished
-    from batchkimi.ray_limiter import limit_name
+    from batchkimi.execution.ray_limiter import limit_name
 
     h = simulator()
     path = write_jsonl(tmp_path / "in.jsonl", rows(200))
@@ -316,6 +316,6 @@ def test_without_ray_the_message_names_the_extra(tmp_path: Path, monkeypatch: py
 
 
 def test_the_core_never_imports_ray() -> None:
-    code = "import sys, batchkimi, batchkimi.cli, batchkimi.engine, batchkimi.runner; print('ray' in sys.modules)"
+    code = "import sys, batchkimi, batchkimi.cli, batchkimi.api, batchkimi.execution.run; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr

@@ -14,7 +14,7 @@ import pytest
 
 import batchkimi
 from batchkimi.errors import ConfigError, DatasetError, MissingKeyError, OutputError
-from batchkimi.sink import RESULT_COLUMNS
+from batchkimi.output.sink import RESULT_COLUMNS
 
 from .conftest import TEST_KEY, fast_job, write_jsonl
 

@@ -19,8 +19,10 @@ import batchkimi
 from batchkimi.cli import cli
 from batchkimi.config import load_job
 from batchkimi.errors import ConfigError
-from batchkimi.report import mcnemar_p
-from batchkimi.scoring import (
+from batchkimi.execution.summary import wilson
+from batchkimi.output.sink import read_results
+from batchkimi.report.report import mcnemar_p
+from batchkimi.scoring.score import (
     ExtractSpec,
     ScoreSpec,
     Specs,
@@ -31,8 +33,6 @@ from batchkimi.scoring import (
     score_row,
     specs_of,
 )
-from batchkimi.sink import read_results
-from batchkimi.summary import wilson
 
 from .conftest import fast_job, write_jsonl
 
@@ -304,14 +304,14 @@ def test_tool_rows_record_whether_their_arguments_are_valid(tmp_path: Path, simu
     ("Correct!", (None, None, "the grader's answer is not JSON")),
 ])
 def test_grader_verdicts(content: str, expected: tuple) -> None:
-    from batchkimi.grader import verdict
+    from batchkimi.scoring.grader import verdict
 
     assert verdict(content) == expected
 
 
 def test_a_model_graded_run_grades_each_distinct_answer_once(tmp_path: Path, simulator) -> None:
-    from batchkimi.grader import DEFAULT_PROMPT, grader_job
     from batchkimi.request import build_request
+    from batchkimi.scoring.grader import DEFAULT_PROMPT, grader_job
 
     h = simulator()
     job = load_job(ROOT / "jobs" / "graded_eval.toml", {"output": str(tmp_path / "g"), "base_url": h.base_url})

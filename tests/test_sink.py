@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from batchkimi.sink import Sink, read_results
+from batchkimi.output.sink import Sink, read_results
 
 
 def row(pos: int, status: str = "ok", **kw) -> dict:  # noqa: ANN003

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from batchkimi.errors import APIError, ResponseError
-from batchkimi.response import StreamAssembler, classify, error_from_response, parse_completion
-from batchkimi.sse import SSEDecoder
+from batchkimi.http.response import StreamAssembler, classify, error_from_response, parse_completion
+from batchkimi.http.sse import SSEDecoder
 
 from .conftest import chunk, sse
 
@@ -228,7 +228,7 @@ def test_sse_an_empty_read_keeps_a_pending_cr() -> None:
 def test_retry_after_date_with_minus_zero_zone_is_utc(monkeypatch) -> None:
     import time as _time
 
-    from batchkimi.retry import parse_retry_after
+    from batchkimi.policy.retry import parse_retry_after
 
     monkeypatch.setenv("TZ", "CST-8")  # UTC+8, a POSIX rule: no tz database needed
     _time.tzset()

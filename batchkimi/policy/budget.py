@@ -24,9 +24,9 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .kimi import CONTEXT_LIMIT_TOKENS
-from .parts import part_paths, part_seq
-from .summary import cost_usd
+from ..execution.summary import cost_usd
+from ..kimi import CONTEXT_LIMIT_TOKENS
+from ..output.parts import part_paths, part_seq
 
 PROMPT_MARGIN = 1.25
 

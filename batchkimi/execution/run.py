@@ -31,13 +31,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from . import __version__
-from .breaker import FailureBreaker
-from .budget import BudgetGate, output_spend
-from .config import SIMULATOR_PACING, Job, job_notices
-from .errors import ConfigError, FatalAPIError, JobError, OutputError
-from .events import Hook, Notice, RowFinished, RunStarted, SafeHook, Stopping
-from .folder import (
+from .. import __version__
+from ..config import SIMULATOR_PACING, Job, job_notices
+from ..errors import ConfigError, FatalAPIError, JobError, OutputError
+from ..events import Hook, Notice, RowFinished, RunStarted, SafeHook, Stopping
+from ..input.folder import (
     INDEX,
     FolderScan,
     mark_gone,
@@ -46,14 +44,26 @@ from .folder import (
     scan_folder,
     write_index,
 )
-from .grader import grade_pending, known_grades
-from .input_history import first_change, remember
-from .media import MediaSettings, has_media, known_from, settings_for
-from .parts import ResumeState
-from .reader import InputScan, SourceRow, columns_seen, detect_format, read_rows, row_id, scan_input
-from .request import Prepared, RowInvalid, build_request, thinking_budget_note
-from .results import invalid_row, kept_column_name, text
-from .rowengine import (
+from ..input.history import first_change, remember
+from ..input.media import MediaSettings, has_media, known_from, settings_for
+from ..input.reader import (
+    InputScan,
+    SourceRow,
+    columns_seen,
+    detect_format,
+    read_rows,
+    row_id,
+    scan_input,
+)
+from ..output.parts import ResumeState
+from ..output.results import invalid_row, kept_column_name, text
+from ..output.sink import MANIFEST, Sink
+from ..policy.breaker import FailureBreaker
+from ..policy.budget import BudgetGate, output_spend
+from ..request import Prepared, RowInvalid, build_request, thinking_budget_note
+from ..scoring.grader import grade_pending, known_grades
+from ..scoring.score import score_output, specs_of
+from .row import (
     AccountWaiting,
     RowAbandoned,
     RowEngine,
@@ -62,8 +72,6 @@ from .rowengine import (
     policy_of,
     sent_max_tokens,
 )
-from .scoring import score_output, specs_of
-from .sink import MANIFEST, Sink
 from .summary import Summary, resume_time
 
 PREPARE_IN_THREAD = 32  # rows with media checked per trip to a worker thread
@@ -175,7 +183,7 @@ def check_resume(manifest: dict[str, Any] | None, job: Job, scan: InputScan | No
                  path: Path | None = None, fmt: str | None = None) -> bool:
     """Refuse to resume over results of another input (``scan`` None: a folder, whose index
     carries its own history) or of other requests. True when the input grew since (rows
-    appended, files added: see :mod:`batchkimi.input_history`), which resumes."""
+    appended, files added: see :mod:`batchkimi.input.history`), which resumes."""
     if not manifest:
         return False
     fresh = f"Use a new --output, or pass --overwrite to delete {out} and start fresh."

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from .errors import OutputError
-from .parts import iter_newest
-from .results import kept_column_name
-from .sink import Sink, read_results
-from .summary import wilson
+from ..errors import OutputError
+from ..execution.summary import wilson
+from ..output.parts import iter_newest
+from ..output.results import kept_column_name
+from ..output.sink import Sink, read_results
 
 _BASE = ["id", "row", "status", "finish_reason", "error_type", "error_message", "prompt_tokens", "completion_tokens",
          "cached_tokens", "cost_usd", "latency_s", "ttft_s", "attempts", "model"]
@@ -66,7 +66,7 @@ def _mean_ci(x: np.ndarray) -> tuple[float, float]:
 
 def report(output: str | Path, results: Any = None) -> dict[str, Any]:
     """The report of one output directory as plain data (what ``--json`` prints). ``results``:
-    the output's rows already read (:func:`~batchkimi.sink.read_results`), if the caller has them."""
+    the output's rows already read (:func:`~batchkimi.output.sink.read_results`), if the caller has them."""
     out = Path(output)
     manifest = _manifest(out)
     columns = _BASE + _SCORE + [kept_column_name(c) for c in _group_columns(manifest)]

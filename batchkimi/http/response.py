@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from .errors import APIError, HTTPStatusError, ResponseError, json_type
+from ..errors import APIError, HTTPStatusError, ResponseError, json_type
 from .sse import SSEDecoder
 
 

@@ -2,7 +2,7 @@
 
 It is the whole per-row path (limiter, transport, retry decisions, the result row) and all
 another scheduler needs: a Ray actor, or any asyncio worker, builds one with
-:meth:`RowEngine.create` (or hands it its own :class:`~batchkimi.ratelimit.Limiter`) and
+:meth:`RowEngine.create` (or hands it its own :class:`~batchkimi.policy.ratelimit.Limiter`) and
 awaits :meth:`RowEngine.process`.
 
 Guarantees, whatever happens to a request:
@@ -13,7 +13,7 @@ Guarantees, whatever happens to a request:
   back-off raises :class:`RowAbandoned` (it is pending, to be sent on resume), and so does a
   row whose attempt in flight fails retryably;
 - a hook that raises never loses the row it was told about (see :class:`~batchkimi.events.SafeHook`);
-- a row with local images or videos waits for the job's :class:`~batchkimi.media.ByteBudget`
+- a row with local images or videos waits for the job's :class:`~batchkimi.input.media.ByteBudget`
   before its files are read (in a thread), holds it while it is sent and retried, and gives it
   back however it ends; a file that cannot be read then is that row's ``error`` row.
 """
@@ -30,17 +30,17 @@ from typing import Any
 
 import orjson
 
-from .breaker import FailureBreaker
-from .client import Reply, Timeouts, Transport
-from .config import SIMULATOR, Job
-from .errors import APIError, FatalAPIError
-from .events import AttemptFinished, AttemptStarted, Hook, SafeHook, Waiting, no_hook
-from .media import ByteBudget, MediaInvalid, materialize
-from .ratelimit import Clock, CompletionEstimate, Limiter, MonotonicClock, RateLimiter
-from .request import Prepared
-from .response import is_overload
-from .results import error_row, ok_row
-from .retry import RetryPolicy
+from ..config import SIMULATOR, Job
+from ..errors import APIError, FatalAPIError
+from ..events import AttemptFinished, AttemptStarted, Hook, SafeHook, Waiting, no_hook
+from ..http.response import is_overload
+from ..http.transport import Reply, Timeouts, Transport
+from ..input.media import ByteBudget, MediaInvalid, materialize
+from ..output.results import error_row, ok_row
+from ..policy.breaker import FailureBreaker
+from ..policy.ratelimit import Clock, CompletionEstimate, Limiter, MonotonicClock, RateLimiter
+from ..policy.retry import RetryPolicy
+from ..request import Prepared
 from .summary import cost_usd
 
 SHORT_RETRY_AFTER_S = 2.0  # a Retry-After this short paces one request, not the whole job
@@ -63,7 +63,7 @@ class AccountWaiting(Exception):
 
 
 class RowEngine:
-    """Sends one request, with retries, through a shared :class:`~batchkimi.ratelimit.Limiter`.
+    """Sends one request, with retries, through a shared :class:`~batchkimi.policy.ratelimit.Limiter`.
 
     Example (inside any asyncio worker, a Ray actor included)::
 
@@ -217,7 +217,9 @@ class RowEngine:
             wait = pause if pause is not None else self.policy.backoff_s(attempts, self.rng)
             # An overload (no server-given wait) or a short Retry-After backs off this request;
             # the shared rate is cut only when they cluster. A longer wait pauses every worker.
-            paced = (is_overload(exc) and pause is None) or (pause is not None and pause <= SHORT_RETRY_AFTER_S)
+            # Short waits that cluster (a limit that really binds) are shared like any other 429.
+            short = pause is not None and pause <= SHORT_RETRY_AFTER_S and not getattr(self.limiter, "clustered", False)
+            paced = (is_overload(exc) and pause is None) or short
             self.limiter.cool_down(wait, overload=paced)
             shared = not paced
             if not paced and wait >= COUNTDOWN_FROM_S:
@@ -293,7 +295,7 @@ async def endpoint(job: Job, api_key: str, base_url: str | None = None) -> Async
     sim = None
     if url == SIMULATOR:
         # The simulator is a product of its own: imported only here, only when asked for.
-        from .simulator import start_in_thread
+        from ..simulator import start_in_thread
 
         sim = await asyncio.to_thread(start_in_thread, dict(job.simulator))
         url = sim.base_url

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ..output.sink import read_results
 from .report import _manifest, report
-from .sink import read_results
 
 PER_PAGE = 200
 SHEET_MAX = 5000  # items on the contact sheet at most (25 pages): a thumbnail costs a decode

@@ -33,7 +33,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import DatasetError, json_type
+from ..errors import DatasetError, json_type
 
 BATCH_ROWS = 1024
 BOM = b"\xef\xbb\xbf"

@@ -2,17 +2,17 @@
 
 The driver (this process) does what a local run does around the requests: it reads the output
 directory to know which rows are done, writes the manifest, journals every result as it comes
-back, compacts, scores and summarises (it *is* a :class:`~batchkimi.runner.JobRun`). What it
+back, compacts, scores and summarises (it *is* a :class:`~batchkimi.execution.run.JobRun`). What it
 hands to Ray is the middle: it cuts the input into blocks of ``ray_block_rows`` rows (byte
 offsets of a JSONL file, row ranges of a Parquet row group; the rows themselves are not read
 here), and a Ray Dataset of those blocks, one Ray block each, goes through ``map_batches`` on a
 pool of actors. Each actor (:class:`BlockWorker`) reads its block's rows from the shared input,
-checks and prepares them (media files included) with :func:`~batchkimi.runner.prepare_row`,
-and sends them with batchkimi's own :class:`~batchkimi.rowengine.RowEngine` (client, SSE,
+checks and prepares them (media files included) with :func:`~batchkimi.execution.run.prepare_row`,
+and sends them with batchkimi's own :class:`~batchkimi.execution.row.RowEngine` (client, SSE,
 retries, error rows): one code path for a request, local or on a cluster. The block is the
 unit of commit: its result rows come back together and are journaled at once.
 
-One limit for the cluster: a named actor per (endpoint, key) (:mod:`batchkimi.ray_limiter`).
+One limit for the cluster: a named actor per (endpoint, key) (:mod:`batchkimi.execution.ray_limiter`).
 
 Stopping (a signal, a fatal error, the budget): the driver tells every worker through a small
 per-run actor; workers start no new attempt (rows not sent stay pending), requests in flight get
@@ -38,17 +38,17 @@ from typing import Any
 
 import orjson
 
-from .breaker import FailureBreaker
-from .budget import Reservation
-from .client import Transport
-from .config import Job
-from .errors import ConfigError, FatalAPIError, JobError
-from .events import Hook, no_hook
+from ..config import Job
+from ..errors import ConfigError, FatalAPIError, JobError
+from ..events import Hook, no_hook
+from ..http.transport import Transport
+from ..input.reader import _iter_jsonl, jsonl_blocks, parquet_block_rows, parquet_blocks
+from ..output.results import invalid_row
+from ..policy.breaker import FailureBreaker
+from ..policy.budget import Reservation
 from .ray_limiter import LeasedLimiter, limit_actor, limit_name
-from .reader import _iter_jsonl, jsonl_blocks, parquet_block_rows, parquet_blocks
-from .results import invalid_row
-from .rowengine import AccountWaiting, RowAbandoned, RowEngine, policy_of, timeouts_of
-from .runner import _END, JobRun, _tokens_of, kept_values, prepare_row
+from .row import AccountWaiting, RowAbandoned, RowEngine, policy_of, timeouts_of
+from .run import _END, JobRun, _tokens_of, kept_values, prepare_row
 from .summary import Summary, resume_time
 
 log = logging.getLogger("batchkimi.ray")
@@ -369,7 +369,7 @@ def run_on_ray(job: Job, *, hook: Hook = no_hook, api_key: str, overwrite: bool 
         ctx.enable_progress_bars = False
         ctx.execution_options.preserve_order = False
     try:
-        from .engine import loop_factory
+        from ..api import loop_factory
 
         # Ray's workers do not run in this directory: every path they see is absolute.
         job = dataclasses.replace(job, **{k: str(Path(v).expanduser().resolve()) for k in ("input", "output", "media_root", "ca_file")

@@ -32,13 +32,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import OutputError
 from . import parts
-from .errors import OutputError
 from .journal import Journal, encode_rows, write_all
 from .parts import ResumeState
 from .results import RESULT_COLUMNS, kept_column_name, result_schema
 
-SCORES = "_scores.parquet"  # written by batchkimi.scoring
+SCORES = "_scores.parquet"  # written by batchkimi.scoring.score
 
 __all__ = ["MANIFEST", "RESULT_COLUMNS", "ResumeState", "Sink", "kept_column_name", "read_results"]
 

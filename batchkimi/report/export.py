@@ -27,15 +27,15 @@ import orjson
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .parts import iter_newest
-from .results import RESULT_COLUMNS
-from .sink import SCORES
+from ..output.parts import iter_newest
+from ..output.results import RESULT_COLUMNS
+from ..output.sink import SCORES
 
 FORMATS = ("jsonl", "csv", "openai-batch")
 
 
 def _columns(out: Path) -> list[str]:
-    from . import parts
+    from ..output import parts
 
     paths = parts.part_paths(out)
     return pq.read_schema(paths[-1]).names if paths else list(RESULT_COLUMNS)

@@ -7,7 +7,7 @@ stream chunks; ``attempt`` for the whole attempt (for a non-streaming request, t
 is the first byte, so only ``attempt`` applies). One deadline is moved forward as chunks
 arrive, so a stalled stream is cut within ``idle`` seconds however long it has run.
 
-The stream is read with ``iter_any()`` and split by :class:`~batchkimi.sse.SSEDecoder`:
+The stream is read with ``iter_any()`` and split by :class:`~batchkimi.http.sse.SSEDecoder`:
 ``resp.content`` line iteration raises on lines over 128 KiB, and Kimi's get that long.
 After ``[DONE]`` the body is read to its end (for at most ``drain`` seconds): a response
 dropped before its end closes the connection, and over the internet each new one is a TLS
@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
-from . import __version__
-from .errors import APIError, ResponseError, TransportError
+from .. import __version__
+from ..errors import APIError, ResponseError, TransportError
+from ..policy.retry import parse_retry_after
 from .response import (
     Answer,
     StreamAssembler,
@@ -40,7 +41,6 @@ from .response import (
     parse_completion,
     parse_sse_body,
 )
-from .retry import parse_retry_after
 from .sse import SSEDecoder
 
 

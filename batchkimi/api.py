@@ -1,8 +1,8 @@
 """The engine's public doors: :func:`run` (sync), :func:`run_async`, :func:`dry_run`.
 
-- :class:`~batchkimi.rowengine.RowEngine` sends *one* prepared request with its retries
+- :class:`~batchkimi.execution.row.RowEngine` sends *one* prepared request with its retries
   through the shared limiter and returns its result row: the door for other schedulers.
-- :class:`~batchkimi.runner.JobRun` is the whole job: scan the input, open the output
+- :class:`~batchkimi.execution.run.JobRun` is the whole job: scan the input, open the output
   (resuming), feed rows through a bounded queue to ``concurrency`` workers, and hand every
   result to the one writer task, all in one task group.
 
@@ -25,13 +25,8 @@ import numpy as np
 from .config import Job, job_notices, resolve_api_key
 from .errors import ConfigError
 from .events import Hook, no_hook
-from .folder import INDEX, FolderScan, read_index, resume_marks
-from .media import with_marker_note
-from .parts import ResumeState
-from .ratelimit import CompletionEstimate
-from .reader import read_rows
-from .rowengine import RowAbandoned, RowEngine
-from .runner import (
+from .execution.row import RowAbandoned, RowEngine
+from .execution.run import (
     JobRun,
     LineBudgetNotes,
     check_resume,
@@ -42,8 +37,13 @@ from .runner import (
     prepare_row,
     refuse_foreign_output,
 )
-from .sink import Sink
-from .summary import DryRunReport, Summary
+from .execution.summary import DryRunReport, Summary
+from .input.folder import INDEX, FolderScan, read_index, resume_marks
+from .input.media import with_marker_note
+from .input.reader import read_rows
+from .output.parts import ResumeState
+from .output.sink import Sink
+from .policy.ratelimit import CompletionEstimate
 
 __all__ = ["RowAbandoned", "RowEngine", "Summary", "dry_run", "run", "run_async"]
 INVALID_SHOWN = 50  # rows named one by one in a dry run's report
@@ -139,7 +139,7 @@ async def run_async(
     Cancelling it ends every task it started.
 
     ``transport`` replaces the HTTP transport (anything with ``async complete(body, *, stream,
-    payload)`` returning a :class:`~batchkimi.client.Reply`): for benchmarks of the engine alone."""
+    payload)`` returning a :class:`~batchkimi.http.transport.Reply`): for benchmarks of the engine alone."""
     if job.engine == "ray":
         raise ConfigError("engine = 'ray' runs through batchkimi.run() or the CLI (they start and end the Ray connection)")
     key = api_key or resolve_api_key(job)  # before the dataset is read
@@ -170,7 +170,7 @@ def run(job: Job, **kwargs: Any) -> Summary:
         for name in ("stop", "transport"):
             if kwargs.get(name) is not None:
                 raise ConfigError(f"engine = 'ray' takes no {name}=: the requests are sent by the cluster's actors")
-        from .ray_engine import run_on_ray  # the core never imports Ray
+        from .execution.ray import run_on_ray  # the core never imports Ray
 
         key = kwargs.pop("api_key", None) or resolve_api_key(job)
         return run_on_ray(job, api_key=key, **{k: v for k, v in kwargs.items() if k not in ("stop", "transport")})

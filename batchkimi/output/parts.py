@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from .rerun import KINDS, kinds_of, resend_mask
+from ..policy.rerun import KINDS, kinds_of, resend_mask
 from .results import rows_to_table
 
 PART = re.compile(r"^part-(\d{6,})\.parquet$")
@@ -114,7 +114,7 @@ def conform(directory: Path, schema: pa.Schema) -> int:
 @dataclass
 class ResumeState:
     """What earlier runs left: which input positions are finished, and the latest status of each
-    row with what a rerun needs to know of it (:mod:`batchkimi.rerun`)."""
+    row with what a rerun needs to know of it (:mod:`batchkimi.policy.rerun`)."""
 
     done: np.ndarray  # bool per input position, by the default rerun rules
     latest_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -125,7 +125,7 @@ class ResumeState:
 
     def apply_rerun(self, retry: frozenset[str], max_tokens: int | None) -> np.ndarray:
         """Mark done, in place, every position a rerun with ``retry`` and ``max_tokens`` does not
-        send again (see :func:`batchkimi.rerun.resend_mask`); returns ``done``."""
+        send again (see :func:`batchkimi.policy.rerun.resend_mask`); returns ``done``."""
         self.done[:] = False
         final = ~resend_mask(self.latest_kinds, self.latest_max_tokens, retry, max_tokens)
         self.done[self.latest_rows[final]] = True

@@ -46,7 +46,7 @@ from typing import Any
 import puremagic
 from PIL import Image
 
-from .tokens import URL_MEDIA_TOKENS, image_tokens, video_tokens
+from ..tokens import URL_MEDIA_TOKENS, image_tokens, video_tokens
 
 # What Kimi takes, as the MIME type in a data URL.
 IMAGE_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
@@ -710,7 +710,7 @@ def settings_for(job: Any, input_path: Path | None) -> MediaSettings:
         root = Path(os.path.realpath(p if p.is_dir() else p.parent))
     else:
         root = None
-    from .kimi import takes_video
+    from ..kimi import takes_video
 
     return MediaSettings(
         image_columns=tuple(job.image_columns), video_columns=tuple(job.video_columns), root=root,

@@ -20,7 +20,7 @@ how to grade it against an expected column (both optional)::
 tool-call arguments follow their tool's JSON schema, the expected value, ``score`` (1.0 right,
 0.0 wrong, null when there is nothing to score) and ``score_error`` (why there is no score, or
 why the extraction failed). A row that cannot be extracted or scored gets its reason, never a
-crash, and its request ``status`` is never changed. :func:`~batchkimi.sink.read_results`
+crash, and its request ``status`` is never changed. :func:`~batchkimi.output.sink.read_results`
 joins the scores to the rows.
 """
 
@@ -40,10 +40,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import parts
-from .errors import ConfigError
-from .results import kept_column_name
-from .sink import SCORES
+from ..errors import ConfigError
+from ..output import parts
+from ..output.results import kept_column_name
+from ..output.sink import SCORES
 
 METHODS = ("exact", "normalized", "contains", "regex", "numeric", "json_field", "label", "model")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
@@ -70,7 +70,7 @@ class ScoreSpec:
     labels: tuple[str, ...] = ()
     group_by: tuple[str, ...] = ()
     question: str | None = None  # model: the input column with the question (kept automatically)
-    grader_prompt: str | None = None  # model: {question}, {reference}, {answer}; see batchkimi.grader
+    grader_prompt: str | None = None  # model: {question}, {reference}, {answer}; see batchkimi.scoring.grader
     grader_model: str | None = None  # model: default, the job's model
 
 

@@ -57,7 +57,7 @@ class MonotonicClock:
 
 class Limiter(Protocol):
     """What the engine needs of a scheduler's limiter; another one (a cluster-wide one, say)
-    can be handed to :class:`~batchkimi.rowengine.RowEngine` in its place.
+    can be handed to :class:`~batchkimi.execution.row.RowEngine` in its place.
 
     Every permit that :meth:`acquire` returns is released exactly once, whatever happens to
     its request (the engine releases it in a ``finally``)."""
@@ -69,6 +69,43 @@ class Limiter(Protocol):
     def cool_down(self, delay_s: float, *, overload: bool = False) -> None: ...
 
     def pause(self, delay_s: float) -> None: ...
+
+    @property
+    def clustered(self) -> bool:
+        """Whether recent overloads and short-wait 429s are a cluster (a limit that binds)."""
+        ...
+
+
+class RecentShare:
+    """Decaying counts of attempts and of 429s over ``window_s``: whether the 429s are a cluster
+    (at least ``min_count`` of them and ``share`` of the attempts), or sparse."""
+
+    def __init__(self, window_s: float = 5.0, min_count: float = 3.0, share: float = 0.1) -> None:
+        self.window_s, self.min_count, self.share = window_s, min_count, share
+        self.attempts = 0.0
+        self.hits = 0.0
+        self._at = time.monotonic()
+
+    def _decay(self) -> None:
+        now = time.monotonic()
+        if now > self._at:
+            f = math.exp(-(now - self._at) / self.window_s)
+            self.attempts *= f
+            self.hits *= f
+            self._at = now
+
+    def attempt(self, n: int = 1) -> None:
+        self._decay()
+        self.attempts += n
+
+    def hit(self) -> None:
+        self._decay()
+        self.hits += 1
+
+    @property
+    def clustered(self) -> bool:
+        self._decay()
+        return self.hits >= self.min_count and self.hits >= self.share * max(self.attempts, 1.0)
 
 
 class CompletionEstimate:
@@ -281,6 +318,14 @@ class RateLimiter:
             self.share = max(self.min_share, self.share * self.decrease_factor)
             self._req_level = min(self._req_level, 0.0)
             self._tok_level = min(self._tok_level, 0.0)
+
+    @property
+    def clustered(self) -> bool:
+        """Whether recent overloads and short-wait 429s are a cluster (see :meth:`cool_down`)."""
+        self._decay(self.clock.now())
+        attempts = self._recent_done + self.in_flight
+        return (self._recent_overloads >= self.overload_cluster_min
+                and self._recent_overloads >= self.overload_cluster_share * max(attempts, 1.0))
 
     def pause(self, delay_s: float) -> None:
         """Wait ``delay_s`` without cutting the rate (a server said its window is spent)."""

@@ -1,12 +1,12 @@
 """One rate limit for a whole Ray cluster: a named actor holds the budget, workers lease it.
 
-:class:`GlobalLimit` is the actor's body: the same :class:`~batchkimi.ratelimit.RateLimiter`
+:class:`GlobalLimit` is the actor's body: the same :class:`~batchkimi.policy.ratelimit.RateLimiter`
 state the local engine uses (token buckets for requests and tokens, the shared 429 cool-down,
 the AIMD share), driven by leases instead of awaits. One exists per (endpoint, API key) in a
 cluster, named by a hash of both (:func:`limit_name`), so every job on that key shares it.
 
-:class:`LeasedLimiter` is what each worker's :class:`~batchkimi.rowengine.RowEngine` holds
-(the :class:`~batchkimi.ratelimit.Limiter` protocol). It takes *units* (one request with its
+:class:`LeasedLimiter` is what each worker's :class:`~batchkimi.execution.row.RowEngine` holds
+(the :class:`~batchkimi.policy.ratelimit.Limiter` protocol). It takes *units* (one request with its
 expected tokens) from the actor a few at a time, so the actor answers a call per few requests,
 not per request; reports what requests really used on the next call; forwards 429s to the
 actor, whose cool-down and cut then reach every worker on their next lease. Concurrency is
@@ -28,7 +28,7 @@ import math
 import time
 from typing import Any
 
-from .ratelimit import CompletionEstimate, Permit, RateLimiter
+from ..policy.ratelimit import CompletionEstimate, Permit, RateLimiter, RecentShare
 
 log = logging.getLogger("batchkimi.ray")
 
@@ -92,6 +92,7 @@ class GlobalLimit:
                     lim._tok_level -= unit_tokens
                 granted += 1
             self.units += granted
+            lim._released_since += granted  # attempts, for the share of 429s that makes a cluster
             return granted, max(wait, 1e-3) if granted < units else 0.0, lim.share
         finally:
             self.busy_s += time.process_time() - t0
@@ -149,6 +150,7 @@ class LeasedLimiter:
         self._lock = asyncio.Lock()
         self._released = asyncio.Event()
         self._sent: list[Any] = []  # cool-downs forwarded, checked at the next lease
+        self.recent = RecentShare()  # this worker's attempts and cluster-gated 429s
 
     @property
     def concurrency_cap(self) -> int:
@@ -207,6 +209,7 @@ class LeasedLimiter:
                         continue
                 self.units -= 1
                 self.in_flight += 1
+                self.recent.attempt()
                 permit = _Leased(self.unit_tokens)
                 if self.tpm and tokens != self.unit_tokens:
                     self.token_adjust += tokens - self.unit_tokens
@@ -231,11 +234,18 @@ class LeasedLimiter:
             self.token_adjust += actual_tokens - permit.reserved_tokens
         self._released.set()
 
+    @property
+    def clustered(self) -> bool:
+        """Whether this worker's overloads and short-wait 429s are a cluster, not sparse."""
+        return self.fallback.clustered if self.fallback is not None else self.recent.clustered
+
     def cool_down(self, delay_s: float, *, overload: bool = False) -> None:
         self.rate_limited += 1
         if self.fallback is not None:
             self.fallback.cool_down(delay_s, overload=overload)
             return
+        if overload:
+            self.recent.hit()
         if not overload:  # this worker pauses now; the others at their next lease
             self.cool_until = max(self.cool_until, time.monotonic() + delay_s)
         self._forward("cool_down", delay_s, overload)

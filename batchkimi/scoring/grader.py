@@ -21,12 +21,12 @@ from typing import Any
 
 import orjson
 
-from .config import Job
-from .events import Hook, no_hook
-from .parts import iter_newest
-from .results import kept_column_name
-from .scoring import Specs, answer_json
-from .sink import read_results
+from ..config import Job
+from ..events import Hook, no_hook
+from ..output.parts import iter_newest
+from ..output.results import kept_column_name
+from ..output.sink import read_results
+from .score import Specs, answer_json
 
 GRADER = "_grader"
 DEFAULT_PROMPT = """You are grading an answer against a reference answer.
@@ -121,7 +121,7 @@ def grader_job(job: Job, specs: Specs, input_path: Path, output: Path) -> Job:
 
 async def grade_pending(out: Path, job: Job, specs: Specs, api_key: str, *, hook: Hook = no_hook) -> dict[str, int]:
     """Grade the answers that have no grade yet (one resumable pass); what it did."""
-    from .runner import JobRun
+    from ..execution.run import JobRun
 
     rows = _rows_to_grade(out, specs)
     known = known_grades(out)

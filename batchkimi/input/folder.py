@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import parts
-from .errors import ConfigError, OutputError
+from ..errors import ConfigError, OutputError
+from ..output import parts
 from .media import inspect
 
 INDEX = "_media_index.jsonl"
@@ -244,7 +244,7 @@ def resume_marks(out: Path, scan: FolderScan, done: np.ndarray) -> np.ndarray:
 def mark_gone(sink: Any, entries: list[dict[str, Any]]) -> int:
     """Give the rows of gone files ``media_gone = true`` (and take it from files that came back),
     as a new part that supersedes their old copies; the number of rows changed. Call it after
-    :meth:`~batchkimi.sink.Sink.compact`: each row is then in one part only."""
+    :meth:`~batchkimi.output.sink.Sink.compact`: each row is then in one part only."""
     gone = np.fromiter((pos for pos, e in enumerate(entries) if e.get("gone")), dtype=np.int64)
     tables = []
     for path in parts.part_paths(sink.dir):

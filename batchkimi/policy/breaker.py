@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import APIError
+from ..errors import APIError
 
 UNREACHABLE = frozenset({"connect_error", "connect_timeout"})
 _NUMBERS = re.compile(r"\d+")
