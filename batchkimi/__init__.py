@@ -4,14 +4,60 @@ Library use::
 
     import batchkimi
     job = batchkimi.load_job("jobs/demo.toml")
-    summary = batchkimi.run(job)
+    summary = batchkimi.run(job)               # in a notebook: await batchkimi.run_async(job)
     df = batchkimi.read_results(job.output)
+
+The names below are imported when first used, so ``import batchkimi`` (and ``batchkimi
+--help``) stays quick.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .api import RowEngine, Summary, run, run_async  # noqa: E402
-from .config import Job, load_job  # noqa: E402
-from .output.sink import read_results  # noqa: E402
+# public name -> the module that defines it
+_PUBLIC = {
+    "Job": "batchkimi.config", "load_job": "batchkimi.config", "resolve_api_key": "batchkimi.config",
+    "run": "batchkimi.api", "run_async": "batchkimi.api", "dry_run": "batchkimi.api", "RowEngine": "batchkimi.api",
+    "Summary": "batchkimi.execution.summary", "DryRunReport": "batchkimi.execution.summary",
+    "build_request": "batchkimi.request", "Prepared": "batchkimi.request", "RowInvalid": "batchkimi.request",
+    "read_results": "batchkimi.output.sink",
+    "BatchKimiError": "batchkimi.errors", "JobError": "batchkimi.errors", "ConfigError": "batchkimi.errors",
+    "MissingKeyError": "batchkimi.errors", "DatasetError": "batchkimi.errors", "OutputError": "batchkimi.errors",
+    "FatalAPIError": "batchkimi.errors", "APIError": "batchkimi.errors",
+}
 
-__all__ = ["Job", "RowEngine", "Summary", "__version__", "load_job", "read_results", "run", "run_async"]
+__all__ = [
+    "APIError", "BatchKimiError", "ConfigError", "DatasetError", "DryRunReport", "FatalAPIError", "Job", "JobError",
+    "MissingKeyError", "OutputError", "Prepared", "RowEngine", "RowInvalid", "Summary", "__version__", "build_request",
+    "dry_run", "load_job", "read_results", "resolve_api_key", "run", "run_async",
+]
+
+if TYPE_CHECKING:
+    from .api import RowEngine, dry_run, run, run_async
+    from .config import Job, load_job, resolve_api_key
+    from .errors import (
+        APIError,
+        BatchKimiError,
+        ConfigError,
+        DatasetError,
+        FatalAPIError,
+        JobError,
+        MissingKeyError,
+        OutputError,
+    )
+    from .execution.summary import DryRunReport, Summary
+    from .output.sink import read_results
+    from .request import Prepared, RowInvalid, build_request
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batchkimi' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -280,9 +280,10 @@ def score(output: Path, job_file: Path | None) -> None:
     except, for a model-graded score, the grading requests of answers not graded yet."""
     import asyncio
 
-    from .execution.summary import accuracy_text
-    from .scoring.grader import grade_pending, known_grades
+    from .api import grade
+    from .scoring.grader import known_grades
     from .scoring.score import score_output, specs_of
+    from .stats import accuracy_text
 
     try:
         job = _job_for(output, job_file)
@@ -291,7 +292,7 @@ def score(output: Path, job_file: Path | None) -> None:
             raise _Fail("nothing to do: the job has no [extract], no [score] and no tools (pass --job with them)")
         grades = None
         if specs.score is not None and specs.score.method == "model":
-            graded = asyncio.run(grade_pending(output, job, specs, resolve_api_key(job)))
+            graded = asyncio.run(grade(output, job, resolve_api_key(job)))
             click.echo(f"model grader: {graded['graded_now']} answers graded now, {graded['answers']} in all", err=True)
             grades = known_grades(output)
     except JobError as exc:

@@ -124,3 +124,13 @@ def thinking_budget_note(max_tokens: int | None, thinking_on: bool, source: str)
     return (f"{source} sets max_tokens = {max_tokens:,} with thinking on: Kimi's guide asks for at least "
             f"{THINKING_MIN_MAX_TOKENS:,} (32,768 recommended), since reasoning and answer share it; "
             "expect truncated rows (finish_reason 'length', often with an empty answer)")
+
+
+def cost_usd(prices: Any, model: str | None, prompt: int | None, completion: int | None, cached: int | None) -> float | None:
+    """(prompt - cached)·miss + cached·hit + completion·out, in USD; None for an unknown model."""
+    triple = prices.get(model or "")
+    if triple is None or prompt is None:
+        return None
+    miss, hit, out = triple
+    cached = cached or 0
+    return ((prompt - cached) * miss + cached * hit + (completion or 0) * out) / 1e6

@@ -22,7 +22,7 @@ from aiohttp import web
 import batchkimi
 from batchkimi.config import Job
 from batchkimi.errors import DatasetError, JobError, OutputError
-from batchkimi.execution.row import RowEngine
+from batchkimi.api import RowEngine
 from batchkimi.http.response import Answer, Usage
 from batchkimi.http.transport import Reply
 from batchkimi.output.sink import Sink
@@ -445,9 +445,11 @@ def test_a_generated_id_never_collides_with_a_real_one(tmp_path: Path, simulator
     assert df["id"].is_unique and df.loc[1, "status"] == "invalid" and df.loc[1, "id"] == "__row-1"
 
 
-def test_a_row_whose_request_cannot_be_built_is_invalid_and_the_job_goes_on(tmp_path: Path, simulator, monkeypatch) -> None:
-    """Whatever goes wrong building one row's request costs that row, named, not the job."""
-    from batchkimi.execution import run as runner
+def test_a_bug_building_a_request_stops_the_run_naming_the_row_and_the_row_stays_pending(tmp_path: Path, simulator,
+                                                                                         monkeypatch) -> None:
+    """Only a row that cannot make a request is `invalid` (a done status): a bug stops the run,
+    resumable, naming the row, and once it is fixed the same command sends that row."""
+    from batchkimi.execution import rows as runner
 
     real = runner.build_request
 
@@ -459,7 +461,11 @@ def test_a_row_whose_request_cannot_be_built_is_invalid_and_the_job_goes_on(tmp_
     monkeypatch.setattr(runner, "build_request", fragile)
     h = simulator()
     data = write_jsonl(tmp_path / "in.jsonl", rows(6))
-    summary = bounded(fast_job(tmp_path, h.base_url, input=str(data), max_tokens=2000))
-    df = batchkimi.read_results(tmp_path / "out").set_index("id")
-    assert summary.final_status == {"ok": 5, "invalid": 1}
-    assert "line 4 of in.jsonl: cannot make a request from this row (KeyError" in df.loc["r3", "error_message"]
+    job = fast_job(tmp_path, h.base_url, input=str(data), max_tokens=2000, concurrency=1)
+    with pytest.raises(JobError, match=r"line 4 of in.jsonl: KeyError: 'a value nobody expected'"):
+        bounded(job)
+    df = batchkimi.read_results(tmp_path / "out")
+    assert "r3" not in set(df["id"]) and (df["status"] == "ok").all()  # written: what was done; r3 pending
+    monkeypatch.setattr(runner, "build_request", real)  # the bug is fixed
+    summary = bounded(job)
+    assert summary.final_status == {"ok": 6}

@@ -26,7 +26,7 @@ from aiohttp import web
 import batchkimi
 from batchkimi.errors import JobError
 from batchkimi.execution import row as rowengine
-from batchkimi.execution import run as runner
+from batchkimi.execution import local as runner
 
 from .conftest import fast_job, write_jsonl
 

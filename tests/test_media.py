@@ -27,7 +27,8 @@ import batchkimi
 from batchkimi import api as engine
 from batchkimi.cli import cli
 from batchkimi.config import load_job
-from batchkimi.execution.row import RowEngine, endpoint, policy_of
+from batchkimi.api import RowEngine
+from batchkimi.execution.row import endpoint, policy_of
 from batchkimi.input.media import settings_for
 from batchkimi.output.sink import read_results
 from batchkimi.policy.ratelimit import RateLimiter

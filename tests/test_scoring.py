@@ -19,7 +19,6 @@ import batchkimi
 from batchkimi.cli import cli
 from batchkimi.config import load_job
 from batchkimi.errors import ConfigError
-from batchkimi.execution.summary import wilson
 from batchkimi.output.sink import read_results
 from batchkimi.report.report import mcnemar_p
 from batchkimi.scoring.score import (
@@ -33,6 +32,7 @@ from batchkimi.scoring.score import (
     score_row,
     specs_of,
 )
+from batchkimi.stats import wilson
 
 from .conftest import fast_job, write_jsonl
 

@@ -38,7 +38,7 @@ def test_a_run_over_https_reuses_its_connections(tmp_path: Path, simulator, stre
 def test_the_in_process_simulator_can_serve_tls(tmp_path: Path) -> None:
     import asyncio
 
-    from batchkimi.execution.row import RowEngine
+    from batchkimi.api import RowEngine
     from batchkimi.request import build_request
 
     job = fast_job(tmp_path, "simulator", simulator={"tls": True}, thinking="disabled", stream=False, max_tokens=64)

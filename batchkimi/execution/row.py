@@ -2,8 +2,8 @@
 
 It is the whole per-row path (limiter, transport, retry decisions, the result row) and all
 another scheduler needs: a Ray actor, or any asyncio worker, builds one with
-:meth:`RowEngine.create` (or hands it its own :class:`~batchkimi.policy.ratelimit.Limiter`) and
-awaits :meth:`RowEngine.process`.
+:meth:`batchkimi.RowEngine.create` (or hands it its own
+:class:`~batchkimi.policy.ratelimit.Limiter`) and awaits :meth:`RowEngine.process`.
 
 Guarantees, whatever happens to a request:
 
@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from ..config import SIMULATOR, Job
-from ..errors import APIError, FatalAPIError
+from ..errors import APIError, ConfigError, FatalAPIError
 from ..events import AttemptFinished, AttemptStarted, Hook, SafeHook, Waiting, no_hook
 from ..http.response import is_overload
 from ..http.transport import Reply, Timeouts, Transport
@@ -67,7 +67,7 @@ class RowEngine:
 
     Example (inside any asyncio worker, a Ray actor included)::
 
-        async with RowEngine.create(job, api_key) as engine:
+        async with batchkimi.RowEngine.create(job, api_key) as engine:
             row = await engine.process("q-17", 17, build_request(record, job))
     """
 
@@ -97,15 +97,6 @@ class RowEngine:
         self.retries = 0
         self.stopping = False
         self.sending: set[asyncio.Task[Any]] = set()  # tasks with an attempt in flight
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def create(cls, job: Job, api_key: str, *, base_url: str | None = None, hook: Hook = no_hook,
-                     limiter: Limiter | None = None) -> AsyncIterator[RowEngine]:
-        """A RowEngine with its own transport (and limiter, unless one is given), for use in
-        another scheduler's worker. ``base_url = "simulator"`` starts one in this process."""
-        async with endpoint(job, api_key, base_url) as transport:
-            yield cls(job, transport, limiter or limiter_of(job), policy_of(job), hook=hook)
 
     def stop(self) -> None:
         """From now on no new attempt starts (see the module docstring)."""
@@ -288,21 +279,13 @@ def policy_of(job: Job) -> RetryPolicy:
 
 
 @contextlib.asynccontextmanager
-async def endpoint(job: Job, api_key: str, base_url: str | None = None) -> AsyncIterator[Transport]:
-    """A transport to the job's endpoint; for ``base_url = "simulator"`` a simulator is started
-    in this process (on a free loopback port) for as long as the transport is open."""
+async def endpoint(job: Job, api_key: str, base_url: str | None = None, *,
+                   ca_pem: bytes | None = None) -> AsyncIterator[Transport]:
+    """A transport to ``base_url`` (default: the job's), trusting ``ca_pem`` besides the job's
+    ``ca_file``. A URL only: :func:`batchkimi.api.serving` resolves ``"simulator"``."""
     url = base_url or job.base_url
-    sim = None
     if url == SIMULATOR:
-        # The simulator is a product of its own: imported only here, only when asked for.
-        from ..simulator import start_in_thread
-
-        sim = await asyncio.to_thread(start_in_thread, dict(job.simulator))
-        url = sim.base_url
-    try:
-        async with Transport(url, api_key, timeouts_of(job), ca_file=job.ca_file,
-                             ca_pem=sim.ca_pem if sim is not None else None) as transport:
-            yield transport
-    finally:
-        if sim is not None:
-            await asyncio.to_thread(sim.stop)
+        raise ConfigError("base_url 'simulator' is served by batchkimi's doors (batchkimi.run, run_async, "
+                          "batchkimi.RowEngine.create): open the transport through them")
+    async with Transport(url, api_key, timeouts_of(job), ca_file=job.ca_file, ca_pem=ca_pem) as transport:
+        yield transport

@@ -6,34 +6,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..kimi import cost_usd
+from ..stats import accuracy_text
+
 FAILED_STATUSES = ("error", "invalid", "truncated")
-
-
-def wilson(k: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval of k successes in n trials (95% by default)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def accuracy_text(k: float, n: int) -> str:
-    """'0.873 (95% CI 0.851-0.892) over 1000 scored rows'."""
-    low, high = wilson(k, n)
-    return f"{k / n:.3f} (95% CI {low:.3f}-{high:.3f}) over {n} scored rows"
-
-
-def cost_usd(prices: Any, model: str | None, prompt: int | None, completion: int | None, cached: int | None) -> float | None:
-    """(prompt - cached)·miss + cached·hit + completion·out, in USD; None for an unknown model."""
-    triple = prices.get(model or "")
-    if triple is None or prompt is None:
-        return None
-    miss, hit, out = triple
-    cached = cached or 0
-    return ((prompt - cached) * miss + cached * hit + (completion or 0) * out) / 1e6
 
 
 def resume_time(epoch_s: float) -> str:

@@ -30,11 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import orjson
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ..errors import ConfigError, OutputError
 from ..output import parts
@@ -212,56 +208,3 @@ def scan_folder(root: Path, old: list[dict[str, Any]], include: tuple[str, ...] 
             entry["gone"] = True
             scan.gone.append(pos)
     return scan
-
-
-def stale_positions(out: Path, entries: list[dict[str, Any]]) -> np.ndarray:
-    """Positions whose newest output row was made from other content than the file now holds
-    (known only for files hashed by a walk: those whose size or time once changed)."""
-    want = {pos: e["sha256"] for pos, e in enumerate(entries) if e.get("sha256") and not e.get("gone")}
-    if not want:
-        return np.zeros(0, dtype=np.int64)
-    wanted = pa.array(np.fromiter(want, dtype=np.int64, count=len(want)))
-    stale = []
-    for t in parts.iter_newest(out, ["row", "media"]):
-        t = t.filter(pc.is_in(t.column("row"), value_set=wanted))  # only those rows reach Python
-        for r, m in zip(t.column("row").to_pylist(), t.column("media").to_pylist(), strict=True):
-            if ((m[0] or {}).get("sha256") if m else None) != want[r]:
-                stale.append(r)
-    return np.array(sorted(stale), dtype=np.int64)
-
-
-def resume_marks(out: Path, scan: FolderScan, done: np.ndarray) -> np.ndarray:
-    """A folder's resume state on ``done`` (in place): files whose content changed are pending
-    again (``scan.changed``), gone files are never sent. The gone positions."""
-    stale = stale_positions(out, scan.entries)
-    done[stale] = False
-    scan.changed = stale.tolist()
-    gone = np.fromiter((p for p, e in enumerate(scan.entries) if e.get("gone")), dtype=np.int64)
-    done[gone[gone < len(done)]] = True
-    return gone
-
-
-def mark_gone(sink: Any, entries: list[dict[str, Any]]) -> int:
-    """Give the rows of gone files ``media_gone = true`` (and take it from files that came back),
-    as a new part that supersedes their old copies; the number of rows changed. Call it after
-    :meth:`~batchkimi.output.sink.Sink.compact`: each row is then in one part only."""
-    gone = np.fromiter((pos for pos, e in enumerate(entries) if e.get("gone")), dtype=np.int64)
-    tables = []
-    for path in parts.part_paths(sink.dir):
-        t = pq.read_table(path, columns=["row", "media_gone"])
-        rows = t.column("row").to_numpy()
-        marked = pc.fill_null(t.column("media_gone"), False).to_numpy(zero_copy_only=False)
-        flip = marked != np.isin(rows, gone)
-        if flip.any():
-            t = pq.read_table(path).filter(pa.array(flip))
-            t = t.set_column(t.schema.get_field_index("media_gone"), "media_gone",
-                             pa.array(np.isin(t.column("row").to_numpy(), gone)).cast(pa.bool_()))
-            tables.append(t)
-    if not tables:
-        return 0
-    changed = pa.concat_tables(tables)
-    # a file that came back is unmarked with null, as rows of files never gone are
-    changed = changed.set_column(changed.schema.get_field_index("media_gone"), "media_gone",
-                                 pc.if_else(changed.column("media_gone"), True, pa.scalar(None, pa.bool_())))
-    sink.write_part(changed)
-    return changed.num_rows

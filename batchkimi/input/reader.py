@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import functools
 import gzip
 import hashlib
 import io
@@ -94,7 +93,7 @@ def detect_format(path: Path, declared: str = "auto") -> str:
     if name.endswith((".parquet", ".pq")):
         return "parquet"
     if name.endswith((".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz")):
-        for row in _iter_jsonl(path, stop_after=1):
+        for row in iter_jsonl(path, stop_after=1):
             if row.data is not None and "custom_id" in row.data and isinstance(row.data.get("body"), dict):
                 return "openai_batch"
             break
@@ -117,7 +116,7 @@ def parquet_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _iter_jsonl(path: Path, stop_after: int | None = None, skip_until: int = 0,
+def iter_jsonl(path: Path, stop_after: int | None = None, skip_until: int = 0,
                 start: tuple[int, int, int] = (0, 0, 0)) -> Iterator[SourceRow]:
     """``start``: (byte offset, lines before it, rows before it), from :func:`jsonl_blocks`."""
     offset, lineno, pos = start
@@ -161,7 +160,7 @@ def _iter_jsonl(path: Path, stop_after: int | None = None, skip_until: int = 0,
                 return
 
 
-def _parquet_file(file: Path) -> pq.ParquetFile:
+def parquet_file(file: Path) -> pq.ParquetFile:
     with reading(file, "its footer"):
         return pq.ParquetFile(file)
 
@@ -169,7 +168,7 @@ def _parquet_file(file: Path) -> pq.ParquetFile:
 def _iter_parquet(path: Path, skip_until: int = 0) -> Iterator[SourceRow]:
     pos = 0
     for file in parquet_files(path):
-        pf = _parquet_file(file)
+        pf = parquet_file(file)
         n = pf.metadata.num_rows
         if pos + n <= skip_until:
             pos += n
@@ -199,7 +198,7 @@ def read_rows(path: Path, fmt: str, skip_until: int = 0) -> Iterator[list[Source
     if fmt == "parquet":
         rows = _iter_parquet(path, skip_until)
     else:
-        rows = _iter_jsonl(path, skip_until=skip_until)
+        rows = iter_jsonl(path, skip_until=skip_until)
     batch: list[SourceRow] = []
     for row in rows:
         batch.append(row)
@@ -208,74 +207,6 @@ def read_rows(path: Path, fmt: str, skip_until: int = 0) -> Iterator[list[Source
             batch = []
     if batch:
         yield batch
-
-
-def jsonl_blocks(path: Path, block_rows: int, limit: int) -> Iterator[tuple[int, int, int, int]]:
-    """(byte offset, lines before, first row, row after the last) of each run of ``block_rows``
-    rows below ``limit``, counted as :func:`_iter_jsonl` counts them: a block can be read alone
-    with ``_iter_jsonl(path, stop_after=end, start=(offset, lines, first))``."""
-    if path.name.lower().endswith(".gz"):
-        raise DatasetError(f"{path} is compressed: a block cannot be read without everything before it. "
-                           "Decompress it (gunzip -k) or convert it to Parquet for a Ray run")
-    offset = lineno = pos = 0
-    begin: tuple[int, int, int] | None = None
-    with reading(path), open(path, "rb") as fh:
-        for raw in fh:
-            if (raw.removeprefix(BOM) if lineno == 0 else raw).strip():
-                if begin is None:
-                    if pos >= limit:
-                        return
-                    begin = (offset, lineno, pos)
-                pos += 1
-            offset += len(raw)
-            lineno += 1
-            if begin is not None and (pos - begin[2] >= block_rows or pos >= limit):
-                yield (*begin, pos)
-                begin = None
-    if begin is not None:
-        yield (*begin, pos)
-
-
-def parquet_blocks(path: Path, block_rows: int, limit: int) -> Iterator[tuple[str, int, int, int]]:
-    """(file, first row in the file, first row overall, row after the last) of each run of at
-    most ``block_rows`` rows below ``limit``; a block never spans two files or row groups."""
-    pos = 0
-    for file in parquet_files(path):
-        meta = _parquet_file(file).metadata
-        in_file = 0
-        for g in range(meta.num_row_groups):
-            n = meta.row_group(g).num_rows
-            for first in range(0, n, block_rows):
-                if pos >= limit:
-                    return
-                count = min(block_rows, n - first, limit - pos)
-                yield str(file), in_file + first, pos, pos + count
-                pos += count
-            in_file += n
-
-
-@functools.lru_cache(maxsize=1)
-def _row_group(file: str, group: int) -> pa.Table:
-    """One row group, kept until the next is read: a row group of a million rows holds thousands
-    of blocks, and the blocks a worker gets come in order, so it reads each group once, not once
-    a block."""
-    return _parquet_file(Path(file)).read_row_group(group)
-
-
-def parquet_block_rows(file: str, first: int, start: int, stop: int) -> Iterator[SourceRow]:
-    """The rows of one :func:`parquet_blocks` block, numbered as :func:`_iter_parquet` does."""
-    path = Path(file)
-    meta = _parquet_file(path).metadata
-    at = 0
-    for g in range(meta.num_row_groups):
-        n = meta.row_group(g).num_rows
-        if at + n > first:
-            with reading(path, f"row {first}"):
-                records = _row_group(file, g).slice(first - at, stop - start).to_pylist()
-            for i, record in enumerate(records):
-                yield SourceRow(start + i, f"row {first + i} of {path.name}", record)
-            return
-        at += n
 
 
 def row_id(row: SourceRow, fmt: str, id_column: str, has_id_column: bool, id_prefix: str = "row-") -> str | None:
@@ -326,7 +257,7 @@ def _scan_input(path: Path, fmt: str, id_column: str) -> InputScan:
     if fmt == "parquet":
         # Only the id column is read; without one, the footers' row counts are enough.
         for file in files:
-            pf = _parquet_file(file)
+            pf = parquet_file(file)
             if not has_id:
                 rows += pf.metadata.num_rows
                 continue
@@ -337,7 +268,7 @@ def _scan_input(path: Path, fmt: str, id_column: str) -> InputScan:
                         if value is not None and value != "":
                             note(str(value))
     elif not has_id and fmt == "jsonl":
-        with open_bytes(path) as stream:  # positions are ids: count rows the way _iter_jsonl does
+        with open_bytes(path) as stream:  # positions are ids: count rows the way iter_jsonl does
             first = stream.readline()
             rows = int(bool(first.removeprefix(BOM).strip())) + sum(1 for raw in stream if raw.strip())
     else:
@@ -357,9 +288,9 @@ def _scan_input(path: Path, fmt: str, id_column: str) -> InputScan:
 def columns_seen(path: Path, fmt: str, sample_rows: int = 1000) -> set[str]:
     """The dataset's columns: a Parquet schema's, or the keys of the first JSONL rows."""
     if fmt == "parquet":
-        return set(_parquet_file(parquet_files(path)[0]).schema_arrow.names)
+        return set(parquet_file(parquet_files(path)[0]).schema_arrow.names)
     seen: set[str] = set()
-    for row in _iter_jsonl(path, stop_after=sample_rows):
+    for row in iter_jsonl(path, stop_after=sample_rows):
         if row.data is not None:
             seen.update(row.data)
     return seen
@@ -369,8 +300,8 @@ def _has_id_column(path: Path, fmt: str, id_column: str) -> bool:
     if fmt == "openai_batch":
         return True
     if fmt == "parquet":
-        return id_column in _parquet_file(parquet_files(path)[0]).schema_arrow.names
-    for row in _iter_jsonl(path):
+        return id_column in parquet_file(parquet_files(path)[0]).schema_arrow.names
+    for row in iter_jsonl(path):
         if row.data is not None:
             return id_column in row.data
     return False

@@ -10,7 +10,7 @@ then replaces its worst case); one that could not fit even alone stops the run (
 resumable). An answer that came without usage counts at its worst case.
 
 The budget belongs to the output, not to one run: the manifest records what every run spent
-(:func:`output_spend`), so three runs of the same command with ``--max-cost 0.05`` spend at
+(:func:`batchkimi.output.spend.output_spend`), so three runs of the same command with ``--max-cost 0.05`` spend at
 most $0.05 together, and a rerun at the cap sends nothing.
 """
 
@@ -18,15 +18,10 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ..execution.summary import cost_usd
 from ..kimi import CONTEXT_LIMIT_TOKENS
-from ..output.parts import part_paths, part_seq
 
 PROMPT_MARGIN = 1.25
 
@@ -112,27 +107,3 @@ class BudgetGate:
             out.append(f"budget: {self.spent_tokens:,} of {self.max_tokens:,} tokens used by this output ({share:.0%}); "
                        f"{self.spent_tokens - self.before_tokens:,} by this run")
         return out
-
-
-def output_spend(out: Path, recorded: dict[str, Any] | None) -> tuple[float, int, int]:
-    """What the output spent before this run, as (usd, tokens, the last part counted): the
-    manifest's record, plus the rows of parts written after it (a run killed before it could
-    record its spend wrote them)."""
-    usd = float((recorded or {}).get("usd", 0.0))
-    tokens = int((recorded or {}).get("tokens", 0))
-    through = int((recorded or {}).get("through_part", 0))
-    last = through
-    for path in part_paths(out):
-        seq = part_seq(path)
-        last = max(last, seq)
-        if seq <= through:
-            continue
-        have = set(pq.read_schema(path).names)
-        t = pq.read_table(path, columns=[c for c in ("cost_usd", "prompt_tokens", "completion_tokens") if c in have])
-        for name in t.column_names:
-            total = pc.sum(t.column(name)).as_py() or 0
-            if name == "cost_usd":
-                usd += float(total)
-            else:
-                tokens += int(total)
-    return usd, tokens, last

@@ -26,7 +26,6 @@ row that is not ``ok``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -34,20 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 KINDS = ("ok", "invalid", "truncated", "transient", "refused", "other")
-RETRY_CHOICES = ("truncated", "refused", "errors", "all")
 # A 2xx reply that came whole but held nothing usable, or that was withheld: deterministic.
 REFUSED_2XX = ("bad_response", "bad_stream", "empty_answer", "content_filter")
 _TRANSIENT_STATUS = (408, 409, 425, 429)
-
-
-def check_retry(values: Iterable[str]) -> tuple[str, ...]:
-    """``retry`` as given (a list, or words separated by commas); ValueError naming the bad word."""
-    out = []
-    for v in values:
-        if v not in RETRY_CHOICES:
-            raise ValueError(f"{v!r} is not one of {', '.join(RETRY_CHOICES)}")
-        out.append(v)
-    return tuple(dict.fromkeys(out))
 
 
 def kind_of(status: str, http_status: int | None, error_type: str | None) -> str:

@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow.compute as pc
 
 from ..errors import OutputError
-from ..execution.summary import wilson
 from ..output.parts import iter_newest
 from ..output.results import kept_column_name
 from ..output.sink import Sink, read_results
+from ..stats import wilson
 
 _BASE = ["id", "row", "status", "finish_reason", "error_type", "error_message", "prompt_tokens", "completion_tokens",
          "cached_tokens", "cost_usd", "latency_s", "ttft_s", "attempts", "model"]

@@ -23,6 +23,7 @@ import orjson
 
 from ..config import Job
 from ..events import Hook, no_hook
+from ..execution.run import Executor, Run
 from ..output.parts import iter_newest
 from ..output.results import kept_column_name
 from ..output.sink import read_results
@@ -119,9 +120,9 @@ def grader_job(job: Job, specs: Specs, input_path: Path, output: Path) -> Job:
     )
 
 
-async def grade_pending(out: Path, job: Job, specs: Specs, api_key: str, *, hook: Hook = no_hook) -> dict[str, int]:
-    """Grade the answers that have no grade yet (one resumable pass); what it did."""
-    from ..execution.run import JobRun
+async def grade_pending(out: Path, job: Job, specs: Specs, executor: Executor, *, hook: Hook = no_hook) -> dict[str, int]:
+    """Grade the answers that have no grade yet (one resumable pass, its requests sent by
+    ``executor``, a run of its own on ``OUTPUT/_grader/``); what it did."""
 
     rows = _rows_to_grade(out, specs)
     known = known_grades(out)
@@ -138,5 +139,5 @@ async def grade_pending(out: Path, job: Job, specs: Specs, api_key: str, *, hook
             for k in pending:
                 fh.write(orjson.dumps(rows[k]) + b"\n")
         tmp.replace(input_path)
-    summary = await JobRun(grader_job(job, specs, input_path, folder / f"run-{name}"), api_key, hook=hook).execute()
+    summary = await Run(grader_job(job, specs, input_path, folder / f"run-{name}"), executor, hook=hook).execute()
     return {"answers": len(rows), "graded_now": summary.run_status.get("ok", 0), "grading_failed": summary.failed_rows}
