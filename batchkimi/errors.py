@@ -116,6 +116,13 @@ class APIError(BatchKimiError):
         status = f"HTTP {self.http_status} " if self.http_status else ""
         return f"{status}{self.error_type}: {self.message}"
 
+    def rewritten(self, edit: Any) -> APIError:
+        """A copy of this error, of the same class, with ``edit`` applied to its text (the
+        transport removes the API key from what a server said this way)."""
+        return type(self)(edit(self.message), error_type=self.error_type, http_status=self.http_status, code=self.code,
+                          request_id=edit(self.request_id) if self.request_id else self.request_id,
+                          retryable=self.retryable, retry_after_s=self.retry_after_s, fatal=self.fatal)
+
 
 class HTTPStatusError(APIError):
     """A non-2xx answer."""

@@ -20,9 +20,9 @@ import pytest
 from aiohttp import web
 
 import batchkimi
+from batchkimi.api import RowEngine
 from batchkimi.config import Job
 from batchkimi.errors import DatasetError, JobError, OutputError
-from batchkimi.api import RowEngine
 from batchkimi.http.response import Answer, Usage
 from batchkimi.http.transport import Reply
 from batchkimi.output.sink import Sink

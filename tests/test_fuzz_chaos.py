@@ -25,8 +25,8 @@ from aiohttp import web
 
 import batchkimi
 from batchkimi.errors import JobError
-from batchkimi.execution import row as rowengine
 from batchkimi.execution import local as runner
+from batchkimi.execution import row as rowengine
 
 from .conftest import fast_job, write_jsonl
 

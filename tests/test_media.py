@@ -25,9 +25,9 @@ from PIL import Image
 
 import batchkimi
 from batchkimi import api as engine
+from batchkimi.api import RowEngine
 from batchkimi.cli import cli
 from batchkimi.config import load_job
-from batchkimi.api import RowEngine
 from batchkimi.execution.row import endpoint, policy_of
 from batchkimi.input.media import settings_for
 from batchkimi.output.sink import read_results

@@ -7,8 +7,10 @@ import json
 import pytest
 
 from batchkimi.errors import APIError, ResponseError
-from batchkimi.http.response import StreamAssembler, classify, error_from_response, parse_completion
+from batchkimi.http.errors import error_from_response
+from batchkimi.http.response import StreamAssembler, parse_completion
 from batchkimi.http.sse import SSEDecoder
+from batchkimi.policy.disposition import classify
 
 from .conftest import chunk, sse
 

@@ -33,17 +33,16 @@ import orjson
 from ..config import SIMULATOR, Job
 from ..errors import APIError, ConfigError, FatalAPIError
 from ..events import AttemptFinished, AttemptStarted, Hook, SafeHook, Waiting, no_hook
-from ..http.response import is_overload
 from ..http.transport import Reply, Timeouts, Transport
 from ..input.media import ByteBudget, MediaInvalid, materialize
 from ..output.results import error_row, ok_row
 from ..policy.breaker import FailureBreaker
+from ..policy.disposition import decide
 from ..policy.ratelimit import Clock, CompletionEstimate, Limiter, MonotonicClock, RateLimiter
 from ..policy.retry import RetryPolicy
 from ..request import Prepared
 from .summary import cost_usd
 
-SHORT_RETRY_AFTER_S = 2.0  # a Retry-After this short paces one request, not the whole job
 COUNTDOWN_FROM_S = 5.0  # a shared wait this long is shown on the progress line
 
 
@@ -185,39 +184,27 @@ class RowEngine:
                 await self.clock.sleep(delay)  # a shared cool-down's wait is taken in acquire(), by every worker
 
     def _after_failure(self, exc: APIError, attempts: int, elapsed_s: float) -> tuple[float, bool] | None:
-        """Decide what a failed attempt means: stop the job (raise), retry after a delay (and
-        whether every worker takes that wait), or give up (None).
-
-        A 429 whose wait passes ``max_wait_s`` (a daily quota: Retry-After 1800) stops the run
-        (:class:`AccountWaiting`): the account is waiting, no row failed. A Retry-After of a
-        second or two paces this one request (the shared rate is cut only when such 429s
-        cluster); a longer one pauses every worker, shown as a countdown."""
-        shared = False
-        if exc.http_status == 429 and exc.retryable and exc.retry_after_s is not None \
-                and exc.retry_after_s > self.job.max_wait_s:
+        """Do what :func:`~batchkimi.policy.disposition.decide` says of a failed attempt: stop the
+        job or the run (raise), retry after a delay (and whether every worker takes that wait),
+        or give up (None). A long shared wait is shown as a countdown."""
+        breaker = self.breaker
+        d = decide(exc, attempts, elapsed_s, self.policy, max_wait_s=self.job.max_wait_s,
+                   clustered=getattr(self.limiter, "clustered", False),
+                   breaker_reason=breaker.attempt_failed if breaker is not None else None, rng=self.rng)
+        if d.action == "wait":
             self.hook(AttemptFinished(False, exc.http_status, exc.error_type, 0))
-            raise AccountWaiting(exc.retry_after_s, exc.message)
-        if exc.fatal:
+            raise AccountWaiting(d.delay_s, d.reason)
+        if d.action == "stop":
             self.hook(AttemptFinished(False, exc.http_status, exc.error_type, 0))
-            raise FatalAPIError(f"every request would fail like this one: {exc}", cause=exc) from exc
-        if self.breaker is not None and (reason := self.breaker.attempt_failed(exc)):
-            self.hook(AttemptFinished(False, exc.http_status, exc.error_type, 0))
-            raise FatalAPIError(reason, cause=exc) from exc
-        if exc.http_status == 429 and exc.retryable:
-            pause = self.policy.server_delay_s(exc)
-            wait = pause if pause is not None else self.policy.backoff_s(attempts, self.rng)
-            # An overload (no server-given wait) or a short Retry-After backs off this request;
-            # the shared rate is cut only when they cluster. A longer wait pauses every worker.
-            # Short waits that cluster (a limit that really binds) are shared like any other 429.
-            short = pause is not None and pause <= SHORT_RETRY_AFTER_S and not getattr(self.limiter, "clustered", False)
-            paced = (is_overload(exc) and pause is None) or short
+            raise FatalAPIError(d.reason, cause=exc) from exc
+        if d.cool_down is not None:
+            wait, paced = d.cool_down
             self.limiter.cool_down(wait, overload=paced)
-            shared = not paced
             if not paced and wait >= COUNTDOWN_FROM_S:
                 self.hook(Waiting(time.time() + wait, f"{exc.error_type}: the server asked every request to wait"))
-        delay = self.policy.next_delay_s(exc, attempts, elapsed_s, self.rng)
+        delay = d.delay_s if d.action == "retry" else None
         self.hook(AttemptFinished(False, exc.http_status, exc.error_type, 0, delay))
-        return None if delay is None else (delay, shared)
+        return None if delay is None else (delay, d.shared)
 
     def _answered(self, rid: str, pos: int, prepared: Prepared, reply: Reply, attempts: int, latency: float) -> dict[str, Any]:
         if self.breaker is not None and self.breaker.armed:

@@ -24,13 +24,13 @@ non-null one wins); cached tokens in ``usage.cached_tokens`` or
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from ..errors import APIError, HTTPStatusError, ResponseError, json_type
+from ..errors import ResponseError, json_type
+from .errors import _meta, error_from_payload, snippet
 from .sse import SSEDecoder
 
 
@@ -84,15 +84,6 @@ def _num(v: Any, field: str, name: str, warn: list[str]) -> int | None:
         warn.append(f"{field}.{name} was the text {v!r}, read as {int(v)}")
         return int(v)
     warn.append(f"{field}.{name} was {_shown(v)}, not a whole number: dropped")
-    return None
-
-
-def _meta(value: Any) -> str | None:
-    """Metadata (``id``, ``model``): text if it is a scalar, else ignored. It is not the answer."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
     return None
 
 
@@ -438,112 +429,3 @@ class StreamAssembler:
         )
         _require_something(answer)
         return answer
-
-
-# ---- errors ---------------------------------------------------------------------------
-
-_TRY_AGAIN = re.compile(r"try again (?:after|in) (\d+(?:\.\d+)?) ?s", re.IGNORECASE)
-_QUOTA_WORDS = ("quota", "balance", "suspended", "billing", "insufficient", "exhausted", "inactive")
-
-
-def snippet(body: bytes, limit: int = 200) -> str:
-    text = body[:limit].decode("utf-8", errors="replace")
-    text = re.sub(r"<[^>]+>", " ", text)  # an HTML gateway page: keep its words
-    text = " ".join(text.split())
-    return text + ("..." if len(body) > limit else "")
-
-
-def retry_hint_from_message(message: str) -> float | None:
-    """Moonshot's "... please try again after 3 seconds" as 3.0."""
-    m = _TRY_AGAIN.search(message)
-    return float(m.group(1)) if m else None
-
-
-def error_from_payload(data: dict[str, Any], *, http_status: int, in_stream: bool = False) -> APIError:
-    err = data.get("error")
-    if not isinstance(err, dict):
-        err = {"message": err if isinstance(err, str) else orjson.dumps(err, default=str).decode()}
-    etype = _meta(err.get("type")) or _meta(err.get("upstream_code")) or _meta(err.get("code")) or "api_error"
-    code = _meta(err.get("code"))
-    message = err.get("message")
-    message = message if isinstance(message, str) and message else (_meta(message) or etype)
-    request_id = _meta(err.get("request_id")) or _meta(data.get("request_id"))
-    status = http_status
-    if in_stream:
-        # An error event inside a 200 stream: the answer is incomplete. Retry unless it says why not.
-        inner = err.get("upstream_status") or err.get("status")
-        status = int(inner) if isinstance(inner, int | str) and str(inner).isdigit() else 500
-    retryable, fatal = classify(status if status != 200 else 500, etype, message, code)
-    cls, text = (ResponseError, f"error event in the stream: {message}") if in_stream else (HTTPStatusError, message)
-    return cls(
-        text,
-        error_type=etype,
-        http_status=http_status,
-        code=code,
-        request_id=request_id,
-        retryable=retryable,
-        fatal=fatal,
-        retry_after_s=retry_hint_from_message(message),
-    )
-
-
-def error_from_response(status: int, body: bytes, content_type: str = "") -> APIError:
-    """A non-2xx response as an :class:`APIError` (either envelope, or no JSON at all)."""
-    data: Any = None
-    if body[:1] in (b"{", b"[") or "json" in content_type:
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            data = None
-    if isinstance(data, dict) and "error" in data:
-        return error_from_payload(data, http_status=status)
-    if isinstance(data, dict) and ("message" in data or "type" in data):
-        return error_from_payload({"error": data}, http_status=status)
-    etype = {413: "request_too_large"}.get(status, "http_error")
-    retryable, fatal = classify(status, etype, "", None)
-    text = snippet(body) or "(empty body)"
-    return HTTPStatusError(
-        f"HTTP {status} with a non-JSON body: {text}",
-        error_type=etype,
-        http_status=status,
-        retryable=retryable,
-        fatal=fatal,
-    )
-
-
-RATE_LIMIT_TYPES = frozenset({"rate_limit_error", "rate_limit_reached_error"})
-OVERLOAD_TYPES = frozenset({"engine_overloaded_error", "engine_overloaded", "overloaded_error", "server_overloaded"})
-QUOTA_TYPES = frozenset({"exceeded_current_quota_error", "insufficient_quota", "insufficient_balance"})
-
-
-def classify(status: int, error_type: str, message: str, code: Any) -> tuple[bool, bool]:
-    """(retryable, fatal) for an error (see ``docs/kimi-api.md``, "Errors").
-
-    Retried: 408, 409, 425, 429 rate limits and overload, 5xx. Not retried: other 4xx.
-    Fatal (stop the job, every row would fail alike): 401, 402, 403; quota or balance errors
-    whatever their status (Moonshot sends insufficient balance as a 429); a wrong model or base
-    URL (404, or TokenHub's 400 "invalid parameter 'model'"). The error type decides before
-    the message's words: a ``rate_limit_error`` that mentions a quota is still a rate limit.
-    """
-    etype = error_type.lower()
-    lowered = f"{error_type} {message} {code}".lower()
-    if etype in QUOTA_TYPES or "free_quota_exhausted" in lowered:
-        return False, True
-    if status in (401, 402, 403):
-        return False, True
-    if etype in RATE_LIMIT_TYPES or etype in OVERLOAD_TYPES:
-        return True, False
-    quota = status == 429 and any(w in lowered for w in _QUOTA_WORDS) and "rate limit" not in lowered
-    # A wrong base_url or model fails every row alike: 404 (unless about one row's file), or
-    # TokenHub's 400 "invalid parameter 'model'".
-    wrong_target = (status == 404 and "file" not in lowered) or (status == 400 and "parameter 'model'" in lowered)
-    if quota or wrong_target:
-        return False, True
-    if status in (408, 409, 425, 429) or status >= 500:
-        return True, False
-    return False, False
-
-
-def is_overload(error: APIError) -> bool:
-    """A 429 that says the server is busy, not that this account is over its limits."""
-    return error.http_status == 429 and error.error_type.lower() in OVERLOAD_TYPES

@@ -33,14 +33,8 @@ import orjson
 from .. import __version__
 from ..errors import APIError, ResponseError, TransportError
 from ..policy.retry import parse_retry_after
-from .response import (
-    Answer,
-    StreamAssembler,
-    error_from_response,
-    looks_like_sse,
-    parse_completion,
-    parse_sse_body,
-)
+from .errors import error_from_response
+from .response import Answer, StreamAssembler, looks_like_sse, parse_completion, parse_sse_body
 from .sse import SSEDecoder
 
 
@@ -152,12 +146,6 @@ class Transport:
             answer, content=self.redact(answer.content), tool_calls=calls,
             reasoning_content=None if answer.reasoning_content is None else self.redact(answer.reasoning_content))
 
-    def _redact_error(self, exc: APIError) -> None:
-        exc.message = self.redact(exc.message)
-        if exc.request_id:
-            exc.request_id = self.redact(exc.request_id)
-        exc.args = (exc.message,)
-
     async def complete(self, body: dict, *, stream: bool, payload: bytes | None = None) -> Reply:
         """One attempt. Raises an :class:`APIError` subclass for anything but a complete answer.
         ``payload`` is ``body`` already encoded (the engine encodes it once, when it checks the row)."""
@@ -176,12 +164,8 @@ class Transport:
                     request_id = _request_id(headers)
                     if status >= 300:
                         raw = await resp.read()
-                        error = error_from_response(status, raw, ctype)
-                        error.request_id = error.request_id or request_id
-                        after = parse_retry_after(headers.get("Retry-After"), time.time())
-                        if after is not None:
-                            error.retry_after_s = after
-                        raise error
+                        raise error_from_response(status, raw, ctype, request_id=request_id,
+                                                  retry_after_s=parse_retry_after(headers.get("Retry-After"), time.time()))
                     if "text/event-stream" in ctype:
                         decoder = SSEDecoder()
                         asm = StreamAssembler()
@@ -216,8 +200,8 @@ class Transport:
                     rid = request_id or answer.response_id
                     return Reply(self._redact_answer(answer), status, self.redact(rid) if rid else rid, _ratelimit_reset_s(headers))
         except APIError as exc:  # the server's own words: the key never leaves in them
-            self._redact_error(exc)
-            raise
+            redacted = exc.rewritten(self.redact)
+            raise redacted.with_traceback(exc.__traceback__) from exc.__cause__
         except aiohttp.ConnectionTimeoutError as exc:
             raise TransportError(f"cannot connect to {self.url} within {self.timeouts.connect_s:g}s", error_type="connect_timeout", retryable=True) from exc
         except TimeoutError:

@@ -7,7 +7,7 @@ The wait before attempt ``k + 1`` (``k`` attempts made so far) is, in order of p
 2. the "please try again after N seconds" hint in a Moonshot message;
 3. full-jitter exponential backoff: ``uniform(0, min(backoff_max_s, backoff_base_s * 2**(k-1)))``.
 
-Only errors marked ``retryable`` are retried (:func:`batchkimi.http.response.classify`), and never past
+Only errors marked ``retryable`` are retried (:func:`batchkimi.policy.disposition.classify`), and never past
 ``max_attempts`` attempts or ``max_retry_time_s`` seconds since the row's first attempt. A 2xx
 reply whose answer cannot be used (``MALFORMED``) is tried again at most once: a server that
 sends a malformed answer almost always sends it again, and every try is paid.
