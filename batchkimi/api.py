@@ -36,8 +36,8 @@ from .execution.plan import dry_plan
 from .execution.rows import LineBudgetNotes, prepare_row
 from .execution.run import Executor, Run
 from .execution.summary import DryRunReport, Summary
-from .input.media import with_marker_note
 from .input.reader import read_rows
+from .input.send import with_marker_note
 from .policy.ratelimit import CompletionEstimate, Limiter
 from .scoring.grader import grade_pending, known_grades
 from .scoring.score import score_output

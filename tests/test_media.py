@@ -531,7 +531,7 @@ def test_video_tokens_follow_the_file_size_on_both_sides(tmp_path: Path, simulat
 
 
 def test_byte_budget_is_first_come_first_served_and_never_leaks() -> None:
-    from batchkimi.input.media import ByteBudget
+    from batchkimi.policy.bytes import ByteBudget
 
     async def go() -> None:
         b = ByteBudget(100)

@@ -34,9 +34,11 @@ from ..config import SIMULATOR, Job
 from ..errors import APIError, ConfigError, FatalAPIError
 from ..events import AttemptFinished, AttemptStarted, Hook, SafeHook, Waiting, no_hook
 from ..http.transport import Reply, Timeouts, Transport
-from ..input.media import ByteBudget, MediaInvalid, materialize
+from ..input.media import MediaInvalid
+from ..input.send import materialize
 from ..output.results import error_row, ok_row
 from ..policy.breaker import FailureBreaker
+from ..policy.bytes import ByteBudget
 from ..policy.disposition import decide
 from ..policy.ratelimit import Clock, CompletionEstimate, Limiter, MonotonicClock, RateLimiter
 from ..policy.retry import RetryPolicy

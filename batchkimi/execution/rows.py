@@ -13,8 +13,9 @@ import re
 from typing import Any
 
 from ..config import Job
-from ..input.media import MediaSettings, has_media, known_from
+from ..input.media import MediaSettings, has_media
 from ..input.reader import InputScan, SourceRow, row_id
+from ..input.sniff import known_from
 from ..output.results import kept_column_name, text
 from ..request import Prepared, RowInvalid, build_request, thinking_budget_note
 

@@ -34,7 +34,7 @@ import orjson
 
 from ..errors import ConfigError, OutputError
 from ..output import parts
-from .media import inspect
+from .sniff import inspect
 
 INDEX = "_media_index.jsonl"
 

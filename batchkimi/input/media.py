@@ -26,71 +26,24 @@ the journal or the output: a row keeps, per item, its path, type, sizes and sha2
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import collections
-import contextlib
 import functools
 import hashlib
-import io
 import os
 import secrets
-import stat
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import puremagic
-from PIL import Image
-
 from ..tokens import URL_MEDIA_TOKENS, image_tokens, video_tokens
+from .sandbox import local_ref, resolve
+from .sniff import Known, MediaInvalid, Sniffed, sniff_bytes, sniff_file
 
-# What Kimi takes, as the MIME type in a data URL.
-IMAGE_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
-# Kimi's video list names ``video/<format>`` for: mp4, mpeg, mov, avi, x-flv, mpg, webm, wmv, 3gpp.
-_VIDEO_BY_MIME = {
-    "video/mp4": "video/mp4", "video/x-m4v": "video/mp4",
-    "video/quicktime": "video/mov",
-    "video/avi": "video/avi", "video/x-msvideo": "video/avi", "video/msvideo": "video/avi",
-    "video/x-flv": "video/x-flv",
-    "video/webm": "video/webm",
-    "video/x-ms-wmv": "video/wmv", "video/x-ms-asf": "video/wmv",
-    "video/mpeg": "video/mpeg", "video/dvd": "video/mpeg", "video/mp2p": "video/mpeg",
-    "video/3gpp": "video/3gpp", "video/3gpp2": "video/3gpp",
-}
-_VIDEO_BY_EXT = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/mov", ".avi": "video/avi", ".flv": "video/x-flv",
-                 ".webm": "video/webm", ".wmv": "video/wmv", ".asf": "video/wmv", ".mpg": "video/mpeg",
-                 ".mpeg": "video/mpeg", ".vob": "video/mpeg", ".3gp": "video/3gpp", ".3ga": "video/3gpp"}
-VIDEO_MIMES = frozenset(_VIDEO_BY_MIME.values()) | {"video/mpg"}
-IMAGE_MIMES = frozenset(IMAGE_MIME.values())
-SNIFF_BYTES = 8192
-_SAVE = {"PNG": {}, "JPEG": {"quality": 90}, "WEBP": {"quality": 90}, "GIF": {}}
 # One marker per process: a row's text cannot guess it, so it never collides with a prompt.
 _MARK = f"batchkimi-media-{secrets.token_hex(8)}-"
-
-# Pillow warns (and past 2x, refuses) above this many pixels; its header read costs nothing.
-Image.MAX_IMAGE_PIXELS = 200_000_000
-
-
-class MediaInvalid(Exception):
-    """This row's media cannot be sent; the message names the column and the file. ``kind``:
-    "image" or "video" when the bytes are one Kimi cannot take, else None."""
-
-    def __init__(self, message: str, *, kind: str | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-@dataclass(frozen=True, slots=True)
-class Sniffed:
-    kind: str  # image | video
-    mime: str
-    width: int | None = None
-    height: int | None = None
-
 
 @dataclass(frozen=True, slots=True)
 class MediaItem:
@@ -124,16 +77,6 @@ class MediaItem:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class Known:
-    """What a folder walk found in a file, trusted while the file's size and time are the same."""
-
-    size: int
-    mtime_ns: int
-    sniffed: Sniffed | None = None
-    problem: str | None = None
-
-
 @dataclass(frozen=True)
 class MediaSettings:
     """The job's media keys, resolved for one input (see :func:`settings_for`)."""
@@ -151,123 +94,6 @@ class MediaSettings:
     @functools.cached_property
     def columns(self) -> tuple[str, ...]:
         return (*self.image_columns, *self.video_columns)
-
-
-# ---- type from content ---------------------------------------------------------------------
-def sniff_file(path: str) -> Sniffed:
-    """The kind and Kimi MIME type of a file, from its bytes; raises MediaInvalid."""
-    try:
-        with open(path, "rb") as fh:
-            found = _as_image(fh)
-            if found is not None:
-                return found
-            fh.seek(0)
-            head = fh.read(SNIFF_BYTES)
-    except OSError as exc:
-        raise MediaInvalid(f"cannot be read ({exc.strerror or exc})") from None
-    return _as_video(head)
-
-
-def sniff_bytes(data: bytes) -> Sniffed:
-    return _as_image(io.BytesIO(data)) or _as_video(data[:SNIFF_BYTES])
-
-
-_TAIL_BYTES = 1024
-_JPEG_EOI, _JPEG_SOS = b"\xff\xd9", b"\xff\xda"
-
-
-def _whole(fh: Any, fmt: str) -> bool:
-    """Whether an image file is whole: its format's end is there (a JPEG's end-of-image marker
-    after its scan, a PNG's IEND chunk, a WebP's RIFF length). One read of the last KiB; the
-    whole file only when a JPEG or PNG carries data after its end (a phone's motion photo).
-    GIF has no end worth checking: it is taken as it is."""
-    size = fh.seek(0, io.SEEK_END)
-    if fmt == "WEBP":
-        fh.seek(4)
-        riff = fh.read(4)
-        return len(riff) == 4 and size >= int.from_bytes(riff, "little") + 8
-    end = {"JPEG": _JPEG_EOI, "PNG": b"IEND"}.get(fmt)
-    if end is None:
-        return True
-    fh.seek(max(0, size - _TAIL_BYTES))
-    if end in fh.read(_TAIL_BYTES):
-        return True
-    fh.seek(0)
-    data = fh.read()
-    if fmt == "PNG":
-        return b"IEND" in data
-    sos = data.find(_JPEG_SOS)  # 0xFFD9 cannot occur inside the scan's entropy-coded data
-    return sos >= 0 and data.find(_JPEG_EOI, sos) >= 0
-
-
-def _as_image(source: Any) -> Sniffed | None:
-    """Pillow's reading of an image header, and a check that the file is whole; None when
-    Pillow knows no such image (perhaps a video); MediaInvalid (kind "image") for an image Kimi
-    does not take or a damaged one."""
-    try:
-        with Image.open(source) as img:
-            fmt = img.format or "unknown"
-            width, height = img.size
-    except Image.DecompressionBombError as exc:
-        raise MediaInvalid(f"is too large an image to read ({exc})", kind="image") from None
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError):
-        return None
-    mime = IMAGE_MIME.get(fmt)
-    if mime is not None:
-        if not _whole(source, fmt):
-            raise MediaInvalid(f"is a damaged {fmt} image (it ends early: a cut download or copy?)", kind="image")
-        return Sniffed("image", mime, int(width), int(height))
-    if fmt == "MPEG":  # Pillow reads MPEG video frames too: a video container, then
-        return None
-    raise MediaInvalid(f"is a {fmt} image; Kimi takes png, jpeg, webp and gif", kind="image")
-
-
-def _as_video(head: bytes) -> Sniffed:
-    if not head:
-        raise MediaInvalid("is empty")
-    try:
-        guesses = puremagic.magic_string(head)
-    except (puremagic.PureError, ValueError):
-        guesses = []
-    found = [m for g in guesses if (m := _VIDEO_BY_MIME.get(g.mime_type) or _VIDEO_BY_EXT.get(g.extension.lower()))]
-    if found:
-        # ISO media files (mp4, mov, 3gp) share one container, and puremagic offers several
-        # names for them; its first guess is right but for 3GP, which it ranks below mp4. The
-        # major brand in the file's ftyp box decides between the names it offered.
-        brand_3gp = head[4:8] == b"ftyp" and head[8:11] in (b"3gp", b"3g2")
-        return Sniffed("video", "video/3gpp" if brand_3gp and "video/3gpp" in found else found[0])
-    seen = next((g.mime_type or g.name for g in guesses if g.mime_type or g.name), None)
-    what = f"its content looks like {seen}" if seen else "its content is not a known image or video format"
-    kind = "video" if seen and (seen.startswith("video/") or "matroska" in seen) else None
-    raise MediaInvalid(f"is not an image or video Kimi takes ({what})", kind=kind)
-
-
-def inspect(path: str) -> tuple[str, dict[str, Any]] | None:
-    """A folder walk's look at a file: (kind, what to remember of it) for an image or video,
-    None for anything else. A file that is an image or video Kimi cannot take (a BMP, an mkv)
-    is kept with its problem, so that its row says why."""
-    try:
-        s = sniff_file(path)
-    except MediaInvalid as exc:
-        return (exc.kind, {"problem": str(exc)}) if exc.kind is not None else None
-    found: dict[str, Any] = {"mime": s.mime}
-    if s.width is not None:
-        found.update(width=s.width, height=s.height)
-    return s.kind, found
-
-
-def known_from(entry: Mapping[str, Any]) -> Known | None:
-    """The :class:`Known` a folder index line records, if it records one."""
-    try:
-        if entry.get("problem"):
-            return Known(int(entry["size"]), int(entry["mtime_ns"]), problem=str(entry["problem"]))
-        if entry.get("mime"):
-            w, h = entry.get("width"), entry.get("height")
-            sniffed = Sniffed(str(entry["kind"]), str(entry["mime"]), int(w) if w else None, int(h) if h else None)
-            return Known(int(entry["size"]), int(entry["mtime_ns"]), sniffed)
-    except (KeyError, TypeError, ValueError):
-        pass
-    return None
 
 
 # ---- sizes and tokens ----------------------------------------------------------------------
@@ -293,55 +119,6 @@ def data_url_bytes(mime: str, raw_bytes: int) -> int:
 
 
 # ---- references ----------------------------------------------------------------------------
-def _local_ref(ref: str) -> str | None:
-    """The path a reference names, or None for a URL sent as it is."""
-    low = ref[:8].lower()
-    if low.startswith(("http://", "https://", "data:")):
-        return None
-    if low.startswith("file://"):
-        parsed = urllib.parse.urlsplit(ref)
-        if parsed.netloc not in ("", "localhost"):
-            raise MediaInvalid(f"{ref!r} names a file on another host")
-        return urllib.parse.unquote(parsed.path)
-    if "://" in ref[:16]:
-        raise MediaInvalid(f"{ref!r}: only http(s), data and file URLs, or local paths, are understood")
-    return ref
-
-
-def resolve(ref: str, root: Path, dirs: dict[str, str] | None = None) -> tuple[str, os.stat_result]:
-    """``ref`` as a regular file inside ``root``: its real path (symbolic links followed, then
-    checked) and its stat. ``dirs`` caches the real path of folders (many files share one)."""
-    root_s = str(root)
-    prefix = root_s if root_s.endswith(os.sep) else root_s + os.sep
-    name_ = os.path.expanduser(ref) if ref.startswith("~") else ref
-    target = name_ if os.path.isabs(name_) else os.path.join(root_s, name_)
-    head, name = os.path.split(target)
-    if name in ("", ".", "..") or dirs is None:
-        real = os.path.realpath(target)  # every link that exists followed; "..", "." gone
-    else:
-        real_head = dirs.get(head)
-        if real_head is None:
-            if len(dirs) > 10_000:
-                dirs.clear()
-            real_head = dirs[head] = os.path.realpath(head)
-        real = os.path.join(real_head, name)
-        with contextlib.suppress(OSError):
-            if stat.S_ISLNK(os.lstat(real).st_mode):
-                real = os.path.realpath(real)
-    if not real.startswith(prefix):  # before existence: a dataset learns nothing of other folders
-        raise MediaInvalid(f"{ref!r} is outside the media root {root}; "
-                           "set media_root to a folder that holds it, if that is intended")
-    try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        raise MediaInvalid(f"{ref!r} does not exist (looked for {target})") from None
-    except OSError as exc:
-        raise MediaInvalid(f"{ref!r} cannot be read ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise MediaInvalid(f"{ref!r} is not a regular file")
-    return real, st
-
-
 @dataclass(frozen=True, slots=True)
 class Inline:
     """An image or video whose bytes are in the row itself (a binary column, or a Hugging Face
@@ -416,7 +193,7 @@ class Collector:
 
     def _item(self, kind: str, ref: str, where: str) -> MediaItem:
         try:
-            local = _local_ref(ref)
+            local = local_ref(ref)
         except MediaInvalid as exc:
             raise MediaInvalid(f"{where}: {exc}") from None
         if local is None:
@@ -560,144 +337,6 @@ def has_media(row: dict[str, Any], settings: MediaSettings, messages_keys: tuple
         if isinstance(value, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in value):
             return True
     return False
-
-
-# ---- at send time --------------------------------------------------------------------------
-def read_item(item: MediaItem, max_side: int | None) -> tuple[bytes | None, dict[str, Any]]:
-    """The bytes to send for a file item, or one whose bytes are in the row (None when it goes by
-    URL), and its output record."""
-    if item.inline is not None:
-        data = item.inline
-    else:
-        assert item.path is not None
-        try:
-            with open(item.path, "rb") as fh:
-                data = fh.read()
-        except OSError as exc:
-            raise MediaInvalid(f"{item.where}: {item.ref!r} cannot be read any more ({exc.strerror or exc})") from None
-    sha = hashlib.sha256(data).hexdigest()
-    if item.size_bytes is not None and len(data) != item.size_bytes:
-        raise MediaInvalid(f"{item.where}: {item.ref!r} changed while the job ran ({item.size_bytes} bytes when "
-                           f"checked, {len(data)} when read): run again to send it as it is now")
-    if item.source == "url":
-        return None, item.record(sha256=sha)
-    sent_w, sent_h = item.width, item.height
-    if item.kind == "image" and item.width and item.height and (item.send_width, item.send_height) != (item.width, item.height):
-        data, (sent_w, sent_h) = _downscale(data, (item.send_width or 1, item.send_height or 1), item)
-    return data, item.record(sha256=sha, sent_bytes=len(data)) | {"sent_width": sent_w, "sent_height": sent_h}
-
-
-def _downscale(data: bytes, size: tuple[int, int], item: MediaItem) -> tuple[bytes, tuple[int, int]]:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format or "PNG"
-            small = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-            if fmt == "JPEG" and small.mode not in ("RGB", "L", "CMYK"):
-                small = small.convert("RGB")
-            out = io.BytesIO()
-            small.save(out, format=fmt, **_SAVE.get(fmt, {}))
-            return out.getvalue(), small.size
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise MediaInvalid(f"{item.where}: {item.ref!r} cannot be decoded to downscale it ({exc})") from None
-
-
-def materialize(payload: bytes, items: tuple[MediaItem, ...], max_side: int | None,
-                max_request_bytes: int) -> tuple[bytes, list[dict[str, Any]]]:
-    """The request bytes with every file placeholder filled, and each item's record."""
-    pieces: list[bytes] = []
-    records: list[dict[str, Any]] = []
-    rest_at = 0
-    for item in items:
-        if item.path is None and item.inline is None:
-            records.append(item.record())
-            continue
-        data, record = read_item(item, max_side)
-        records.append(record)
-        if data is None or item.marker is None:
-            continue
-        marker = item.marker.encode()
-        at = payload.index(marker, rest_at)
-        pieces.append(payload[rest_at:at])
-        pieces.append(f"data:{item.mime};base64,".encode())
-        pieces.append(base64.b64encode(data))
-        del data
-        rest_at = at + len(marker)
-    pieces.append(payload[rest_at:])
-    out = b"".join(pieces)
-    if len(out) > max_request_bytes:
-        raise MediaInvalid(f"the request is {len(out):,} bytes, over the {max_request_bytes:,}-byte limit "
-                           "(set max_image_side to send smaller images, or send fewer items per row)")
-    return out, records
-
-
-def with_marker_note(body: Any, items: tuple[MediaItem, ...]) -> Any:
-    """``body`` for display: each placeholder replaced by what will be sent in its place."""
-    notes = {i.marker: f"data:{i.mime};base64,<{i.ref}: {i.size_bytes:,} bytes, read when sent>"
-             for i in items if i.marker is not None}
-    if not notes:
-        return body
-
-    def walk(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: walk(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [walk(x) for x in v]
-        return notes.get(v, v) if isinstance(v, str) else v
-
-    return walk(body)
-
-
-# ---- the budget of bytes in flight -----------------------------------------------------------
-class ByteBudget:
-    """Request bytes held at once, job-wide: a row waits here before its files are read. A row
-    bigger than the whole budget goes alone. First come, first served."""
-
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit = max(1, int(limit_bytes))
-        self.used = 0
-        self.peak = 0
-        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
-
-    def _fits(self, n: int) -> bool:
-        return self.used == 0 or self.used + n <= self.limit
-
-    async def acquire(self, n: int) -> None:
-        if not self._waiters and self._fits(n):
-            self._take(n)
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (n, fut)
-        self._waiters.append(entry)
-        try:
-            await fut
-        except BaseException:
-            if fut.done() and not fut.cancelled():
-                self.release(n)  # granted just as we were cancelled: give it back
-            else:
-                with contextlib.suppress(ValueError):  # already dropped by _wake, as a cancelled future
-                    self._waiters.remove(entry)
-                self._wake()
-            raise
-
-    def _take(self, n: int) -> None:
-        self.used += n
-        self.peak = max(self.peak, self.used)
-
-    def release(self, n: int) -> None:
-        self.used -= n
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters:
-            n, fut = self._waiters[0]
-            if fut.done():
-                self._waiters.popleft()
-                continue
-            if not self._fits(n):
-                return
-            self._waiters.popleft()
-            self._take(n)
-            fut.set_result(None)
 
 
 def settings_for(job: Any, input_path: Path | None) -> MediaSettings:
