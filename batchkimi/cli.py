@@ -281,8 +281,9 @@ def score(output: Path, job_file: Path | None) -> None:
     import asyncio
 
     from .api import grade
+    from .config.specs import specs_of
     from .scoring.grader import known_grades
-    from .scoring.score import score_output, specs_of
+    from .scoring.score import score_output
     from .stats import accuracy_text
 
     try:

@@ -53,7 +53,8 @@ def make(n: int) -> None:
 
 
 def score(n: int) -> None:
-    from batchkimi.scoring.score import score_output, specs_of
+    from batchkimi.config.specs import specs_of
+    from batchkimi.scoring.score import score_output
 
     specs = specs_of({"labels": list(LABELS)}, {"expected": "gold", "method": "label"})
     c0, t0 = cpu_s(), time.perf_counter()

@@ -18,10 +18,11 @@ import time
 import aiohttp
 from common import WORK, cpu_s, emit, run_loop, write_prompts
 
+from batchkimi.http.sse import SSEDecoder
+
 # Imported here, before any clock starts, by every kind: importing batchkimi costs about 0.45 s
 # of CPU, which inside the timed part would be charged to the minimal loop's chunks.
-from batchkimi.http.response import StreamAssembler
-from batchkimi.http.sse import SSEDecoder
+from batchkimi.http.stream import StreamAssembler
 
 
 async def baseline(base_url: str, n: int, concurrency: int, stream: bool, parse: bool = False) -> int:

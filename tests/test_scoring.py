@@ -18,20 +18,12 @@ from click.testing import CliRunner
 import batchkimi
 from batchkimi.cli import cli
 from batchkimi.config import load_job
+from batchkimi.config.specs import ExtractSpec, specs_of
 from batchkimi.errors import ConfigError
 from batchkimi.output.sink import read_results
 from batchkimi.report.report import mcnemar_p
-from batchkimi.scoring.score import (
-    ExtractSpec,
-    ScoreSpec,
-    Specs,
-    check_tool_calls,
-    extract,
-    find_label,
-    grade,
-    score_row,
-    specs_of,
-)
+from batchkimi.scoring.extract import extract, find_label
+from batchkimi.scoring.score import ScoreSpec, Specs, check_tool_calls, grade, score_row
 from batchkimi.stats import wilson
 
 from .conftest import fast_job, write_jsonl

@@ -8,8 +8,9 @@ import pytest
 
 from batchkimi.errors import APIError, ResponseError
 from batchkimi.http.errors import error_from_response
-from batchkimi.http.response import StreamAssembler, parse_completion
+from batchkimi.http.response import parse_completion
 from batchkimi.http.sse import SSEDecoder
+from batchkimi.http.stream import StreamAssembler
 from batchkimi.policy.disposition import classify
 
 from .conftest import chunk, sse

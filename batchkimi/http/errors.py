@@ -16,7 +16,7 @@ from ..errors import APIError, HTTPStatusError, ResponseError
 from ..policy.disposition import classify
 
 
-def _meta(value: Any) -> str | None:
+def meta(value: Any) -> str | None:
     """Metadata (``id``, ``model``): text if it is a scalar, else ignored. It is not the answer."""
     if value is None or isinstance(value, str):
         return value
@@ -46,11 +46,11 @@ def error_from_payload(data: dict[str, Any], *, http_status: int, in_stream: boo
     err = data.get("error")
     if not isinstance(err, dict):
         err = {"message": err if isinstance(err, str) else orjson.dumps(err, default=str).decode()}
-    etype = _meta(err.get("type")) or _meta(err.get("upstream_code")) or _meta(err.get("code")) or "api_error"
-    code = _meta(err.get("code"))
+    etype = meta(err.get("type")) or meta(err.get("upstream_code")) or meta(err.get("code")) or "api_error"
+    code = meta(err.get("code"))
     message = err.get("message")
-    message = message if isinstance(message, str) and message else (_meta(message) or etype)
-    request_id = _meta(err.get("request_id")) or _meta(data.get("request_id")) or request_id
+    message = message if isinstance(message, str) and message else (meta(message) or etype)
+    request_id = meta(err.get("request_id")) or meta(data.get("request_id")) or request_id
     status = http_status
     if in_stream:
         # An error event inside a 200 stream: the answer is incomplete. Retry unless it says why not.

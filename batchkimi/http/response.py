@@ -30,8 +30,7 @@ from typing import Any
 import orjson
 
 from ..errors import ResponseError, json_type
-from .errors import _meta, error_from_payload, snippet
-from .sse import SSEDecoder
+from .errors import error_from_payload, meta, snippet
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +56,7 @@ class Answer:
     warnings: tuple[str, ...] = ()  # what was odd in a reply that was kept (see the module docstring)
 
 
-class _Bad(Exception):
+class FieldError(Exception):
     """A field of the reply has the wrong type; becomes a ``bad_response`` :class:`ResponseError`."""
 
     def __init__(self, field: str, value: Any, expected: str) -> None:
@@ -65,7 +64,7 @@ class _Bad(Exception):
         super().__init__(f"the reply's {field} is {json_type(value)} {shown}, expected {expected}")
 
 
-def _bad_response(message: str) -> ResponseError:
+def bad_response(message: str) -> ResponseError:
     return ResponseError(message, error_type="bad_response", retryable=True)
 
 
@@ -112,7 +111,7 @@ def parse_usage(raw: Any, field: str = "usage", warn: list[str] | None = None) -
     return Usage(prompt, completion, total, _num(cached, where, "cached_tokens", warn))
 
 
-def _text(value: Any, field: str) -> str | None:
+def text_field(value: Any, field: str) -> str | None:
     """Message text: a string, or an array of text parts (some servers send that)."""
     if value is None or isinstance(value, str):
         return value
@@ -121,29 +120,29 @@ def _text(value: Any, field: str) -> str | None:
         for i, p in enumerate(value):
             t = p.get("text", "")
             if not isinstance(t, str):
-                raise _Bad(f"{field}[{i}].text", t, "a string")
+                raise FieldError(f"{field}[{i}].text", t, "a string")
             out.append(t)
         return "".join(out)
-    raise _Bad(field, value, "a string")
+    raise FieldError(field, value, "a string")
 
 
-def _finish_reason(value: Any, field: str, warn: list[str]) -> str | None:
+def finish_reason_field(value: Any, field: str, warn: list[str]) -> str | None:
     if value is None or isinstance(value, str):
         return value or None
     warn.append(f"{field} was {_shown(value)}, not a string: dropped")
     return None
 
 
-def _reasoning(value: Any, field: str, warn: list[str]) -> str | None:
+def reasoning_field(value: Any, field: str, warn: list[str]) -> str | None:
     """Reasoning text; reasoning of another type is dropped with a warning (the answer stays)."""
     try:
-        return _text(value, field)
-    except _Bad:
+        return text_field(value, field)
+    except FieldError:
         warn.append(f"{field} was {_shown(value)}, not text: dropped")
         return None
 
 
-def _arguments(value: Any, field: str) -> str:
+def arguments_field(value: Any, field: str) -> str:
     """Tool-call arguments are JSON text; an object (some servers send one) is written as JSON text."""
     if value is None:
         return ""
@@ -151,31 +150,31 @@ def _arguments(value: Any, field: str) -> str:
         return value
     if isinstance(value, dict):
         return orjson.dumps(value).decode()
-    raise _Bad(field, value, "a JSON string")
+    raise FieldError(field, value, "a JSON string")
 
 
-def _tool_calls(value: Any, field: str) -> list[dict[str, Any]] | None:
+def tool_calls_field(value: Any, field: str) -> list[dict[str, Any]] | None:
     if value is None or value == []:
         return None
     if not isinstance(value, list):
-        raise _Bad(field, value, "an array")
+        raise FieldError(field, value, "an array")
     calls = []
     for i, call in enumerate(value):
         where = f"{field}[{i}]"
         if not isinstance(call, dict):
-            raise _Bad(where, call, "an object")
+            raise FieldError(where, call, "an object")
         fn = call.get("function")
         if not isinstance(fn, dict):
-            raise _Bad(f"{where}.function", fn, "an object")
+            raise FieldError(f"{where}.function", fn, "an object")
         name = fn.get("name")
         if not isinstance(name, str) or not name:
-            raise _Bad(f"{where}.function.name", name, "a non-empty string")
+            raise FieldError(f"{where}.function.name", name, "a non-empty string")
         cid = call.get("id")
         if cid is not None and not isinstance(cid, str):
-            raise _Bad(f"{where}.id", cid, "a string")
+            raise FieldError(f"{where}.id", cid, "a string")
         ctype = call.get("type") or "function"
         calls.append({"id": cid, "type": ctype if isinstance(ctype, str) else "function",
-                      "function": {"name": name, "arguments": _arguments(fn.get("arguments"), f"{where}.function.arguments")}})
+                      "function": {"name": name, "arguments": arguments_field(fn.get("arguments"), f"{where}.function.arguments")}})
     return calls
 
 
@@ -189,25 +188,25 @@ def parse_completion(body: bytes) -> Answer:
             f"the 200 response is not JSON: {snippet(body)}", error_type="bad_response", retryable=True
         ) from None
     if not isinstance(data, dict):
-        raise _bad_response(f"the 200 response is {json_type(data)}, not a JSON object")
+        raise bad_response(f"the 200 response is {json_type(data)}, not a JSON object")
     if "error" in data and data["error"]:
         raise error_from_payload(data, http_status=200)
     try:
         return _completion(data)
-    except _Bad as exc:
-        raise _bad_response(str(exc)) from None
+    except FieldError as exc:
+        raise bad_response(str(exc)) from None
 
 
 def _completion(data: dict[str, Any]) -> Answer:
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices:
-        raise _Bad("choices", choices, "a non-empty array")
+        raise FieldError("choices", choices, "a non-empty array")
     choice = choices[0]
     if not isinstance(choice, dict):
-        raise _Bad("choices[0]", choice, "an object")
+        raise FieldError("choices[0]", choice, "an object")
     message = choice.get("message")
     if not isinstance(message, dict):
-        raise _Bad("choices[0].message", message, "an object")
+        raise FieldError("choices[0].message", message, "an object")
     warn: list[str] = []
     usage = (parse_usage(data.get("usage"), "usage", warn)
              or parse_usage(choice.get("usage"), "choices[0].usage", warn) or Usage())
@@ -216,216 +215,21 @@ def _completion(data: dict[str, Any]) -> Answer:
     if reasoning is None and "reasoning" in message:
         reasoning, field = message.get("reasoning"), "choices[0].message.reasoning"
     answer = Answer(
-        content=_text(message.get("content"), "choices[0].message.content") or "",
-        reasoning_content=_reasoning(reasoning, field, warn),
-        tool_calls=_tool_calls(message.get("tool_calls"), "choices[0].message.tool_calls"),
-        finish_reason=_finish_reason(choice.get("finish_reason"), "choices[0].finish_reason", warn),
+        content=text_field(message.get("content"), "choices[0].message.content") or "",
+        reasoning_content=reasoning_field(reasoning, field, warn),
+        tool_calls=tool_calls_field(message.get("tool_calls"), "choices[0].message.tool_calls"),
+        finish_reason=finish_reason_field(choice.get("finish_reason"), "choices[0].finish_reason", warn),
         usage=usage,
-        model=model if type(model := data.get("model")) is str else _meta(model),
-        response_id=rid if type(rid := data.get("id")) is str else _meta(rid),
+        model=model if type(model := data.get("model")) is str else meta(model),
+        response_id=rid if type(rid := data.get("id")) is str else meta(rid),
         warnings=tuple(warn),
     )
-    _require_something(answer)
+    require_something(answer)
     return answer
 
 
-def _require_something(answer: Answer) -> None:
+def require_something(answer: Answer) -> None:
     """A reply with no text, no reasoning and no tool call is no answer, whatever its status."""
     if not answer.content and not answer.reasoning_content and not answer.tool_calls:
         raise ResponseError("the reply holds no text, no reasoning and no tool call: no answer came",
                             error_type="empty_answer", retryable=True)
-
-
-_SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
-
-
-def looks_like_sse(body: bytes) -> bool:
-    """A body that begins like Server-Sent Events (a JSON body never does)."""
-    return body.lstrip(b"\xef\xbb\xbf \t\r\n")[:6].startswith(_SSE_STARTS)
-
-
-def parse_sse_body(body: bytes) -> Answer:
-    """A whole SSE stream that arrived as one body (mislabelled by a proxy, or unpaced)."""
-    decoder, asm = SSEDecoder(), StreamAssembler()
-    for data in decoder.feed(body) + decoder.close():
-        if asm.add(data):
-            break
-    return asm.finish()
-
-
-class StreamAssembler:
-    """Accumulates SSE data payloads into an :class:`Answer`.
-
-    Call :meth:`add` with each event's data; it returns True once ``[DONE]`` arrived.
-    :meth:`finish` returns the answer, or raises if the stream ended without ``[DONE]``.
-    A chunk with a field of the wrong type raises a ``bad_response`` :class:`ResponseError`
-    naming it (the attempt is retried like a cut stream).
-    """
-
-    __slots__ = ("content", "reasoning", "tools", "finish_reason", "usage", "model", "response_id", "done", "chunks",
-                 "warnings")
-
-    def __init__(self) -> None:
-        self.content: list[str] = []
-        self.reasoning: list[str] = []
-        self.tools: dict[int, dict[str, Any]] = {}
-        self.finish_reason: str | None = None
-        self.usage: Usage | None = None
-        self.model: str | None = None
-        self.response_id: str | None = None
-        self.done = False
-        self.chunks = 0
-        self.warnings: list[str] = []
-
-    def add(self, data: bytes | str) -> bool:
-        if self.done:
-            return True
-        if type(data) is str:
-            data = data.encode()
-        try:
-            chunk = orjson.loads(data)  # parsed first: [DONE] and blank data are once a stream
-        except orjson.JSONDecodeError:
-            stripped = data.strip()
-            if stripped == b"[DONE]":
-                self.done = True
-                return True
-            if not stripped:
-                return False
-            # Some servers forget the blank line between events: "data: {..}\ndata: {..}".
-            parts = data.split(b"\n")
-            if len(parts) > 1:
-                return any([self.add(p) for p in parts])
-            raise ResponseError(
-                f"a stream event is not JSON: {snippet(data)}", error_type="bad_stream", retryable=True
-            ) from None
-        if type(chunk) is not dict:
-            return False
-        if chunk.get("error"):
-            raise error_from_payload(chunk, http_status=200, in_stream=True)
-        try:
-            self._chunk(chunk)
-        except _Bad as exc:
-            raise _bad_response(f"{exc} (stream chunk {self.chunks})") from None
-        return False
-
-    def _chunk(self, chunk: dict[str, Any]) -> None:
-        self.chunks += 1
-        model = chunk.get("model")
-        if model:
-            self.model = model if type(model) is str else (_meta(model) or self.model)
-        if self.response_id is None:
-            rid = chunk.get("id")
-            self.response_id = rid if type(rid) is str else _meta(rid)
-        usage = chunk.get("usage")
-        if usage is not None:
-            self.usage = parse_usage(usage, "usage", self.warnings) or self.usage
-        choices = chunk.get("choices")
-        if not choices:
-            return
-        if not isinstance(choices, list):
-            raise _Bad("choices", choices, "an array")
-        choice = choices[0]
-        if not isinstance(choice, dict):
-            raise _Bad("choices[0]", choice, "an object")
-        usage = choice.get("usage")
-        if usage is not None:
-            self.usage = parse_usage(usage, "choices[0].usage", self.warnings) or self.usage
-        finish = choice.get("finish_reason")
-        if finish is not None:
-            self.finish_reason = _finish_reason(finish, "choices[0].finish_reason", self.warnings) or self.finish_reason
-        delta = choice.get("delta")
-        if delta is None:
-            delta = choice.get("message")
-            if delta is None:
-                return
-        if not isinstance(delta, dict):
-            raise _Bad("choices[0].delta", delta, "an object")
-        text = delta.get("content")
-        if text is not None:
-            if type(text) is not str:
-                text = _text(text, "choices[0].delta.content")
-            if text:
-                self.content.append(text)
-        reasoning = delta.get("reasoning_content")
-        if reasoning is None:
-            reasoning = delta.get("reasoning")
-        if reasoning is not None:
-            if type(reasoning) is not str:
-                reasoning = _reasoning(reasoning, f"choices[0].delta.reasoning_content (chunk {self.chunks})", self.warnings)
-            if reasoning:
-                self.reasoning.append(reasoning)
-        calls = delta.get("tool_calls")
-        if calls:
-            if not isinstance(calls, list):
-                raise _Bad("choices[0].delta.tool_calls", calls, "an array")
-            for i, call in enumerate(calls):
-                self._add_tool_delta(call, f"choices[0].delta.tool_calls[{i}]")
-
-    def _add_tool_delta(self, call: Any, where: str) -> None:
-        if not isinstance(call, dict):
-            raise _Bad(where, call, "an object")
-        index = call.get("index")
-        if type(index) is not int:
-            index = len(self.tools) if call.get("id") else max(self.tools, default=0)
-        slot = self.tools.get(index)
-        if slot is None:
-            slot = self.tools[index] = {"id": None, "type": "function", "name": None, "arguments": []}
-        cid = call.get("id")
-        if cid is not None:
-            if not isinstance(cid, str):
-                raise _Bad(f"{where}.id", cid, "a string")
-            if not slot["id"]:
-                slot["id"] = cid  # keep the first id: some proxies change it mid-stream
-        ctype = call.get("type")
-        if ctype and isinstance(ctype, str):
-            slot["type"] = ctype
-        fn = call.get("function")
-        if fn is None:
-            return
-        if not isinstance(fn, dict):
-            raise _Bad(f"{where}.function", fn, "an object")
-        name = fn.get("name")
-        if name is not None:
-            if not isinstance(name, str):
-                raise _Bad(f"{where}.function.name", name, "a string")
-            if not slot["name"]:
-                slot["name"] = name
-        args = fn.get("arguments")
-        if isinstance(args, dict):
-            # An object is the whole arguments (a proxy that re-sends them with every delta),
-            # never a fragment: the last one stands, as in a non-streaming answer.
-            slot["arguments"] = [_arguments(args, f"{where}.function.arguments")]
-        elif args is not None:
-            slot["arguments"].append(_arguments(args, f"{where}.function.arguments"))
-
-    def finish(self, ttft_s: float | None = None) -> Answer:
-        if not self.done:
-            raise ResponseError(
-                f"the stream ended after {self.chunks} chunks without data: [DONE]",
-                error_type="stream_cut",
-                retryable=True,
-            )
-        if not self.chunks:
-            raise ResponseError("the stream sent data: [DONE] and nothing before it: no answer came",
-                                error_type="bad_stream", retryable=True)
-        tool_calls = None
-        if self.tools:
-            tool_calls = []
-            for index, slot in sorted(self.tools.items()):
-                if not slot["name"]:
-                    raise _bad_response(f"the stream's tool call {index} has no function.name")
-                tool_calls.append({"id": slot["id"], "type": slot["type"],
-                                   "function": {"name": slot["name"], "arguments": "".join(slot["arguments"])}})
-        answer = Answer(
-            content="".join(self.content),
-            reasoning_content="".join(self.reasoning) if self.reasoning else None,
-            tool_calls=tool_calls,
-            finish_reason=self.finish_reason,
-            usage=self.usage or Usage(),
-            model=self.model,
-            response_id=self.response_id,
-            ttft_s=ttft_s,
-            warnings=tuple(dict.fromkeys(self.warnings)),
-        )
-        _require_something(answer)
-        return answer

@@ -34,8 +34,9 @@ from .. import __version__
 from ..errors import APIError, ResponseError, TransportError
 from ..policy.retry import parse_retry_after
 from .errors import error_from_response
-from .response import Answer, StreamAssembler, looks_like_sse, parse_completion, parse_sse_body
+from .response import Answer, parse_completion
 from .sse import SSEDecoder
+from .stream import StreamAssembler, looks_like_sse, parse_sse_body
 
 
 @dataclass(frozen=True)

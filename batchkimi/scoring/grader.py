@@ -22,12 +22,13 @@ from typing import Any
 import orjson
 
 from ..config import Job
+from ..config.specs import Specs
 from ..events import Hook, no_hook
 from ..execution.run import Executor, Run
 from ..output.parts import iter_newest
 from ..output.results import kept_column_name
 from ..output.sink import read_results
-from .score import Specs, answer_json
+from .extract import answer_json
 
 GRADER = "_grader"
 DEFAULT_PROMPT = """You are grading an answer against a reference answer.
