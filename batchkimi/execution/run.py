@@ -199,23 +199,8 @@ class Run:
     # ---- results -----------------------------------------------------------------------------
     def account(self, row: dict[str, Any]) -> None:
         """Count a finished row in the summary and tell the hook."""
-        s = self.summary
-        status = row["status"]
-        s.run_status[status] += 1
-        s.prompt_tokens += row.get("prompt_tokens") or 0
-        s.completion_tokens += row.get("completion_tokens") or 0
-        s.cached_tokens += row.get("cached_tokens") or 0
-        if status in ("ok", "truncated"):
-            if row.get("total_tokens") is None:
-                s.rows_without_usage += 1
-            if row.get("cost_usd") is None:
-                s.rows_without_cost += 1
-            else:
-                s.cost_usd += row["cost_usd"]
-        if status != "ok":
-            message = row.get("error_message") or ""
-            s.errors[f"{row.get('error_type')}: {message[:160]}{'...' if len(message) > 160 else ''}"] += 1
-        self.hook(RowFinished(status, row.get("total_tokens") or 0, row.get("attempts") or 0))
+        self.summary.add_row(row)
+        self.hook(RowFinished(row["status"], row.get("total_tokens") or 0, row.get("attempts") or 0))
 
     async def deliver(self, row: dict[str, Any], *, counted: bool = False) -> None:
         """A finished row to the writer (counted first, unless the caller already did)."""

@@ -6,6 +6,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..exit_codes import (
+    EXIT_BUDGET,
+    EXIT_FAILED_ROWS,
+    EXIT_INTERRUPTED,
+    EXIT_JOB_ERROR,
+    EXIT_OK,
+    EXIT_WAITING,
+)
 from ..kimi import cost_usd
 from ..stats import accuracy_text
 
@@ -52,6 +60,24 @@ class Summary:
     wait_reason: str | None = None
     scores: dict[str, Any] = field(default_factory=dict)  # what scoring the whole output found
 
+    def add_row(self, row: dict[str, Any]) -> None:
+        """Count one finished result row of this run."""
+        status = row["status"]
+        self.run_status[status] += 1
+        self.prompt_tokens += row.get("prompt_tokens") or 0
+        self.completion_tokens += row.get("completion_tokens") or 0
+        self.cached_tokens += row.get("cached_tokens") or 0
+        if status in ("ok", "truncated"):
+            if row.get("total_tokens") is None:
+                self.rows_without_usage += 1
+            if row.get("cost_usd") is None:
+                self.rows_without_cost += 1
+            else:
+                self.cost_usd += row["cost_usd"]
+        if status != "ok":
+            message = row.get("error_message") or ""
+            self.errors[f"{row.get('error_type')}: {message[:160]}{'...' if len(message) > 160 else ''}"] += 1
+
     @property
     def pending_rows(self) -> int:
         return max(0, self.total_rows - sum(self.final_status.values()))
@@ -65,16 +91,16 @@ class Summary:
         """0 all rows ok; 1 job-level error; 3 finished with failed rows; 4 stopped at the budget;
         6 stopped because the account must wait (a quota); 130 interrupted."""
         if self.fatal:
-            return 1
+            return EXIT_JOB_ERROR
         if self.interrupted:
-            return 130
+            return EXIT_INTERRUPTED
         if self.wait_until is not None:
-            return 6
+            return EXIT_WAITING
         if self.budget_stop:
-            return 4
+            return EXIT_BUDGET
         if self.failed_rows or self.pending_rows:
-            return 3
-        return 0
+            return EXIT_FAILED_ROWS
+        return EXIT_OK
 
     def lines(self) -> list[str]:
         out = list(self.notes)

@@ -11,7 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .server import FAULTS, SimConfig, Simulator
+from .config import FAULTS, SimConfig
+from .server import Simulator
 from .validate import SimError
 
 log = logging.getLogger("batchkimi.simulator")
