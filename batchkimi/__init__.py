@@ -16,7 +16,26 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
+
+# The house, lowest first: a module imports its own room and the layers below, never a room
+# beside or above it (tests/test_layers.py checks the code against this). A row goes up the
+# middle: input -> request -> execution (policy and http on the way) -> output.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("errors", "events", "kimi", "tokens", "stats", "exit_codes", "files", "version"),  # the foundation: pure, no I/O
+    ("config",),  # the job: what to read, send and write
+    ("policy",),  # decisions with no I/O: retry, disposition, rate limits, budget, rerun
+    ("input", "output", "http"),  # the edges: reading rows, writing results, one HTTP attempt
+    ("request",),  # a row into a request body
+    ("execution",),  # the plan, the run, the executors (local, Ray), the row engine
+    ("scoring",),  # a pass over an output after the run
+    ("report",),  # reading outputs for people: report, compare, export, HTML
+    ("api", "progress"),  # the doors (run, run_async, dry_run, RowEngine) and the CLI's progress bar
+    ("cli_common",), ("cli_outputs",), ("cli",),  # the command line
+    ("__main__", "batchkimi"),  # the package's face
+)
+# Rooms kept apart: what each may be imported by (it imports only the foundation).
+APART: dict[str, tuple[str, ...]] = {"simulator": ("api", "cli")}
 
 # public name -> the module that defines it
 _PUBLIC = {
@@ -31,6 +50,7 @@ _PUBLIC = {
 }
 
 __all__ = [
+    "APART", "LAYERS",
     "APIError", "BatchKimiError", "ConfigError", "DatasetError", "DryRunReport", "FatalAPIError", "Job", "JobError",
     "MissingKeyError", "OutputError", "Prepared", "RowEngine", "RowInvalid", "Summary", "__version__", "build_request",
     "dry_run", "load_job", "read_results", "resolve_api_key", "run", "run_async",

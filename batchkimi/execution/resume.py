@@ -15,13 +15,13 @@ from typing import Any
 
 import orjson
 
-from .. import __version__
 from ..config import SIMULATOR_PACING, Job
 from ..errors import OutputError
 from ..input.folder import FolderScan
 from ..input.history import first_change
 from ..input.reader import InputScan
 from ..output.sink import MANIFEST
+from ..version import __version__
 from .summary import Summary
 
 

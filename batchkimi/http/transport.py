@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
-from .. import __version__
 from ..errors import APIError, ResponseError, TransportError
 from ..policy.retry import parse_retry_after
+from ..version import __version__
 from .errors import error_from_response
 from .response import Answer, parse_completion
 from .sse import SSEDecoder

@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 
 from ..errors import ConfigError, OutputError
-from ..output import parts
+from ..files import fsync_dir
 from .sniff import inspect
 
 INDEX = "_media_index.jsonl"
@@ -152,7 +152,7 @@ def write_index(path: Path, entries: list[dict[str, Any]]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    parts.fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def scan_folder(root: Path, old: list[dict[str, Any]], include: tuple[str, ...] = (),

@@ -10,7 +10,6 @@ the whole output has one schema.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from ..files import fsync_dir
 from ..policy.rerun import KINDS, kinds_of, resend_mask
 from .results import rows_to_table
 
@@ -43,15 +43,6 @@ def part_seq(path: Path) -> int:
 
 def part_paths(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if PART.match(p.name)) if directory.is_dir() else []
-
-
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> None:

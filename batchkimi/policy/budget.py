@@ -20,8 +20,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from ..execution.summary import cost_usd
-from ..kimi import CONTEXT_LIMIT_TOKENS
+from ..kimi import CONTEXT_LIMIT_TOKENS, cost_usd
 
 PROMPT_MARGIN = 1.25
 

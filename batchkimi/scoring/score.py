@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config.specs import ScoreSpec, Specs
+from ..files import fsync_dir
 from ..output import parts
 from ..output.results import kept_column_name
 from ..output.sink import SCORES
@@ -253,5 +254,5 @@ def score_output(out: Path, specs: Specs, grades: Mapping[str, Any] | None = Non
             writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
             counts["rows"] += t.num_rows
     os.replace(tmp, target)
-    parts.fsync_dir(out)
+    fsync_dir(out)
     return counts
