@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -234,7 +233,7 @@ def run(job: Job, **kwargs: Any) -> Summary:
 
     key = kwargs.pop("api_key", None) or resolve_api_key(job)
     # Ray's workers do not run in this directory: every path they see is absolute.
-    job = dataclasses.replace(job, **{k: str(Path(v).expanduser().resolve()) for k in ("input", "output", "media_root", "ca_file")
-                                      if (v := getattr(job, k))})
+    job = job.replace(**{k: str(Path(v).expanduser().resolve()) for k in ("input", "output", "media_root", "ca_file")
+                         if (v := getattr(job, k))})
     with ray_session(job), asyncio.Runner(loop_factory=loop_factory(job.event_loop)) as runner:
         return runner.run(_run(job, key, lambda url, pem: RayExecutor(key, base_url=url, ca_pem=pem), **kwargs))

@@ -268,17 +268,17 @@ class RayExecutor:
                                  f"({per_actor:g} CPU and up to {blocks_at_once} blocks at once each; "
                                  f"cluster limit actor {limit_name(self.base_url, self.key)})")
         batches = iter(out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1))
-        end = object()
+        end: Any = object()
         loop = asyncio.get_running_loop()
         # Ray's iterator blocks: one batch at a time from it, in a thread of a pool of one that
         # each step awaits. Not the default pool: when the grace period ends with a batch still
         # being waited for, the run returns at once, and the loop's shutdown would join that
         # thread; ending the Ray session after the run ends its wait.
-        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchkimi-ray-results")
-        grace_over = asyncio.ensure_future(self.grace_over.wait())
+        reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchkimi-ray-results")
+        grace_over: asyncio.Future[Any] = asyncio.ensure_future(self.grace_over.wait())
         try:
             while True:
-                nxt = loop.run_in_executor(pool, next, batches, end)
+                nxt: asyncio.Future[Any] = loop.run_in_executor(reader, next, batches, end)
                 await asyncio.wait({nxt, grace_over}, return_when=asyncio.FIRST_COMPLETED)
                 if not nxt.done():  # the grace is over: what is still in flight is sent again on resume
                     nxt.cancel()
@@ -289,7 +289,7 @@ class RayExecutor:
                 await self._take(run, batch.column("row").to_pylist())
         finally:
             grace_over.cancel()
-            pool.shutdown(wait=False, cancel_futures=True)
+            reader.shutdown(wait=False, cancel_futures=True)
 
     async def _take(self, run: Run, rows: list[bytes]) -> None:
         s, gate, job = run.summary, run.gate, run.job

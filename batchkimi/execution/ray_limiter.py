@@ -115,7 +115,8 @@ def limit_actor(base_url: str, api_key: str, rpm: float, tpm: float, concurrency
     jobs come and go around it; tiny: no CPU reserved), set to this job's limits."""
     import ray
 
-    actor = (ray.remote(GlobalLimit)
+    remote: Any = ray.remote(GlobalLimit)
+    actor = (remote
              .options(name=limit_name(base_url, api_key), namespace="batchkimi", lifetime="detached",
                       get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=0)
              .remote(rpm, tpm, concurrency))

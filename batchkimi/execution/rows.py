@@ -43,10 +43,11 @@ def prepare_row(row: SourceRow, job: Job, fmt: str, scan: InputScan,
             return rid, f"{rid}: {_FOLDER_COLUMN.sub('', str(exc))}"
     if row.error is not None or row.data is None:
         return f"{scan.id_prefix}{row.pos}", row.error or f"{row.where} is empty"
-    rid = row_id(row, fmt, job.id_column, scan.has_id_column, scan.id_prefix)
-    if rid is None:
+    found = row_id(row, fmt, job.id_column, scan.has_id_column, scan.id_prefix)
+    if found is None:
         column = "custom_id" if fmt == "openai_batch" else job.id_column
         return f"{scan.id_prefix}{row.pos}", f"{row.where}: column '{column}' is missing or empty"
+    rid = found
     try:
         return rid, build_request(row.data, job, batch_line=fmt == "openai_batch", media=media)
     except RowInvalid as exc:

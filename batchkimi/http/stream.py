@@ -68,7 +68,7 @@ class StreamAssembler:
     def add(self, data: bytes | str) -> bool:
         if self.done:
             return True
-        if type(data) is str:
+        if not isinstance(data, bytes):
             data = data.encode()
         try:
             chunk = orjson.loads(data)  # parsed first: [DONE] and blank data are once a stream

@@ -170,7 +170,8 @@ def scan_folder(root: Path, old: list[dict[str, Any]], include: tuple[str, ...] 
         entry = entries[pos] if pos is not None else None
         same_stamp = entry is not None and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
         if same_stamp and entry is not None:
-            kind, found = entry["kind"], {k: entry[k] for k in ("mime", "width", "height", "problem") if k in entry}
+            found: dict[str, Any] = {k: entry[k] for k in ("mime", "width", "height", "problem") if k in entry}
+            kind = entry["kind"]
         else:
             seen_as = inspect(str(root / rel))
             if seen_as is None:

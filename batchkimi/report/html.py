@@ -117,7 +117,7 @@ def _thumb(path: Path) -> str | None:
 
 def _sheet_items(df: Any, root: Path | None) -> list[str]:
     label_col = "extracted" if "extracted" in df.columns else None
-    items = []
+    items: list[str] = []
     for _, r in df.iterrows():
         if len(items) >= SHEET_MAX:
             break

@@ -75,7 +75,7 @@ def check_tool_calls(raw: str | None, schemas: Mapping[str, Any]) -> tuple[bool 
     for i, call in enumerate(calls if isinstance(calls, list) else []):
         fn = call.get("function") if isinstance(call, dict) else None
         name = fn.get("name") if isinstance(fn, dict) else None
-        if name not in schemas:
+        if not isinstance(name, str) or name not in schemas:
             return False, f"call {i} names an unknown tool {name!r}"
         try:
             args = json.loads(fn.get("arguments") or "{}")  # type: ignore[union-attr]
@@ -219,7 +219,7 @@ def score_output(out: Path, specs: Specs, grades: Mapping[str, Any] | None = Non
     counts = {"rows": 0, "scored": 0, "score_sum": 0.0, "extract_errors": 0}
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for t in parts.iter_newest(out, columns):
-            data = {name: [] for name in schema.names}
+            data: dict[str, list[Any]] = {name: [] for name in schema.names}
             cols = {c: t.column(c).to_pylist() for c in columns if c != "finished_at"}
             for i in range(t.num_rows):
                 expected = cols[expected_col][i] if expected_col else None

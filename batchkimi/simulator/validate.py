@@ -224,8 +224,11 @@ def validate(body: dict[str, Any], key_models: list[str] | None, unknown_model_s
                 raise invalid(f"Invalid request: {name} must be a positive integer, got {value!r}")
             max_tokens = value
             break
-    prompt_tokens = estimate_messages_tokens(  # type: ignore[arg-type]
-        messages, lambda part: seen.tokens if (seen := seen_of.get(id(part))) else URL_MEDIA_TOKENS)
+    def part_tokens(part: dict[str, Any]) -> int:
+        seen = seen_of.get(id(part))
+        return seen.tokens if seen is not None else URL_MEDIA_TOKENS
+
+    prompt_tokens = estimate_messages_tokens(messages if isinstance(messages, list) else [], part_tokens)
     light = _light(messages, seen_of) if media else None  # type: ignore[arg-type]
     return ChatRequest(model, messages, thinking, max_tokens, bool(stream), include_usage, json_mode,  # type: ignore[arg-type]
                        tools, choice, prompt_tokens, media, light)
