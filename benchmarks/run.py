@@ -514,6 +514,30 @@ def budget_use(n: int, budgets: list[float], max_tokens: int, concurrency: int, 
     return rows
 
 
+def startup(repeats: int = 9) -> list[Row]:
+    """The command line's start: `batchkimi --help` and `--version` against `python -c pass` (the
+    interpreter's own start), median of ``repeats`` runs each, interleaved."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("batchkimi") or ""
+    cmds = {"python -c pass": [sys.executable, "-c", "pass"], "batchkimi --help": [exe, "--help"],
+            "batchkimi --version": [exe, "--version"]}
+    times: dict[str, list[float]] = {k: [] for k in cmds}
+    for _ in range(repeats):
+        for name, cmd in cmds.items():
+            t0 = time.perf_counter()
+            subprocess.run(cmd, capture_output=True, check=True)
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["python -c pass"])
+    rows: list[Row] = []
+    for name in ("batchkimi --help", "batchkimi --version"):
+        med = statistics.median(times[name])
+        rows.append(("15. start-up", f"`{name}`, median of {repeats}", f"**{med:.3f} s** ({med / base:.2f}x `python -c pass`, "
+                     f"{base:.3f} s)", "target < 0.15 s", verdict(med < 0.15)))
+    return rows
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -530,7 +554,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes and shorter rate runs")
     ap.add_argument("--only", default="overhead,loops,tls,waiting,chunks,streams,memory,media,scoring,resume,overload,"
-                    "paced,budget,rate,ray")
+                    "paced,budget,startup,rate,ray")
     ap.add_argument("--repeats", type=int, default=None, help="runs of each speed figure (default 3; --quick 2)")
     ap.add_argument("--rate-repeats", type=int, default=None, help="runs of each rate-accuracy scenario (default 5; --quick 1)")
     ap.add_argument("--output", default=str(HERE / "RESULTS.md"))
@@ -554,6 +578,7 @@ def main() -> None:
         "rate": lambda: rate(90 if q else 180, rate_repeats),
         "ray": lambda: ray_scaling(1000 if q else 3000, 300),
         "paced": lambda: paced_429s(1000, 59, 50, 0.25),
+        "startup": lambda: startup(),
         "budget": lambda: budget_use(2000, [0.2, 2.0, 10.0] if q else [0.2, 2.0, 10.0, 25.0], 32768, 32, 2500),
     }
     rows: list[Row] = []
