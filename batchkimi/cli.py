@@ -129,6 +129,9 @@ def _go(job_file: Path | None, flags: dict[str, Any], *, dry_run: bool, quiet: b
         json_summary: bool) -> None:
     if flags.get("thinking") is not None:
         flags["thinking"] = "enabled" if flags["thinking"] else "disabled"
+    if job_file is None and not flags.get("input"):
+        raise _Fail("nothing to run: give a job file (batchkimi run jobs/demo.toml) or --input DATASET "
+                    "(batchkimi run --help lists the flags)")
     try:
         job = load_job(job_file, flags)
     except JobError as exc:

@@ -188,10 +188,13 @@ class DryRunReport:
         if more > 0:
             out.append(f"  ... and {more} more invalid rows")
         low = cost_usd(self.prices, self.model, self.prompt_tokens_estimate, self.expected_completion_tokens * self.to_send, 0)
+        if low is None and self.to_send:
+            out.append(f"no cost estimate: no price for {self.model} (add it to the job's prices table, "
+                       "[input_miss, input_hit, output] USD per 1M tokens; for an ep- id, ep_model names the model)")
         if low is not None:
             line = (
-                f"cost estimate for {self.to_send} requests: ${low:.2f} (about {self.prompt_tokens_estimate} prompt "
-                f"tokens, {self.expected_completion_tokens} completion tokens each)"
+                f"cost estimate for {self.to_send} requests: ${low:.2f} (about {self.prompt_tokens_estimate:,} prompt "
+                f"tokens in all, and {self.expected_completion_tokens:,} completion tokens each)"
             )
             if self.max_completion_tokens:
                 high = cost_usd(self.prices, self.model, self.prompt_tokens_estimate, self.max_completion_tokens * self.to_send, 0)
