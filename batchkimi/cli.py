@@ -18,47 +18,46 @@ import click
 from .cli_common import Fail as _Fail
 from .cli_outputs import COMMANDS
 from .config import Job, load_job, resolve_api_key
+from .config.settings import FLAGS, SETTINGS
 from .errors import JobError, MissingKeyError
 from .exit_codes import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, EXIT_USAGE
 
-# Options that more than one command takes, written once.
-_OPTIONS: dict[str, Callable[[Any], Any]] = {
-    "base-url": click.option("--base-url", help="OpenAI-compatible base URL, or 'simulator' for the built-in one.",
-                  show_default="https://tokenhub-intl.tencentcloudmaas.com/v1"),
-    "system": click.option("--system", help="A system prompt for every row."),
-    "stream": click.option("--stream/--no-stream", default=None, help="Stream answers.", show_default="when thinking is on"),
-    "thinking": click.option("--thinking/--no-thinking", default=None, help="Kimi's thinking mode.", show_default="Kimi's default, on"),
-    "max-tokens": click.option("--max-tokens", type=int, help="Answer budget (reasoning + answer).", show_default="32768 with thinking"),
-    "concurrency": click.option("--concurrency", type=int, help="Requests in flight at most.", show_default="32"),
-    "rpm": click.option("--rpm", type=float, help="Requests per minute (your account's limit); 0: adapt to 429s.", show_default="0"),
-    "tpm": click.option("--tpm", type=float, help="Tokens per minute (your account's limit); 0: no cap.", show_default="0"),
-    "max-image-side": click.option("--max-image-side", type=int, help="Downscale images whose longest side is longer (pixels)."),
-    "overwrite": click.option("--overwrite", is_flag=True, help="Delete the output directory first and start fresh."),
-    "quiet": click.option("--quiet", is_flag=True, help="No progress bar."),
-    "json-summary": click.option("--json-summary", is_flag=True, help="Print the summary as JSON on stdout."),
-    "event-loop": click.option("--event-loop", type=click.Choice(["auto", "uvloop", "asyncio"]),
-                               help="The event loop.", show_default="auto: uvloop where installed"),
-    "engine": click.option("--engine", type=click.Choice(["local", "ray"]),
-                           help="Send from this process, or from the actors of a Ray cluster (pip install 'batchkimi[ray]').",
-                           show_default="local"),
-    "ray-address": click.option("--ray-address", help="With --engine ray: the cluster ('auto', host:port, ray://host:10001).",
-                                show_default="start one on this machine"),
-    "ray-actors": click.option("--ray-actors", type=int, help="With --engine ray: actors sending requests.",
-                               show_default="one per CPU but one"),
-    "max-cost": click.option("--max-cost", "max_cost_usd", type=float,
-                             help="Stop sending once this run's cost (USD, estimated, in flight counted) would pass this."),
-    "max-tokens-total": click.option("--max-tokens-total", "max_total_tokens", type=int,
-                                     help="Stop sending once this run's tokens (in flight counted) would pass this."),
-}
+
+def _option(key: str, *, required: bool = False, help: str | None = None) -> Callable[[Any], Any]:
+    """The flag of job key ``key``, made from its one declaration (:mod:`batchkimi.config.settings`)."""
+    s = SETTINGS[key]
+    names = [s.flag_name, *s.aliases]
+    kw: dict[str, Any] = {"default": None, "required": required, "help": help or s.help[:1].upper() + s.help[1:] + ".",
+                          "show_default": None if required or s.default_shown == "none" else s.default_shown}
+    if key == "thinking":
+        names = ["--thinking/--no-thinking"]
+    elif s.kind == "bool":
+        names = [f"{s.flag_name}/--no-{s.flag_name[2:]}"]
+    elif s.choices:
+        kw["type"] = click.Choice(s.choices)
+    elif s.kind in ("int", "float"):
+        kw["type"] = int if s.kind == "int" else float
+    elif s.kind == "list":
+        kw["multiple"] = True
+        kw["help"] = kw["help"][:-1] + " (repeat it, or separate with commas)."
+    return click.option(*names, key, **kw)
 
 
-def _shared(*names: str) -> Callable[[Any], Any]:
+def _options(*keys: str) -> Callable[[Any], Any]:
     def apply(f: Any) -> Any:
-        for name in reversed(names):
-            f = _OPTIONS[name](f)
+        for key in reversed(keys):
+            f = _option(key)(f)
         return f
 
     return apply
+
+
+_QUIET = click.option("--quiet", is_flag=True, help="No progress bar.")
+_JSON_SUMMARY = click.option("--json-summary", is_flag=True, help="Print the summary as JSON on stdout.")
+_OVERWRITE = click.option("--overwrite", is_flag=True, help="Delete the output directory first and start fresh.")
+_CAPTION_KEYS = ("model", "system", "base_url", "stream", "thinking", "max_tokens", "max_image_side", "concurrency", "rpm",
+                 "tpm", "media_url_prefix", "limit", "max_cost_usd", "max_total_tokens", "max_wait_s", "retry",
+                 "event_loop", "engine", "ray_address", "ray_actors")
 
 
 @click.group()
@@ -69,59 +68,33 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--input", "input_", help="JSONL, JSONL.gz, Parquet (file or folder) or OpenAI batch file.")
-@click.option("--output", help="Output directory (Parquet parts + _manifest.json).")
-@_shared("base-url")
-@click.option("--model", help="kimi-k2.6 or kimi-k2.5, or a TokenHub service id (ep-...).", show_default="kimi-k2.6")
-@click.option("--prompt-template", help="Template over each row, e.g. 'Classify: {text}'.")
-@_shared("system", "stream", "thinking", "max-tokens", "concurrency", "rpm", "tpm")
-@click.option("--limit", type=int, help="Only the first N rows.", show_default="all")
-@click.option("--id-column", help="The id column; without one, ids come from row positions.", show_default="id")
-@click.option("--keep-columns", help="Input columns to copy to the output, comma-separated.")
-@click.option("--media-root", help="Folder that local image/video paths resolve in (none may leave it).",
-              show_default="the dataset's folder")
-@_shared("max-image-side")
-@click.option("--api-key-env", help="Environment variable holding the API key.", show_default="TOKENHUB_API_KEY")
-@click.option("--api-key-file", help="A file holding the API key.")
-@click.option("--max-attempts", type=int, help="Attempts per row at most.", show_default="6")
-@click.option("--stop-after-failures", type=int, help="Stop when the first N rows all fail alike; 0: never.", show_default="20")
-@click.option("--retry", help="What a rerun sends again besides transient failures (comma-separated): "
-              "truncated, refused, errors, all.", show_default="transient failures only")
-@_shared("max-cost", "max-tokens-total", "event-loop", "engine", "ray-address", "ray-actors", "overwrite")
+@_options(*(s.key for s in FLAGS))
+@_OVERWRITE
 @click.option("--dry-run", is_flag=True, help="Check every row, show the first request; send nothing.")
-@_shared("quiet", "json-summary")
-def run(job_file: Path | None, input_: str | None, dry_run: bool, quiet: bool, overwrite: bool,
-        json_summary: bool, **flags: Any) -> None:
-    """Run JOB_FILE (a TOML job), with any key overridden by a flag; or flags alone."""
-    flags["input"] = input_
+@_QUIET
+@_JSON_SUMMARY
+def run(job_file: Path | None, dry_run: bool, quiet: bool, overwrite: bool, json_summary: bool, **flags: Any) -> None:
+    """Run JOB_FILE (a TOML job), with any key overridden by its flag; or flags alone."""
     _go(job_file, flags, dry_run=dry_run, quiet=quiet, overwrite=overwrite, json_summary=json_summary)
 
 
 @cli.command()
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--output", required=True, help="Output directory (Parquet parts + _manifest.json).")
-@click.option("--prompt", "prompt_template",
-              help="What to ask about each file, e.g. 'Describe this image in one sentence.' ({id} is its path); "
-                   "required unless --job sets prompt_template.")
+@_option("output", required=True)
+@_option("prompt_template", help="What to ask about each file, e.g. 'Describe this image in one sentence.' ({id} is "
+                                 "its path); required unless --job sets prompt_template.")
 @click.option("--job", "job_file", type=click.Path(dir_okay=False, path_type=Path), help="A job file for every other key.")
-@click.option("--include", multiple=True, help="Only paths matching this pattern, e.g. '*.jpg' (repeatable).")
-@click.option("--exclude", multiple=True, help="Skip paths matching this pattern, e.g. 'raw/*' (repeatable).")
-@click.option("--model", help="kimi-k2.6 (images and videos) or kimi-k2.5 (images).", show_default="kimi-k2.6")
-@click.option("--system", help="A system prompt for every file.")
-@_shared("base-url", "stream", "thinking", "max-tokens", "max-image-side", "concurrency", "rpm", "tpm")
-@click.option("--media-url-prefix", help="Send <prefix>/<relative path> URLs instead of the files' bytes.")
-@click.option("--limit", type=int, help="Only the first N files.", show_default="all")
-@_shared("max-cost", "max-tokens-total", "event-loop", "engine", "ray-address", "ray-actors", "overwrite")
+@_options("include", "exclude", *_CAPTION_KEYS)
+@_OVERWRITE
 @click.option("--dry-run", is_flag=True, help="Walk the folder, check every file, show the first request; send nothing.")
-@_shared("quiet", "json-summary")
+@_QUIET
+@_JSON_SUMMARY
 def caption(folder: Path, job_file: Path | None, dry_run: bool, quiet: bool, overwrite: bool, json_summary: bool,
             **flags: Any) -> None:
     """Caption every image and video under FOLDER (recursively; the type comes from each
     file's bytes). Rerun the same command to send only new and changed files."""
     flags["input"] = str(folder)
     flags["input_format"] = "folder"
-    for key in ("include", "exclude"):
-        flags[key] = tuple(flags[key]) or None
     _go(job_file, flags, dry_run=dry_run, quiet=quiet, overwrite=overwrite, json_summary=json_summary)
 
 
@@ -129,6 +102,9 @@ def _go(job_file: Path | None, flags: dict[str, Any], *, dry_run: bool, quiet: b
         json_summary: bool) -> None:
     if flags.get("thinking") is not None:
         flags["thinking"] = "enabled" if flags["thinking"] else "disabled"
+    for key, value in list(flags.items()):
+        if isinstance(value, tuple):  # a list key's flag, repeatable: the values joined, as the job file's list
+            flags[key] = ",".join(value) if value else None
     if job_file is None and not flags.get("input"):
         raise _Fail("nothing to run: give a job file (batchkimi run jobs/demo.toml) or --input DATASET "
                     "(batchkimi run --help lists the flags)")

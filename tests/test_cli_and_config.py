@@ -354,3 +354,17 @@ def test_readme_and_code_never_point_users_outside_the_project() -> None:
         text = path.read_text(encoding="utf-8")
         assert "tokenhub-api.md" not in text and "../shared" not in text, path
     assert (ROOT / "docs" / "kimi-api.md").exists()
+
+
+def test_the_readme_settings_table_is_the_declared_one() -> None:
+    """Every job key is declared once (type and default from Job, flag and help from the table):
+    the README shows exactly that table, and every flag `run` takes has a key of its name."""
+    from batchkimi.config.settings import SETTINGS, settings_table
+
+    readme = (ROOT / "README.md").read_text()
+    assert settings_table() in readme, "regenerate it: python -m batchkimi.config.settings"
+    keyless = {"overwrite", "dry_run", "quiet", "json_summary", "job_file"}
+    for param in cli.commands["run"].params:
+        if param.name in keyless or not param.opts[0].startswith("--"):
+            continue
+        assert param.name in SETTINGS and param.opts[0] == "--" + param.name.replace("_", "-"), param.opts

@@ -23,6 +23,7 @@ from .. import kimi
 from ..errors import ConfigError, MissingKeyError
 from ..kimi import CONTEXT_LIMIT_TOKENS, DEFAULT_PRICES, FIXED_PARAMS
 from .job import Job
+from .settings import SETTINGS
 from .specs import specs_of
 
 RETRY_CHOICES = ("truncated", "refused", "errors", "all")  # what `retry` may ask a rerun to send (policy.rerun)
@@ -39,22 +40,6 @@ def check_retry(values: Iterable[str]) -> tuple[str, ...]:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Job)}
 _PATH_KEYS = ("input", "output", "api_key_file", "media_root", "ca_file")
-_INT_KEYS = {"limit", "max_tokens", "n", "concurrency", "max_attempts", "rows_per_part", "stop_after_failures",
-             "max_image_side", "max_total_tokens", "ray_actors", "ray_block_rows"}
-_FLOAT_KEYS = {
-    "temperature", "top_p", "presence_penalty", "frequency_penalty", "rpm", "tpm",
-    "max_retry_time_s", "backoff_base_s", "backoff_max_s", "max_retry_after_s", "max_wait_s",
-    "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "attempt_timeout_s",
-    "grace_s", "flush_interval_s", "max_request_mb", "max_mb_in_flight", "max_cost_usd",
-}
-_BOOL_KEYS = {"stream", "include_usage", "kimi_rules"}
-_STR_KEYS = {
-    "input", "input_format", "id_column", "prompt_column", "system_column", "messages_column",
-    "output", "base_url", "api_key_env", "api_key_file", "model", "prompt_template", "system",
-    "thinking", "thinking_keep", "media_root", "media_url_prefix", "event_loop", "ca_file", "ep_model",
-    "engine", "ray_address",
-}
-_LIST_KEYS = {"keep_columns", "image_columns", "video_columns", "include", "exclude", "retry"}
 # Keys a job file may still hold from an older batchkimi: what replaced them.
 _REPLACED = {"retry_errors": "retry = [...] (truncated, refused, errors, all): a rerun re-sends transient "
                              "failures by default, and these on request"}
@@ -104,23 +89,24 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     def bad(kind: str) -> ConfigError:
         return ConfigError(f"job key '{key}' in {where} must be {kind}, got {value!r}")
 
-    if key in _INT_KEYS:
+    kind = SETTINGS[key].kind  # its values are checked by check_job, with the job's other keys
+    if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
             raise bad("a whole number")
         return int(value)
-    if key in _FLOAT_KEYS:
+    if kind == "float":
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise bad("a number")
         return float(value)
-    if key in _BOOL_KEYS:
+    if kind == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
-    if key in _STR_KEYS:
+    if kind == "str":
         if not isinstance(value, str):
             raise bad("a string")
         return value
-    if key in _LIST_KEYS:
+    if kind == "list":
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
@@ -132,15 +118,15 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             except ValueError as exc:
                 raise ConfigError(f"job key 'retry' in {where}: {exc}") from None
         return tuple(value)
-    if key == "tools":
+    if kind == "tools":
         if not isinstance(value, list | tuple) or not all(isinstance(t, dict) for t in value):
             raise bad("a list of tool objects")
         return tuple(value)
-    if key in ("extra_body", "simulator", "extract", "score"):
+    if kind == "table":
         if not isinstance(value, dict):
             raise bad("a table")
         return dict(value)
-    if key == "prices":
+    if kind == "prices":
         if not isinstance(value, dict):
             raise bad("a table of model = [input_miss, input_hit, output] USD per 1M tokens")
         prices = dict(DEFAULT_PRICES)
