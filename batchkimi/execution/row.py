@@ -13,7 +13,7 @@ Guarantees, whatever happens to a request:
   back-off raises :class:`RowAbandoned` (it is pending, to be sent on resume), and so does a
   row whose attempt in flight fails retryably;
 - a hook that raises never loses the row it was told about (see :class:`~batchkimi.events.SafeHook`);
-- a row with local images or videos waits for the job's :class:`~batchkimi.input.media.ByteBudget`
+- a row with local images or videos waits for the job's :class:`~batchkimi.policy.bytes.ByteBudget`
   before its files are read (in a thread), holds it while it is sent and retried, and gives it
   back however it ends; a file that cannot be read then is that row's ``error`` row.
 """

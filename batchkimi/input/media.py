@@ -10,18 +10,13 @@ A row names its media in image and video columns (``image``, ``images``, ``video
 - a local path (or ``file://`` URL): resolved under the *media root*, checked, and read,
   base64-encoded and put in the request only when that request is about to be sent.
 
-Checking (:func:`collect`, run when the row is prepared, so ``--dry-run`` sees it too) refuses,
-naming the column and the file: a path that leaves the media root (``..``, an absolute path
-elsewhere, a symbolic link out), anything but a regular file, a missing or unreadable file,
-content that is not an image or video Kimi takes (the type comes from the bytes: Pillow for
-images, puremagic for video containers; a file's name is never trusted), a damaged image (a
-JPEG, PNG or WebP that ends early), a video for a model
-that takes none, and a request that would pass the body limit.
-
-:func:`materialize` (called by the row engine, in a thread, under the job's
-:class:`ByteBudget`) reads each file once: its sha256, an optional downscale to
-``max_image_side``, base64 into the request bytes. Neither the bytes nor the base64 ever reach
-the journal or the output: a row keeps, per item, its path, type, sizes and sha256.
+Checking (the :class:`Collector`, run when the row is prepared, so ``--dry-run`` sees it too)
+refuses, naming the column and the file: a path that leaves the media root
+(:mod:`.sandbox`), anything but a regular file, a missing or unreadable file, content that is
+not an image or video Kimi takes or a damaged image (:mod:`.sniff`: the type comes from the
+bytes, a file's name is never trusted), a video for a model that takes none, and a request that
+would pass the body limit. The bytes are read when the request is sent (:mod:`.send`), under
+the job's budget of bytes in flight (:mod:`batchkimi.policy.bytes`).
 """
 
 from __future__ import annotations
