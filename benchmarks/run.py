@@ -440,21 +440,31 @@ def rate(seconds: int, repeats: int) -> list[Row]:
     return out
 
 
+def faulted_vs_clean(n: int, concurrency: int, latency_s: float, clean: tuple[Path, dict], faulted: tuple[Path, dict],
+                     count: Callable[[dict], int]) -> tuple[list[float], list[float]]:
+    """The faulted run's wall time over the clean run's (``REPEATS`` pairs), and the faults the
+    simulator counted in each faulted run."""
+    ratios: list[float] = []
+    faults: list[float] = []
+    for _ in range(REPEATS):
+        walls = {}
+        for label, (data, settings) in (("clean", clean), ("faulted", faulted)):
+            with SimProcess(latency_ms=latency_s * 1000, **settings) as sim:
+                r = run_scenario("batchkimi_client.py", sim.base_url, str(data), str(WORK / "out_faulted"), str(concurrency), "plain")
+                assert r["ok"] == n, r
+                walls[label] = r["wall_s"]
+                if label == "faulted":
+                    faults.append(count(sim.stats()))
+        ratios.append(walls["faulted"] / walls["clean"])
+    return ratios, faults
+
+
 def overload(n: int, concurrency: int, latency_s: float, rate: float) -> list[Row]:
     """Sparse engine_overloaded 429s (no Retry-After): they should cost their own requests a
     backoff, not slow the whole job."""
     data = write_prompts(WORK / f"prompts_{n}.jsonl", n)
-    ratios, faults = [], []
-    for _ in range(REPEATS):
-        walls = {}
-        for label, settings in (("clean", {}), ("overload", {"overload_rate": rate})):
-            with SimProcess(latency_ms=latency_s * 1000, **settings) as sim:
-                r = run_scenario("batchkimi_client.py", sim.base_url, str(data), str(WORK / "out_overload"), str(concurrency), "plain")
-                assert r["ok"] == n, r
-                walls[label] = r["wall_s"]
-                if label == "overload":
-                    faults.append(sim.stats()["by_error"].get("engine_overloaded_error", 0))
-        ratios.append(walls["overload"] / walls["clean"])
+    ratios, faults = faulted_vs_clean(n, concurrency, latency_s, (data, {}), (data, {"overload_rate": rate}),
+                                      lambda stats: stats["by_error"].get("engine_overloaded_error", 0))
     return [("7. sparse overload 429s", f"{n:,} rows, C={concurrency}, L={latency_s:g}s, {rate:.1%} of requests answered "
              "engine_overloaded (no Retry-After)",
              f"wall time **{spread(ratios)}x** the fault-free run ({spread(faults, '{:.0f}')} overloads)", "target <= 1.2x",
@@ -471,17 +481,8 @@ def paced_429s(n: int, faulted: int, concurrency: int, latency_s: float) -> list
         for i in range(n):
             mark = " [[sim:429*1]]" if i % step == 0 and i // step < faulted else ""
             fh.write(json.dumps({"id": f"q{i}", "prompt": f"What is {i} + 1? Reply with the number.{mark}"}) + "\n")
-    ratios, faults = [], []
-    for _ in range(REPEATS):
-        walls = {}
-        for label, data in (("clean", clean), ("paced", paced)):
-            with SimProcess(latency_ms=latency_s * 1000) as sim:
-                r = run_scenario("batchkimi_client.py", sim.base_url, str(data), str(WORK / "out_paced"), str(concurrency), "plain")
-                assert r["ok"] == n, r
-                walls[label] = r["wall_s"]
-                if label == "paced":
-                    faults.append(sim.stats()["by_status"].get("429", 0))
-        ratios.append(walls["paced"] / walls["clean"])
+    ratios, faults = faulted_vs_clean(n, concurrency, latency_s, (clean, {}), (paced, {}),
+                                      lambda stats: stats["by_status"].get("429", 0))
     return [("13. sparse short Retry-After 429s", f"{n:,} rows, C={concurrency}, L={latency_s:g}s, {faulted} rows answered "
              "one rate-limit 429 with Retry-After: 2",
              f"wall time **{spread(ratios)}x** the fault-free run ({spread(faults, '{:.0f}')} 429s)", "target <= 2x",

@@ -113,3 +113,22 @@ def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, Any
     if usage is not None:
         choice["usage"] = usage
     return {"id": "chatcmpl-x", "object": "chat.completion.chunk", "model": "kimi-k2.6", "choices": [choice], **top}
+
+
+def json_reply(body: Any, status: int = 200) -> Callable[[web.Request], Any]:
+    """A handler answering every request with ``body`` as JSON."""
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json")
+
+    return handler
+
+
+def stream_reply(raw: bytes) -> Callable[[web.Request], Any]:
+    """A handler answering every request with the SSE bytes ``raw``."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(raw)
+        return resp
+
+    return handler

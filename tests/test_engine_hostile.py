@@ -30,7 +30,7 @@ from batchkimi.policy.ratelimit import RateLimiter
 from batchkimi.policy.retry import RetryPolicy
 from batchkimi.request import build_request
 
-from .conftest import TEST_KEY, chunk, fast_job, sse, write_jsonl
+from .conftest import TEST_KEY, chunk, fast_job, json_reply, sse, stream_reply, write_jsonl
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
 
@@ -46,23 +46,6 @@ def bounded(job: Job, seconds: float = 60, **kw: Any) -> batchkimi.Summary:
 def completion(**message: Any) -> dict[str, Any]:
     return {"id": "chatcmpl-1", "object": "chat.completion", "model": "kimi-k2.6",
             "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", **message}}], "usage": USAGE}
-
-
-def json_reply(body: Any, status: int = 200):  # noqa: ANN201
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json")
-
-    return handler
-
-
-def stream_reply(raw: bytes):  # noqa: ANN201
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(raw)
-        return resp
-
-    return handler
 
 
 def rows(n: int) -> list[dict[str, Any]]:

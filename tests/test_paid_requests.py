@@ -14,7 +14,7 @@ from aiohttp import web
 import batchkimi
 from batchkimi.config import load_job
 
-from .conftest import chunk, fast_job, sse, write_jsonl
+from .conftest import chunk, fast_job, json_reply, sse, stream_reply, write_jsonl
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
 
@@ -23,23 +23,6 @@ def completion(message: dict[str, Any], finish: Any = "stop", usage: Any = None)
     return {"id": "chatcmpl-1", "object": "chat.completion", "model": "kimi-k2.6",
             "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
             "usage": USAGE if usage is None else usage}
-
-
-def json_reply(body: Any):  # noqa: ANN201
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(body=json.dumps(body).encode(), content_type="application/json")
-
-    return handler
-
-
-def stream_reply(raw: bytes):  # noqa: ANN201
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(raw)
-        return resp
-
-    return handler
 
 
 def rows(n: int, **extra: Any) -> list[dict[str, Any]]:
