@@ -63,6 +63,18 @@ async def serving(job: Job) -> AsyncIterator[tuple[str, bytes | None]]:
         await asyncio.to_thread(sim.stop)
 
 
+def check_simulator(job: Job) -> None:
+    """A job's ``[simulator]`` table, checked before anything starts: one line naming a bad key."""
+    if not job.uses_simulator or not job.simulator:
+        return
+    from .simulator import SimConfig
+
+    try:
+        SimConfig.from_mapping(dict(job.simulator))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"the job's [simulator] table: {exc}") from None
+
+
 class RowEngine(_row.RowEngine):
     """:class:`batchkimi.execution.row.RowEngine` (one request, with its retries, through a
     shared limiter), with :meth:`create`, which also serves ``base_url = "simulator"``."""
@@ -87,6 +99,7 @@ class RowEngine(_row.RowEngine):
 def dry_run(job: Job) -> DryRunReport:
     """Check every row (its images and videos included), count each status, render the first
     request; send nothing (and so need no API key), write nothing."""
+    check_simulator(job)
     status: Counter[str] = Counter()
     invalid: list[str] = []
     first: dict[str, Any] | None = None
@@ -186,6 +199,7 @@ async def run_async(
     payload)`` returning a :class:`~batchkimi.http.transport.Reply`): for benchmarks of the engine alone."""
     if job.engine == "ray":
         raise ConfigError("engine = 'ray' runs through batchkimi.run() or the CLI (they start and end the Ray connection)")
+    check_simulator(job)
     key = api_key or resolve_api_key(job)  # before the dataset is read
     return await _run(job, key, lambda url, pem: LocalExecutor(key, base_url=url, ca_pem=pem, transport=transport),
                       hook=hook, overwrite=overwrite, install_signal_handlers=install_signal_handlers, stop=stop)
@@ -231,6 +245,7 @@ def run(job: Job, **kwargs: Any) -> Summary:
         kwargs.pop(name, None)
     from .execution.ray import RayExecutor, ray_session  # the core never imports Ray
 
+    check_simulator(job)
     key = kwargs.pop("api_key", None) or resolve_api_key(job)
     # Ray's workers do not run in this directory: every path they see is absolute.
     job = job.replace(**{k: str(Path(v).expanduser().resolve()) for k in ("input", "output", "media_root", "ca_file")

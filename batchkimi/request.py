@@ -35,7 +35,7 @@ from .input.media import Collector, Known, MediaInvalid, MediaItem, MediaSetting
 from .tokens import URL_MEDIA_TOKENS, estimate_messages_tokens
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_ROLES = {"system", "user", "assistant", "tool", "developer"}
+_ROLES = {"system", "user", "assistant", "tool"}
 # Request keys a row (an OpenAI batch body) may set; the job sets model and stream itself.
 _ROW_BODY_KEYS = {
     "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "presence_penalty",
@@ -105,6 +105,8 @@ def _check_messages(messages: Any, job: Job, column: str) -> list[dict[str, Any]
         # Parquet structs give every field of every message: drop the empty ones.
         m = {k: v for k, v in m.items() if v is not None}
         role = m.get("role")
+        if role == "developer":  # OpenAI's newer name for the system turn; Kimi knows only "system"
+            m["role"] = role = "system"
         if role not in _ROLES:
             raise RowInvalid(f"{column}[{i}].role is {role!r}; expected system, user, assistant or tool")
         calls = m.get("tool_calls")
@@ -233,7 +235,11 @@ def _build(row: dict[str, Any], job: Job, batch_line: bool, collector: Collector
 
 
 def _fits(job: Job, prepared: Prepared) -> Prepared:
-    """Refuse a request that can never fit Kimi's context window (see :func:`kimi.context_overflow`)."""
+    """Refuse a request that can never be sent: its prompt over the job's ``tpm`` (no wait lets it
+    through), or over Kimi's context window (see :func:`kimi.context_overflow`)."""
+    if job.tpm and prepared.prompt_tokens_estimate > job.tpm:
+        raise RowInvalid(f"the prompt is about {prepared.prompt_tokens_estimate:,} tokens (estimated), over the job's "
+                         f"tpm limit of {job.tpm:,g}: it could never be sent within it (raise tpm, or shorten the prompt)")
     if job.applies_kimi_rules:
         budget = prepared.body.get("max_tokens")
         why = kimi.context_overflow(prepared.prompt_tokens_estimate, budget if type(budget) is int else None)

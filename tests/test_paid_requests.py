@@ -606,3 +606,41 @@ def test_sparse_short_retry_after_429s_pace_one_request_not_the_job(tmp_path: Pa
     assert len(paced) == 12
     assert all(t[1] - t[0] >= 0.95 for p, t in times.items() if p.endswith("pace"))  # each waited its Retry-After
     assert limiter.rate_limited == 12 and limiter.cuts == 0 and limiter.share == 1.0
+
+
+# ---- a request that can never fit the job's TPM limit (issue "A rehearsal that looks like Kimi", item 5) ----
+
+def test_a_prompt_over_the_tpm_limit_is_refused_before_sending(tmp_path: Path, simulator) -> None:
+    h = simulator(tpm=2000)
+    data = write_jsonl(tmp_path / "in.jsonl", [{"id": "big", "prompt": "word " * 4000}, {"id": "ok", "prompt": "hi"}])
+    job = fast_job(tmp_path, h.base_url, input=str(data), thinking="disabled", max_tokens=64, tpm=2000)
+    assert run(job).final_status == {"invalid": 1, "ok": 1}
+    assert h.simulator.stats["requests"] == 1
+    err = batchkimi.read_results(job.output).set_index("id").loc["big", "error_message"]
+    assert "over the job's tpm limit of 2,000" in err
+    assert run(job).sent_rows == 0  # and no rerun sends it
+
+
+def test_the_simulator_answers_a_prompt_over_its_tpm_as_unservable_not_rate_limited(tmp_path: Path, simulator) -> None:
+    """Without the client's check (no tpm in the job), the simulator says 400 once: no minute of 429s."""
+    h = simulator(tpm=2000)
+    data = write_jsonl(tmp_path / "in.jsonl", [{"id": "big", "prompt": "word " * 4000}])
+    job = fast_job(tmp_path, h.base_url, input=str(data), thinking="disabled", max_tokens=64)
+    assert run(job).final_status == {"error": 1}
+    assert h.simulator.stats["requests"] == 1 and dict(h.simulator.stats["by_status"]) == {400: 1}
+    assert run(job).sent_rows == 0  # a refusal: a plain rerun pays nothing for it
+
+
+def test_an_unknown_simulator_key_is_one_line_naming_it(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from batchkimi.cli import cli
+
+    job_file = tmp_path / "job.toml"
+    data = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    job_file.write_text(f'input = "{data}"\noutput = "{tmp_path / "o"}"\nbase_url = "simulator"\n\n[simulator]\nlatncy_ms = 5\n')
+    for extra in ([], ["--dry-run"]):
+        res = CliRunner().invoke(cli, ["run", str(job_file), "--quiet", *extra])
+        assert res.exit_code == 1 and res.exception is None or isinstance(res.exception, SystemExit), res.output
+        assert "unknown simulator setting 'latncy_ms' (did you mean 'latency_ms'?)" in res.output
+        assert "Traceback" not in res.output

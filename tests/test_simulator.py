@@ -251,10 +251,13 @@ def test_moonshot_rate_limit_message_says_try_again_after(simulator) -> None:
 
 
 def test_tpm_limit(simulator) -> None:
+    """A window spent is a 429 that a wait cures; a prompt alone over the limit is a 400: no wait would."""
     h = simulator(tpm=60)
     assert post(h, user("short"))[0] == 200
-    code, _, data = post(h, user("word " * 200))
+    code, _, data = post(h, user("word " * 40))
     assert code == 429 and "tpm" in json.loads(data)["error"]["message"]
+    code, _, data = post(h, user("word " * 200))
+    assert code == 400 and "can never be served" in json.loads(data)["error"]["message"]
 
 
 FAULTS = [

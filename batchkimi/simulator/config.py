@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -61,9 +62,11 @@ class SimConfig:
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> SimConfig:
         known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
+        unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown simulator settings: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+            hint = difflib.get_close_matches(unknown[0], known, n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else f" (known: {', '.join(sorted(known))})"
+            raise ValueError(f"unknown simulator setting '{unknown[0]}'{extra}")
         values = dict(values)
         for key in ("api_keys", "fail_faults"):
             if isinstance(values.get(key), list):

@@ -114,6 +114,10 @@ class Simulator:
             fault = fault_of(self, body, request)
             if fault in ERROR_FAULTS:
                 raise fault_error(self.cfg, fault)
+            if self.cfg.tpm and prompt_tokens > self.cfg.tpm:
+                # No wait would let it through: a request that cannot be served, not a rate limit.
+                raise invalid(f"Invalid request: the prompt's {prompt_tokens} tokens exceed this key's tpm limit "
+                              f"of {self.cfg.tpm}; it can never be served")
             limited = self.limits.admit(key, prompt_tokens)
             if limited is not None:
                 dim, after = limited
@@ -211,16 +215,13 @@ class Simulator:
         return key
 
     async def models(self, request: web.Request) -> web.Response:
-        self._auth_or_none(request)
+        try:
+            self._auth(request)
+        except SimError as err:  # in the same envelope as the chat endpoint's
+            return error_response(self.cfg, err, uuid.uuid4().hex)
         data = [{"id": m, "object": "model", "created": v["created"], "owned_by": "moonshot", "context_length": CONTEXT,
                  "supports_image_in": True, "supports_video_in": v["video"], "supports_reasoning": True} for m, v in MODELS.items()]
         return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
-
-    def _auth_or_none(self, request: web.Request) -> None:
-        try:
-            self._auth(request)
-        except SimError as err:
-            raise web.HTTPUnauthorized(body=orjson.dumps({"error": {"type": err.etype, "message": err.message}}), content_type="application/json") from None
 
     async def estimate(self, request: web.Request) -> web.Response:
         """Moonshot's ``/v1/tokenizers/estimate-token-count``: the prompt tokens a chat request

@@ -203,7 +203,7 @@ def validate(body: dict[str, Any], key_models: list[str] | None, unknown_model_s
             calls = m["tool_calls"]
             if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls):
                 raise invalid(f"Invalid request: messages[{i}].tool_calls must be an array of tool calls")
-            if thinking and "reasoning_content" not in m:
+            if thinking and m.get("reasoning_content") is None:  # null is missing, as the client reads it
                 raise invalid(f"thinking is enabled but reasoning_content is missing in assistant tool call message at index {i}")
         elif m["role"] != "tool" and (content is None or content == "" or content == []):
             raise invalid(f"Invalid request: messages[{i}].content must not be empty")
@@ -287,6 +287,8 @@ def _check_part(part: Any, model: str, i: int) -> SeenMedia | None:
         raise invalid(f"Invalid request: the {what} data is not valid base64") from None
     digest = hashlib.sha256(raw).hexdigest()[:16]
     if what == "video":
+        if not _video_bytes(raw, mime):
+            raise invalid(f"Invalid request: the video data is not {mime}")
         return SeenMedia("video", mime, None, None, len(raw), video_tokens(len(raw)), digest)
     try:
         with Image.open(io.BytesIO(raw)) as img:
@@ -295,4 +297,25 @@ def _check_part(part: Any, model: str, i: int) -> SeenMedia | None:
         raise invalid("Invalid request: the image cannot be decoded") from None
     if fmt not in IMAGE_TYPES.values():
         raise invalid(f"Invalid request: unsupported image format {str(fmt).lower()}")
+    if IMAGE_TYPES[mime] != fmt:  # the label must name what the bytes are
+        raise invalid(f"Invalid request: the image data is {str(fmt).lower()}, not {mime}")
     return SeenMedia("image", mime, width, height, len(raw), image_tokens(width, height), digest)
+
+
+# The first bytes of each video container Kimi takes (by its MIME name): enough to tell junk, or
+# another format, from the container the label names.
+_VIDEO_MAGIC = {
+    "mp4": (b"ftyp",), "mov": (b"ftyp", b"moov", b"mdat", b"wide", b"free"), "3gpp": (b"ftyp",),
+    "avi": (b"AVI ",), "x-flv": (b"FLV",), "webm": (b"\x1a\x45\xdf\xa3",), "wmv": (b"\x30\x26\xb2\x75",),
+    "mpeg": (b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3"), "mpg": (b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3"),
+}
+
+
+def _video_bytes(raw: bytes, mime: str) -> bool:
+    """Whether ``raw`` starts like the container ``mime`` names (ISO media: its box type at byte 4;
+    AVI: RIFF with the form type at byte 8)."""
+    head = raw[:16]
+    for magic in _VIDEO_MAGIC.get(mime.removeprefix("video/"), ()):
+        if head.startswith(magic) or head[4:8] == magic or (magic == b"AVI " and head[:4] == b"RIFF" and head[8:12] == magic):
+            return True
+    return False
