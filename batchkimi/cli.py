@@ -154,7 +154,8 @@ def _go(job_file: Path | None, flags: dict[str, Any], *, dry_run: bool, quiet: b
         click.echo("stopped at the budget: run the same command (with a larger budget) to go on.", err=True)
     elif summary.exit_code == EXIT_FAILED_ROWS:
         click.echo(f"some rows failed: see `batchkimi report {summary.output}` or the error_type and error_message "
-                   "columns; run the same command to retry them (the output keeps one row per input row).", err=True)
+                   "columns. The same command sends the transient failures again; refusals and truncated rows only "
+                   "when asked (--retry refused,truncated), or with a larger --max-tokens for truncated rows.", err=True)
     sys.exit(summary.exit_code)
 
 

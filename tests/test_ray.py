@@ -308,6 +308,20 @@ def test_the_budget_stops_a_ray_run_resumably(tmp_path: Path, simulator, ray_clu
     assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["state"] == "stopped at the budget"
 
 
+def test_a_ray_run_never_passes_its_budget(tmp_path: Path, simulator, ray_cluster: str) -> None:
+    """Every actor asks the run's budget keeper before it sends: what the server billed (its own
+    token counts at kimi-k2.6's prices) stays within the budget, cluster-wide."""
+    h = simulator(latency_ms=100)
+    path = write_jsonl(tmp_path / "in.jsonl", rows(400))
+    job = fast_job(tmp_path, h.base_url, input=str(path), stream=False, thinking="disabled", max_tokens=64, concurrency=8,
+                   engine="ray", ray_address=ray_cluster, ray_actors=2, ray_block_rows=10, max_cost_usd=0.002)
+    summary = batchkimi.run(job)
+    s = h.simulator.stats
+    billed = ((s["prompt_tokens"] - s["cached_tokens"]) * 0.95 + s["cached_tokens"] * 0.16 + s["completion_tokens"] * 4.0) / 1e6
+    assert summary.exit_code == 4 and 0 < billed <= 0.002
+    assert summary.cost_usd <= 0.002
+
+
 def test_without_ray_the_message_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails, as where it is not installed
     path = write_jsonl(tmp_path / "in.jsonl", rows(3))

@@ -40,9 +40,9 @@ from ..http.transport import Transport
 from ..input.blocks import jsonl_block_rows, jsonl_blocks, parquet_block_rows, parquet_blocks
 from ..output.results import invalid_row
 from ..policy.breaker import FailureBreaker
-from ..policy.budget import Reservation
+from ..policy.budget import BudgetGate, Reservation
 from .ray_limiter import LeasedLimiter, limit_actor, limit_name
-from .row import AccountWaiting, RowAbandoned, RowEngine, policy_of, timeouts_of
+from .row import AccountWaiting, RowAbandoned, RowEngine, policy_of, sent_max_tokens, timeouts_of
 from .rows import kept_values, prepare_row, tokens_of
 
 if TYPE_CHECKING:
@@ -61,6 +61,22 @@ def require_ray() -> Any:
         raise ConfigError("engine = 'ray' needs Ray, which is not installed here: pip install 'batchkimi[ray]' "
                           "(or run without --engine ray)") from None
     return ray
+
+
+class BudgetKeeper:
+    """The body of a per-run (async) actor holding the job's budget for every worker: a request is
+    sent only once it is admitted here (:class:`~batchkimi.policy.budget.BudgetGate`: the spend so
+    far plus the worst case of everything in flight, cluster-wide, stays within the budget)."""
+
+    def __init__(self, max_usd: float, max_tokens: int, prices: Any, model: str, spent_usd: float, spent_tokens: int) -> None:
+        self.gate = BudgetGate(max_usd, max_tokens, prices, model, spent_usd, spent_tokens)
+
+    async def admit(self, prompt_tokens: int, max_tokens: int | None) -> tuple[float, int] | str:
+        held = await self.gate.admit(prompt_tokens, max_tokens)
+        return held if isinstance(held, str) else (held.usd, held.tokens)
+
+    def settle(self, held: tuple[float, int], usd: float | None, tokens: int | None) -> None:
+        self.gate.settle(Reservation(*held), usd, tokens)
 
 
 class RunControl:
@@ -83,8 +99,9 @@ class BlockWorker:
     last record with this worker's counters since its previous block)."""
 
     def __init__(self, *, job: Job, key: str, url: str, ca_pem: bytes | None, fmt: str, scan: Any, media: Any,
-                 folder: bool, limit: Any, control: Any, workers: int) -> None:
+                 folder: bool, limit: Any, control: Any, workers: int, budget: Any = None) -> None:
         self.job, self.key, self.url, self.ca_pem = job, key, url, ca_pem
+        self.budget = budget  # the run's BudgetKeeper, when the job has a budget
         self.fmt, self.scan, self.media, self.folder = fmt, scan, media, folder
         self.limit, self.control, self.workers = limit, control, workers
         self.engine: RowEngine | None = None
@@ -142,24 +159,36 @@ class BlockWorker:
 
         async def one(row: Any, rid: str, prepared: Any, kept: dict[str, Any]) -> None:
             if isinstance(prepared, str):
-                result = invalid_row(rid, row.pos, prepared)
-            else:
-                try:
-                    result = await engine.process(rid, row.pos, prepared)
-                except RowAbandoned:
+                done.append(orjson.dumps({**invalid_row(rid, row.pos, prepared), **kept}, option=orjson.OPT_SERIALIZE_NUMPY))
+                return
+            held: Any = None
+            if self.budget is not None:
+                held = await self.budget.admit.remote(prepared.prompt_tokens_estimate, sent_max_tokens(prepared.body))
+                if isinstance(held, str):  # could never fit: the row stays pending, the driver stops the run
+                    trouble.setdefault("budget", held)
+                    engine.stop()
                     return
-                except FatalAPIError as exc:
+            try:
+                result = await engine.process(rid, row.pos, prepared)
+            except BaseException as exc:
+                if held is not None:
+                    self.budget.settle.remote(held, 0.0, 0)  # nothing came back: nothing known spent
+                if isinstance(exc, RowAbandoned):
+                    return
+                if isinstance(exc, FatalAPIError):
                     trouble.setdefault("fatal", str(exc))
-                    engine.stop()
-                    return
-                except AccountWaiting as exc:  # the row stays pending; the driver stops the run
+                elif isinstance(exc, AccountWaiting):  # the row stays pending; the driver stops the run
                     trouble.setdefault("wait", orjson.dumps([exc.until_epoch_s, exc.message]).decode())
-                    engine.stop()
-                    return
-                except Exception as exc:  # noqa: BLE001 - the row's request path failed: the job stops, as locally
+                elif isinstance(exc, Exception):  # the row's request path failed: the job stops, as locally
                     trouble.setdefault("error", f"unexpected error on {row.where} (id {rid}): {type(exc).__name__}: {exc}")
-                    engine.stop()
-                    return
+                else:
+                    raise
+                engine.stop()
+                return
+            if held is not None:
+                answered = result["status"] in ("ok", "truncated")
+                self.budget.settle.remote(held, result.get("cost_usd") if answered else 0.0,
+                                          tokens_of(result) if answered else 0)
             result.update(kept)
             done.append(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY))
 
@@ -248,6 +277,11 @@ class RayExecutor:
         blocks_at_once = min(64, max(2, math.ceil(math.ceil(job.concurrency / actors) / job.ray_block_rows) + 1))
         limit = await asyncio.to_thread(limit_actor, self.base_url, self.key, job.rpm, job.tpm, job.concurrency)
         self.control = ray.remote(RunControl).options(num_cpus=0, max_concurrency=10_000).remote()
+        budget = None
+        if job.max_cost_usd or job.max_total_tokens:
+            spent_usd, spent_tokens, _ = plan.spent
+            budget = ray.remote(BudgetKeeper).options(num_cpus=0, max_concurrency=10_000).remote(
+                job.max_cost_usd, job.max_total_tokens, job.price_table, job.model, spent_usd, spent_tokens)
         if run.stopping:
             self._tell_stop()
         ds = ray.data.from_items([{"desc": orjson.dumps(d).decode()} for d in blocks], override_num_blocks=len(blocks))
@@ -263,7 +297,7 @@ class RayExecutor:
             fn_constructor_kwargs={"job": job, "key": self.key, "url": self.base_url,
                                    "ca_pem": self.ca_pem, "fmt": plan.fmt, "scan": plan.scan,
                                    "media": plan.media, "folder": plan.folder is not None, "limit": limit,
-                                   "control": self.control, "workers": actors})
+                                   "control": self.control, "workers": actors, "budget": budget})
         run.summary.notes.append(f"ray: {_n(len(blocks), 'block')} of up to {job.ray_block_rows} rows on {_n(actors, 'actor')} "
                                  f"({per_actor:g} CPU and up to {blocks_at_once} blocks at once each; "
                                  f"cluster limit actor {limit_name(self.base_url, self.key)})")
@@ -308,13 +342,14 @@ class RayExecutor:
                     run.wait_for_account(until, message)
                 elif stats.get("error"):
                     run.stop(stats["error"], error=JobError(stats["error"]))
+                elif stats.get("budget"):
+                    run.at_budget(stats["budget"])
                 continue
             row = orjson.loads(raw)
             await run.deliver(row)
             if row.get("status") in ("ok", "truncated"):
                 gate.settle(Reservation(0.0, 0), row.get("cost_usd"), tokens_of(row))
-        # The actors send without asking the driver: the budget is checked as their rows come back,
-        # so a Ray run can pass it by what its actors have in flight (the local executor never does).
+        # The actors ask the run's BudgetKeeper before each request; this is a second look.
         if not run.stopping and ((job.max_cost_usd and gate.spent_usd >= job.max_cost_usd)
                                  or (job.max_total_tokens and gate.spent_tokens >= job.max_total_tokens)):
             run.at_budget(gate.lines()[0])
