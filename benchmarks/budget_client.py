@@ -13,6 +13,7 @@ import time
 from common import emit
 
 import batchkimi
+import batchkimi.api  # noqa: F401 - the package's names load when first used: load the engine before any clock starts
 
 
 def main(base_url: str, data: str, output: str, budget: float, max_tokens: int, concurrency: int) -> None:

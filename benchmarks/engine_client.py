@@ -17,6 +17,7 @@ import time
 from common import WORK, emit, peak_rss_mb
 
 import batchkimi
+import batchkimi.api  # noqa: F401 - the package's names load when first used: load the engine before any clock starts
 from batchkimi.http.response import Answer, Usage
 from batchkimi.http.transport import Reply
 

@@ -60,6 +60,7 @@ def genvideo(folder: Path, n: int, mb: int) -> None:
 
 def caption(base_url: str, folder: str, output: str, concurrency: int, mb_in_flight: float = 256.0) -> None:
     import batchkimi
+    import batchkimi.api  # noqa: F401 - loaded before the clock starts, as the minimal loop loads aiohttp
 
     shutil.rmtree(output, ignore_errors=True)
     job = batchkimi.Job(input=folder, input_format="folder", output=output, base_url=base_url, thinking="disabled",

@@ -14,6 +14,7 @@ import time
 from common import WORK, SimProcess, emit, write_prompts
 
 import batchkimi
+import batchkimi.api  # noqa: F401 - the package's names load when first used: load the engine before any clock starts
 
 
 def main(kind: str, limit: int, seconds: int) -> None:

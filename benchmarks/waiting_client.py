@@ -58,6 +58,7 @@ def main(kind: str, base_url: str, n: int, concurrency: int, stream: bool) -> No
         ok = n
     else:
         import batchkimi
+        import batchkimi.api  # noqa: F401 - loaded before the clock starts, as the minimal loop loads aiohttp
 
         data = write_prompts(WORK / f"prompts_{n}.jsonl", n)
         out = WORK / f"out_wait_{stream}"
