@@ -1,5 +1,6 @@
-"""Kimi's catalogue and rules, in one place: models, context, prices, fixed parameters, and
-the request rules Kimi enforces with a 400. Pure: no I/O. Sources are in ``docs/kimi-api.md``.
+"""Kimi's catalogue and rules, in one place: models, roles, context, the body limit, image
+types, prices and the cost formula, fixed parameters, and the request rules Kimi enforces with
+a 400. Pure: no I/O. Sources are in ``docs/kimi-api.md``.
 
 Example::
 
@@ -16,6 +17,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 MODELS = ("kimi-k2.6", "kimi-k2.5")
+ROLES = frozenset({"system", "user", "assistant", "tool"})  # a message's roles Kimi knows
+MAX_BODY_MB = 100.0  # one request body at most
+IMAGE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}  # Pillow's name -> Kimi's type
+MIN_IMAGE_SIDE = 14  # a side shorter than one vision tile holds no token
+# Request keys a row (an OpenAI Batch line's body) may set; the job sets model and stream itself.
+ROW_BODY_KEYS = frozenset({
+    "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "presence_penalty",
+    "frequency_penalty", "tools", "tool_choice", "response_format", "stop", "thinking",
+    "prompt_cache_key", "safety_identifier", "seed", "user",
+})
 VIDEO_MODELS = frozenset({"kimi-k2.6"})  # TokenHub: kimi-k2.5 takes no video
 CONTEXT_LIMIT_TOKENS = 262144
 THINKING_DEFAULT_MAX_TOKENS = 32768

@@ -35,14 +35,6 @@ from .input.media import Collector, Known, MediaInvalid, MediaItem, MediaSetting
 from .tokens import URL_MEDIA_TOKENS, estimate_messages_tokens
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_ROLES = {"system", "user", "assistant", "tool"}
-# Request keys a row (an OpenAI batch body) may set; the job sets model and stream itself.
-_ROW_BODY_KEYS = {
-    "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "presence_penalty",
-    "frequency_penalty", "tools", "tool_choice", "response_format", "stop", "thinking",
-    "prompt_cache_key", "safety_identifier", "seed", "user",
-}
-# Standard OpenAI keys with no meaning for Kimi: a batch line may carry them; they are not sent.
 DROPPED_BATCH_KEYS = frozenset({"parallel_tool_calls", "store", "metadata", "reasoning_effort", "service_tier"})
 BATCH_URLS = ("/v1/chat/completions", "/chat/completions")
 
@@ -107,7 +99,7 @@ def _check_messages(messages: Any, job: Job, column: str) -> list[dict[str, Any]
         role = m.get("role")
         if role == "developer":  # OpenAI's newer name for the system turn; Kimi knows only "system"
             m["role"] = role = "system"
-        if role not in _ROLES:
+        if role not in kimi.ROLES:
             raise RowInvalid(f"{column}[{i}].role is {role!r}; expected system, user, assistant or tool")
         calls = m.get("tool_calls")
         if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)):
@@ -152,11 +144,11 @@ def _build(row: dict[str, Any], job: Job, batch_line: bool, collector: Collector
         messages = _check_messages(line_body.get("messages"), job, "body.messages")
         messages = collector.message_parts(messages, "body.messages")
         for key, value in line_body.items():
-            if key in _ROW_BODY_KEYS:
+            if key in kimi.ROW_BODY_KEYS:
                 overrides[key] = value
         if "max_completion_tokens" in overrides:  # the line's budget, sent as Kimi's max_tokens
             overrides["max_tokens"] = overrides.pop("max_completion_tokens")
-        unknown = set(line_body) - _ROW_BODY_KEYS - DROPPED_BATCH_KEYS - {"messages", "model", "stream", "stream_options"}
+        unknown = set(line_body) - kimi.ROW_BODY_KEYS - DROPPED_BATCH_KEYS - {"messages", "model", "stream", "stream_options"}
         if unknown:
             raise RowInvalid(f"body has keys batchkimi does not send: {', '.join(sorted(unknown))}")
     elif row.get(job.messages_column) is not None:

@@ -58,7 +58,7 @@ class Job:
     media_root: str | None = None  # local paths resolve here; None: the dataset's folder
     media_url_prefix: str | None = None  # send https://cdn/<path under media_root> instead of bytes
     max_image_side: int | None = None  # downscale images whose longest side is longer
-    max_request_mb: float = 100.0  # Kimi's limit on one request body
+    max_request_mb: float = kimi.MAX_BODY_MB  # Kimi's limit on one request body
     max_mb_in_flight: float = 256.0  # request bytes held at once, job-wide (media rows)
     include: tuple[str, ...] = ()  # folder inputs: shell patterns over the relative path
     exclude: tuple[str, ...] = ()

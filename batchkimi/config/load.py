@@ -149,8 +149,8 @@ def check_job(job: Job) -> None:
     if job.ray_block_rows < 1 or job.ray_actors < 0:
         raise ConfigError(f"ray_block_rows must be at least 1 and ray_actors at least 0 (0: one per CPU but one), "
                           f"got {job.ray_block_rows} and {job.ray_actors}")
-    if job.max_image_side is not None and job.max_image_side < 14:
-        raise ConfigError(f"max_image_side must be at least 14 pixels, got {job.max_image_side}")
+    if job.max_image_side is not None and job.max_image_side < kimi.MIN_IMAGE_SIDE:
+        raise ConfigError(f"max_image_side must be at least {kimi.MIN_IMAGE_SIDE} pixels, got {job.max_image_side}")
     for key in ("max_request_mb", "max_mb_in_flight"):
         if getattr(job, key) <= 0:
             raise ConfigError(f"{key} must be more than 0, got {getattr(job, key):g}")

@@ -14,8 +14,10 @@ from typing import Any
 import puremagic
 from PIL import Image
 
+from ..kimi import IMAGE_FORMATS
+
 # What Kimi takes, as the MIME type in a data URL.
-IMAGE_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+IMAGE_MIME = IMAGE_FORMATS
 # Kimi's video list names ``video/<format>`` for: mp4, mpeg, mov, avi, x-flv, mpg, webm, wmv, 3gpp.
 _VIDEO_BY_MIME = {
     "video/mp4": "video/mp4", "video/x-m4v": "video/mp4",

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..output.sink import read_results
-from .report import _manifest, report
+from .report import output_manifest, report
 
 PER_PAGE = 200
 SHEET_MAX = 5000  # items on the contact sheet at most (25 pages): a thumbnail costs a decode
@@ -149,7 +149,7 @@ def write_html(output: str | Path, dest: str | Path) -> list[Path]:
     out, dest = Path(output), Path(dest)
     df = read_results(out)  # once: the report's figures and the page's plots and sheet
     rep = report(out, df)
-    manifest = _manifest(out)
+    manifest = output_manifest(out)
     rows = [("rows", rep["rows"]), ("status", ", ".join(f"{k} {v}" for k, v in sorted(rep["status"].items())))]
     if rep.get("accuracy"):
         a = rep["accuracy"]

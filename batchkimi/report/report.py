@@ -31,7 +31,7 @@ _BASE = ["id", "row", "status", "finish_reason", "error_type", "error_message", 
 _SCORE = ["score", "score_error", "extract_error", "tool_calls_valid"]
 
 
-def _manifest(out: Path) -> dict[str, Any]:
+def output_manifest(out: Path) -> dict[str, Any]:
     """The output's manifest, or {} where there is none (or it cannot be read)."""
     try:
         return Sink(out).read_manifest() or {}
@@ -68,7 +68,7 @@ def report(output: str | Path, results: Any = None) -> dict[str, Any]:
     """The report of one output directory as plain data (what ``--json`` prints). ``results``:
     the output's rows already read (:func:`~batchkimi.output.sink.read_results`), if the caller has them."""
     out = Path(output)
-    manifest = _manifest(out)
+    manifest = output_manifest(out)
     columns = _BASE + _SCORE + [kept_column_name(c) for c in _group_columns(manifest)]
     df = read_results(out, columns=columns) if results is None else results[[c for c in columns if c in results.columns]]
     n = len(df)
@@ -283,7 +283,7 @@ def latest_two(folder: str | Path) -> tuple[Path, Path]:
     """The two most recent run outputs under ``folder`` (by their manifest's creation time)."""
     runs = []
     for p in Path(folder).iterdir():
-        m = _manifest(p) if p.is_dir() else {}
+        m = output_manifest(p) if p.is_dir() else {}
         if m:
             runs.append((str(m.get("created", "")), p.name, p))
     if len(runs) < 2:

@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..kimi import ROLES
 from ..tokens import URL_MEDIA_TOKENS, estimate_messages_tokens, image_tokens, video_tokens
 
 MODELS = {
@@ -26,7 +27,7 @@ MODELS = {
 CONTEXT = 262144
 DEFAULT_MAX_TOKENS = 32768
 _FIXED = (("top_p", 0.95), ("n", 1), ("presence_penalty", 0), ("frequency_penalty", 0))
-_ROLES = ("system", "user", "assistant", "tool")
+_ROLES = tuple(sorted(ROLES))
 # Kimi's accepted types, as the MIME type of a data URL.
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP", "image/gif": "GIF"}
 VIDEO_TYPES = frozenset("video/" + f for f in "mp4 mpeg mov avi x-flv mpg webm wmv 3gpp".split())
