@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..input.folder import INDEX, FolderScan, read_index, scan_folder, write_index
 from ..input.history import remember
 from ..input.media import MediaSettings, settings_for
-from ..input.reader import InputScan, SourceRow, columns_seen, detect_format, read_rows, scan_input
+from ..input.reader import InputScan, columns_seen, detect_format, scan_input
 from ..output import parts
 from ..output.parts import ResumeState
 from ..output.sink import Sink
@@ -56,17 +56,6 @@ class Plan:
     manifest: dict[str, Any] | None  # the output's manifest before this run
     history: dict[str, Any] | None  # what the manifest records of the input, when it is new
     spent: tuple[float, int, int]  # the output's spend before this run: usd, tokens, last part counted
-
-    def rows_to_send(self, stopping: Callable[[], bool] = lambda: False) -> Iterator[SourceRow]:
-        """Input rows not yet done, below the limit, until ``stopping()``."""
-        done, limit = self.done, self.limit
-        for batch in read_rows(self.path, self.fmt, skip_until=min(self.first_pending, limit)):
-            for row in batch:
-                if row.pos >= limit or stopping():
-                    return
-                if row.pos < len(done) and done[row.pos]:
-                    continue
-                yield row
 
 
 def input_format(job: Job) -> str:
