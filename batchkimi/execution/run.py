@@ -77,7 +77,6 @@ class Run:
         self.sink = Sink(Path(job.output), job.keep_columns, job.rows_per_part)
         self.started = time.monotonic()
         self.stopping = False
-        self.stopped = asyncio.Event()  # set with ``stopping``: what waits for a stop awaits this
         self.error: BaseException | None = None  # raised after the run wrote what it could
         self.fatal: str | None = None
         self.signals = 0
@@ -99,7 +98,6 @@ class Run:
         if self.stopping:
             return
         self.stopping = True
-        self.stopped.set()
         self.hook(Stopping(reason))
         self.executor.stop(self)
         self._grace = asyncio.get_running_loop().call_later(self.job.grace_s, self.executor.abort)
