@@ -188,13 +188,23 @@ def _note_missing_key(job: Job) -> None:
 @click.option("--rate-limit-style", type=click.Choice(["tokenhub", "moonshot"]), default="tokenhub", show_default=True,
               help="429 wording: TokenHub's 'rate limit exceeded on dimension' or Moonshot's 'try again after N seconds'.")
 @click.option("--accept-key", "accept_keys", multiple=True, help="Accept only these keys (repeatable; default: any).")
+@click.option("--endpoint", "endpoint_list", multiple=True,
+              help="Serve a TokenHub endpoint id as a model: ep-7f3a9=kimi-k2.6 (repeatable).")
 @click.option("--tls", is_flag=True, help="Serve HTTPS, with a certificate from a fresh test CA (needs trustme).")
 @click.option("--ca-out", type=click.Path(dir_okay=False), help="With --tls: write the test CA here, for a client's ca_file.")
-def simulate(host: str, port: int, accept_keys: tuple[str, ...], ca_out: str | None, **options: Any) -> None:
+def simulate(host: str, port: int, accept_keys: tuple[str, ...], endpoint_list: tuple[str, ...], ca_out: str | None,
+             **options: Any) -> None:
     """Serve a TokenHub/Kimi simulator until Ctrl-C: POST /v1/chat/completions, GET /v1/models, GET /stats."""
     from .simulator import SimConfig, serve
 
-    cfg = SimConfig.from_mapping({"host": host, "port": port, **options, "api_keys": accept_keys or None})
+    endpoints = {}
+    for item in endpoint_list:
+        ep, sep, model = item.partition("=")
+        if not sep or not ep.startswith("ep-"):
+            raise _Fail(f"--endpoint takes ep-<id>=<model>, e.g. ep-7f3a9=kimi-k2.6; got {item!r}")
+        endpoints[ep] = model
+    cfg = SimConfig.from_mapping({"host": host, "port": port, **options, "api_keys": accept_keys or None,
+                                  "endpoints": endpoints})
     scheme = "https" if cfg.tls else "http"
 
     def ready(bound: int) -> None:
