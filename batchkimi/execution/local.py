@@ -181,33 +181,34 @@ class LocalExecutor:
         engine, gate = self.engine, run.gate
         assert engine is not None
         task = asyncio.current_task()
+        budget = gate.active  # no budget: nothing to admit or settle, on every row's path
+        held: Any = None
         while not run.stopping:
             item = await work.get()
             if item is None or run.stopping:
                 return
             pos, rid, prepared, kept, where = item
-            held = await gate.admit(prepared.prompt_tokens_estimate, sent_max_tokens(prepared.body))
-            if isinstance(held, str):  # could never fit the budget: this row stays pending
-                run.at_budget(held)
-                return
-            if run.stopping:
-                gate.settle(held, 0.0, 0)
-                return
+            if budget:
+                held = await gate.admit(prepared.prompt_tokens_estimate, sent_max_tokens(prepared.body))
+                if isinstance(held, str):  # could never fit the budget: this row stays pending
+                    run.at_budget(held)
+                    return
+                if run.stopping:
+                    gate.settle(held, 0.0, 0)
+                    return
             try:
                 row = await engine.process(rid, pos, prepared)
-            except RowAbandoned:
-                gate.settle(held, 0.0, 0)  # not sent, or cut in its grace period: its usage is unknown
-                return
-            except FatalAPIError as exc:
-                gate.settle(held, 0.0, 0)
-                run.stop(str(exc), fatal=str(exc))
-                return
-            except AccountWaiting as exc:  # the row stays pending: nothing about it failed
-                gate.settle(held, 0.0, 0)
-                run.wait_for_account(exc.until_epoch_s, exc.message)
-                return
             except BaseException as exc:
-                gate.settle(held, 0.0, 0)
+                if held is not None:
+                    gate.settle(held, 0.0, 0)  # not sent, or cut: what it used is unknown
+                if isinstance(exc, RowAbandoned):
+                    return
+                if isinstance(exc, FatalAPIError):
+                    run.stop(str(exc), fatal=str(exc))
+                    return
+                if isinstance(exc, AccountWaiting):  # the row stays pending: nothing about it failed
+                    run.wait_for_account(exc.until_epoch_s, exc.message)
+                    return
                 if not isinstance(exc, Exception):
                     raise
                 run.stop(f"unexpected error on {where}",
@@ -215,8 +216,10 @@ class LocalExecutor:
                 return
             row.update(kept)
             run.account(row)
-            answered = row["status"] in ("ok", "truncated")
-            gate.settle(held, row.get("cost_usd") if answered else 0.0, tokens_of(row) if answered else 0)
+            if held is not None:
+                answered = row["status"] in ("ok", "truncated")
+                gate.settle(held, row.get("cost_usd") if answered else 0.0, tokens_of(row) if answered else 0)
+                held = None
             assert task is not None
             self.delivering.add(task)
             try:

@@ -213,7 +213,7 @@ class StreamAssembler:
             model=self.model,
             response_id=self.response_id,
             ttft_s=ttft_s,
-            warnings=tuple(dict.fromkeys(self.warnings)),
+            warnings=tuple(dict.fromkeys(self.warnings)) if self.warnings else (),
         )
         require_something(answer)
         return answer

@@ -124,7 +124,8 @@ def ok_row(
         "ttft_s": None if ttft_s is None else round(ttft_s, 4), "http_status": http_status,
         "error_type": error_type, "error_message": error_message,
         "request_id": request_id if request_id is None or type(request_id) is str else text(request_id),
-        "max_tokens": whole(max_tokens), "warnings": "\n".join(warnings)[:ERROR_MESSAGE_CHARS] if warnings else None,
+        "max_tokens": max_tokens if max_tokens is None or type(max_tokens) is int else whole(max_tokens),
+        "warnings": "\n".join(warnings)[:ERROR_MESSAGE_CHARS] if warnings else None,
         "finished_at": now_ms(),
     }
 
