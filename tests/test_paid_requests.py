@@ -605,7 +605,8 @@ def test_sparse_short_retry_after_429s_pace_one_request_not_the_job(tmp_path: Pa
     paced = [r for r in results if r["attempts"] == 2]
     assert len(paced) == 12
     assert all(t[1] - t[0] >= 0.95 for p, t in times.items() if p.endswith("pace"))  # each waited its Retry-After
-    assert limiter.rate_limited == 12 and limiter.cuts == 0 and limiter.share == 1.0
+    # no cut of the shared rate and no pause of the others; the rate learns slowly (5% at most once a second)
+    assert limiter.rate_limited == 12 and limiter.cuts == 0 and limiter.share >= 0.9
 
 
 # ---- a request that can never fit the job's TPM limit (issue "A rehearsal that looks like Kimi", item 5) ----

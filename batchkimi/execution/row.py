@@ -200,9 +200,13 @@ class RowEngine:
             self.hook(AttemptFinished(False, exc.http_status, exc.error_type, 0))
             raise FatalAPIError(d.reason, cause=exc) from exc
         if d.cool_down is not None:
-            wait, paced = d.cool_down
-            self.limiter.cool_down(wait, overload=paced)
-            if not paced and wait >= COUNTDOWN_FROM_S:
+            wait, how = d.cool_down
+            pace = getattr(self.limiter, "pace", None) if how == "short" else None
+            if pace is not None:
+                pace(wait)
+            else:
+                self.limiter.cool_down(wait, overload=how != "shared")
+            if how == "shared" and wait >= COUNTDOWN_FROM_S:
                 self.hook(Waiting(time.time() + wait, f"{exc.error_type}: the server asked every request to wait"))
         delay = d.delay_s if d.action == "retry" else None
         self.hook(AttemptFinished(False, exc.http_status, exc.error_type, 0, delay))

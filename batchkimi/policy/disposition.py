@@ -79,7 +79,9 @@ class Disposition:
     action: Literal["retry", "final", "stop", "wait"]
     delay_s: float = 0.0  # retry: the wait before the next attempt
     shared: bool = False  # retry: every worker takes that wait (a cool-down), not this request alone
-    cool_down: tuple[float, bool] | None = None  # a 429: (wait, paced) for the shared limiter
+    # a 429, for the limiter: (wait, how): "shared" every worker waits; "overload" this request
+    # backs off; "short" a short Retry-After paces this request (and, on a cluster, its worker)
+    cool_down: tuple[float, str] | None = None
     reason: str = ""  # stop: why; wait: the server's words
 
 
@@ -103,8 +105,8 @@ def decide(error: APIError, attempts: int, elapsed_s: float, policy: RetryPolicy
         wait = pause if pause is not None else policy.backoff_s(attempts, rng)
         # Short waits that cluster (a limit that really binds) are shared like any other 429.
         short = pause is not None and pause <= SHORT_RETRY_AFTER_S and not clustered
-        paced = (is_overload(error) and pause is None) or short
-        cool_down, shared = (wait, paced), not paced
+        how = "overload" if is_overload(error) and pause is None else "short" if short else "shared"
+        cool_down, shared = (wait, how), how == "shared"
     delay = policy.next_delay_s(error, attempts, elapsed_s, rng)
     if delay is None:
         return Disposition("final", cool_down=cool_down)

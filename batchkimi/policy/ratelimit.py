@@ -70,42 +70,9 @@ class Limiter(Protocol):
 
     def pause(self, delay_s: float) -> None: ...
 
-    @property
-    def clustered(self) -> bool:
-        """Whether recent overloads and short-wait 429s are a cluster (a limit that binds)."""
-        ...
-
-
-class RecentShare:
-    """Decaying counts of attempts and of 429s over ``window_s``: whether the 429s are a cluster
-    (at least ``min_count`` of them and ``share`` of the attempts), or sparse."""
-
-    def __init__(self, window_s: float = 5.0, min_count: float = 3.0, share: float = 0.1) -> None:
-        self.window_s, self.min_count, self.share = window_s, min_count, share
-        self.attempts = 0.0
-        self.hits = 0.0
-        self._at = time.monotonic()
-
-    def _decay(self) -> None:
-        now = time.monotonic()
-        if now > self._at:
-            f = math.exp(-(now - self._at) / self.window_s)
-            self.attempts *= f
-            self.hits *= f
-            self._at = now
-
-    def attempt(self, n: int = 1) -> None:
-        self._decay()
-        self.attempts += n
-
-    def hit(self) -> None:
-        self._decay()
-        self.hits += 1
-
-    @property
-    def clustered(self) -> bool:
-        self._decay()
-        return self.hits >= self.min_count and self.hits >= self.share * max(self.attempts, 1.0)
+    # Optional: ``pace(delay_s)`` for a 429 with a short Retry-After (else ``cool_down(...,
+    # overload=True)`` is called), and a ``clustered`` property (else such 429s never count as a
+    # cluster): :class:`RateLimiter` has both.
 
 
 class CompletionEstimate:
@@ -184,6 +151,8 @@ class RateLimiter:
         self._recent_done = 0.0  # attempts released, decaying over overload_window_s
         self._recent_overloads = 0.0
         self._released_since = 0  # releases not yet folded into _recent_done (kept cheap)
+        self.pace_factor = 0.95  # a short Retry-After's cut of the shared rate (at most once a second)
+        self._last_pace = -1e18
 
     # ---- rates ---------------------------------------------------------------------
     @property
@@ -318,6 +287,17 @@ class RateLimiter:
             self.share = max(self.min_share, self.share * self.decrease_factor)
             self._req_level = min(self._req_level, 0.0)
             self._tok_level = min(self._tok_level, 0.0)
+
+    def pace(self, delay_s: float) -> None:
+        """A 429 with a short Retry-After: it paces the request it answered (which waits
+        ``delay_s`` itself). The shared rate learns slowly: a ``pace_factor`` cut at most once a
+        second, no pause; when such 429s cluster, the full cut and pause of :meth:`cool_down`."""
+        now = self.clock.now()
+        self._refill(now)
+        if now - self._last_pace >= 1.0:
+            self._last_pace = now
+            self.share = max(self.min_share, self.share * self.pace_factor)
+        self.cool_down(delay_s, overload=True)
 
     @property
     def clustered(self) -> bool:
