@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -548,11 +549,11 @@ def test_a_wait_under_max_wait_is_taken_and_shown_as_a_countdown(tmp_path: Path,
     server = Quota(retry_after="6")
     srv = raw_server(server)
     data = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "q quota"}, {"id": "b", "prompt": "q fine"}])
-    seen: list[Waiting] = []
+    seen: list[tuple[Waiting, float]] = []
 
     def hook(event: Any) -> None:
         if isinstance(event, Waiting):
-            seen.append(event)
+            seen.append((event, time.time()))
             server.open = True
 
     job = fast_job(tmp_path, srv.base_url, input=str(data), stream=False, max_tokens=20000)
@@ -561,7 +562,9 @@ def test_a_wait_under_max_wait_is_taken_and_shown_as_a_countdown(tmp_path: Path,
         return await asyncio.wait_for(batchkimi.run_async(job, hook=hook), 60)
 
     assert asyncio.run(go()).final_status == {"ok": 2}
-    assert len(seen) == 1 and 4 < seen[0].until_epoch_s - __import__("time").time() + 6 <= 13
+    assert len(seen) == 1
+    event, at = seen[0]
+    assert 5 <= event.until_epoch_s - at <= 7  # the countdown runs to the end of the 6 s wait
 
 
 def test_sparse_short_retry_after_429s_pace_one_request_not_the_job(tmp_path: Path, raw_server) -> None:
@@ -642,6 +645,6 @@ def test_an_unknown_simulator_key_is_one_line_naming_it(tmp_path: Path) -> None:
     job_file.write_text(f'input = "{data}"\noutput = "{tmp_path / "o"}"\nbase_url = "simulator"\n\n[simulator]\nlatncy_ms = 5\n')
     for extra in ([], ["--dry-run"]):
         res = CliRunner().invoke(cli, ["run", str(job_file), "--quiet", *extra])
-        assert res.exit_code == 1 and res.exception is None or isinstance(res.exception, SystemExit), res.output
+        assert res.exit_code == 1, res.output
         assert "unknown simulator setting 'latncy_ms' (did you mean 'latency_ms'?)" in res.output
         assert "Traceback" not in res.output

@@ -78,7 +78,7 @@ class LocalExecutor:
         work: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(2 * job.concurrency, 64))
         if self.transport is not None:
             opened: Any = contextlib.nullcontext(self.transport)
-        elif self.ca_pem is not None:
+        elif self.ca_pem is not None:  # a simulator started with TLS; else the plain call, which wrappers take
             opened = endpoint(job, self.key, self.base_url, ca_pem=self.ca_pem)
         else:
             opened = endpoint(job, self.key, self.base_url)

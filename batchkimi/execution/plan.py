@@ -202,7 +202,7 @@ async def open_plan(job: Job, sink: Sink, *, overwrite: bool = False) -> Plan:
             grew = check_resume(manifest, job, scan, out, path, fmt)
             sink.prepare(overwrite=overwrite)
             if manifest is None or grew:  # what a later run needs to tell a grown input from a changed one
-                history = await asyncio.to_thread(remember, out, path, fmt)
+                history = await asyncio.to_thread(remember, out, path, fmt, scan)
         state = sink.compact(scan.rows)
         if folder is not None and mark_gone(sink, folder.entries):
             state = sink.compact(scan.rows)

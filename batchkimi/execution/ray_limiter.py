@@ -100,9 +100,6 @@ class GlobalLimit:
     def cool_down(self, delay_s: float, overload: bool = False) -> None:
         self.lim.cool_down(delay_s, overload=overload)
 
-    def pace(self, delay_s: float) -> None:  # a fallen-back worker's, or another caller's
-        self.lim.pace(delay_s)
-
     def pause(self, delay_s: float) -> None:
         self.lim.pause(delay_s)
 

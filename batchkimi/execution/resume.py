@@ -53,7 +53,7 @@ def check_resume(manifest: dict[str, Any] | None, job: Job, scan: InputScan | No
         if (old_input.get("has_id_column"), old_input.get("id_prefix", "row-")) != (scan.has_id_column, scan.id_prefix):
             why = "its ids are made differently now"
         elif path is not None and fmt is not None:
-            why = first_change(out, path, fmt, old_input)
+            why = first_change(out, path, fmt, old_input, scan)
         if why is not None or path is None:
             raise OutputError(f"the input changed since {out} was written: {why or 'its fingerprint differs'}. "
                               f"Rows that only follow the old ones resume; changed rows do not. {fresh}")
@@ -62,7 +62,7 @@ def check_resume(manifest: dict[str, Any] | None, job: Job, scan: InputScan | No
     new = orjson.loads(orjson.dumps(job.request_settings(fmt if scan is not None else "folder")))
     # Older outputs recorded 'auto' and the simulator's pacing: read them as this version would write them.
     if old.get("input_format") == "auto":
-        old["input_format"] = new["input_format"] if fmt is not None or scan is None else "auto"
+        old["input_format"] = new["input_format"]
     if isinstance(old.get("simulator"), dict):
         old["simulator"] = {k: v for k, v in old["simulator"].items() if k not in SIMULATOR_PACING}
     # A key the old manifest does not record (added since) cannot be compared: it passes.

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from ..config import Job
+from ..events import Notice
 from ..input.media import MediaSettings, has_media
 from ..input.reader import InputScan, SourceRow, row_id
 from ..input.sniff import known_from
@@ -84,8 +85,6 @@ class LineBudgetNotes:
         if self.count == 1:
             self.first = note
             if self.hook is not None:
-                from ..events import Notice
-
                 self.hook(Notice(note))
 
     def lines(self) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .reader import BOM, open_bytes, parquet_files
+from .reader import BOM, InputScan, open_bytes
 
 ROWS_FILE = "_input_rows.npy"
 LINE_FORMATS = ("jsonl", "openai_batch")
@@ -40,30 +40,18 @@ def line_digests(path: Path) -> np.ndarray:
     return np.frombuffer(out, dtype=np.uint64) if len(out) else np.zeros(0, dtype=np.uint64)
 
 
-def file_digests(path: Path) -> list[list[Any]]:
-    """[relative name, size, sha256] of each Parquet file of the input, in row order."""
-    base = path if path.is_dir() else path.parent
-    out = []
-    for file in parquet_files(path):
-        digest = hashlib.sha256()
-        with open(file, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-        out.append([file.relative_to(base).as_posix(), file.stat().st_size, digest.hexdigest()])
-    return out
-
-
-def remember(out: Path, path: Path, fmt: str) -> dict[str, Any]:
-    """Record the input's rows (a file beside the manifest) or files (returned, for the manifest)."""
+def remember(out: Path, path: Path, fmt: str, scan: InputScan) -> dict[str, Any]:
+    """Record the input's rows (a file beside the manifest) or files (returned, for the manifest:
+    the scan hashed each file in its one pass over the bytes)."""
     if fmt in LINE_FORMATS:
         np.save(out / ROWS_FILE, line_digests(path), allow_pickle=False)
         return {}
     if fmt == "parquet":
-        return {"files": file_digests(path)}
+        return {"files": [list(f) for f in scan.files]}
     return {}
 
 
-def first_change(out: Path, path: Path, fmt: str, old: dict[str, Any]) -> str | None:
+def first_change(out: Path, path: Path, fmt: str, old: dict[str, Any], scan: InputScan) -> str | None:
     """None when the input only grew since ``old`` (the manifest's ``input``); else what changed
     first, naming the row or file. Also a message when the output recorded too little to tell."""
     if fmt in LINE_FORMATS:
@@ -83,7 +71,7 @@ def first_change(out: Path, path: Path, fmt: str, old: dict[str, Any]) -> str | 
         files = old.get("files")
         if not files:
             return "the output recorded none of its input's files, so a grown input cannot be told from a changed one"
-        now_files = file_digests(path)
+        now_files = [list(f) for f in scan.files]
         for i, (name, size, sha) in enumerate(files):
             if i >= len(now_files):
                 return f"its file {name} is gone"

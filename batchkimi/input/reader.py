@@ -79,6 +79,8 @@ class InputScan:
     size_bytes: int
     mtime_ns: int
     id_prefix: str = "row-"  # for rows without an id: never the start of a real id "row-N"
+    # a Parquet input's files, [relative name, size, sha256] each, from the same pass (empty for JSONL)
+    files: tuple[tuple[str, int, str], ...] = ()
 
 
 def detect_format(path: Path, declared: str = "auto") -> str:
@@ -236,13 +238,18 @@ def _scan_input(path: Path, fmt: str, id_column: str) -> InputScan:
     files = parquet_files(path) if fmt == "parquet" else [path]
     size = 0
     mtime = 0
+    base = path if path.is_dir() else path.parent
+    per_file: list[tuple[str, int, str]] = []
     for file in files:
         st = file.stat()
         size += st.st_size
         mtime = max(mtime, st.st_mtime_ns)
+        one = hashlib.sha256()
         with open(file, "rb") as fh:
             while block := fh.read(1 << 20):
                 digest.update(block)
+                one.update(block)
+        per_file.append((file.relative_to(base).as_posix(), st.st_size, one.hexdigest()))
     has_id = _has_id_column(path, fmt, id_column)
     rows = 0
     hashes = array.array("q")  # 8 bytes an id, not a Python int each
@@ -282,7 +289,8 @@ def _scan_input(path: Path, fmt: str, id_column: str) -> InputScan:
         _refuse_duplicates(path, fmt, id_column, has_id, np.frombuffer(hashes, dtype=np.int64))
         del hashes
     prefix = "_" * (underscores + 1) + "row-"
-    return InputScan(rows, digest.hexdigest()[:32], has_id, size, mtime, prefix)
+    return InputScan(rows, digest.hexdigest()[:32], has_id, size, mtime, prefix,
+                     tuple(per_file) if fmt == "parquet" else ())
 
 
 def columns_seen(path: Path, fmt: str, sample_rows: int = 1000) -> set[str]:

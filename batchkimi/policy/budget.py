@@ -69,9 +69,9 @@ class BudgetGate:
 
     async def admit(self, prompt_tokens: int, max_tokens: int | None) -> Reservation | str:
         """A reservation for this request once it fits; a reason (str) when it never can."""
-        need = self.worst(prompt_tokens, max_tokens)
         if not self.active:
             return Reservation(0.0, 0)
+        need = self.worst(prompt_tokens, max_tokens)
         while True:
             never = self.over(need, in_flight=False)
             if never is not None:
