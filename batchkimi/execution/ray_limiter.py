@@ -9,7 +9,8 @@ cluster, named by a hash of both (:func:`limit_name`), so every job on that key 
 (the :class:`~batchkimi.policy.ratelimit.Limiter` protocol). It takes *units* (one request with its
 expected tokens) from the actor a few at a time, so the actor answers a call per few requests,
 not per request; reports what requests really used on the next call; forwards 429s to the
-actor, whose cool-down and cut then reach every worker on their next lease. Concurrency is
+actor, whose cool-down and cut then reach every worker at its next lease (units held longer than
+``UNIT_TTL_S`` go back first, so within a fifth of a second). Concurrency is
 each worker's even share of the job's, times the cluster's AIMD share: a slot is held for a
 whole request (seconds), so there is nothing to gain from moving slots between workers.
 
@@ -33,6 +34,9 @@ from ..policy.ratelimit import CompletionEstimate, Permit, RateLimiter
 log = logging.getLogger("batchkimi.ray")
 
 LEASE_TIMEOUT_S = 10.0
+# Leased units older than this go back to the actor before use, so a cluster cool-down (a 429
+# another worker met) reaches a worker that holds units within this time, not at its next lease.
+UNIT_TTL_S = 0.2
 _EPS = 1e-6
 
 
@@ -144,13 +148,14 @@ class LeasedLimiter:
         self.units = 0  # leased, not yet used
         self.unit_tokens = 0  # tokens leased with each of them
         self.token_adjust = 0  # used minus leased, not yet reported
+        self.leased_at = 0.0
         self.in_flight = 0
         self.cool_until = 0.0
         self.rate_limited = 0
         self.fallback: RateLimiter | None = None
         self._lock = asyncio.Lock()
         self._released = asyncio.Event()
-        self._sent: list[Any] = []  # cool-downs forwarded, checked at the next lease
+        self._sent: list[Any] = []  # cool-downs forwarded, checked at the next actor call
 
     @property
     def concurrency_cap(self) -> int:
@@ -167,23 +172,30 @@ class LeasedLimiter:
         self.fallback.in_flight = self.in_flight  # leased permits still out count against it
 
     async def _lease(self, tokens: int) -> float:
-        """Ask the actor for units of ``tokens``; returns how long to wait when none came."""
-        adjust, self.token_adjust = self.token_adjust, 0
+        """Ask the actor for units of ``tokens`` (handing back any still held); returns how long
+        to wait when none came."""
+        returned = self.units
+        adjust, self.token_adjust = self.token_adjust - returned * self.unit_tokens, 0
+        self.units = 0
         try:
-            if self._sent:
-                import ray
-
-                done, self._sent = ray.wait(self._sent, num_returns=len(self._sent), timeout=0)
-                ray.get(done)  # a forwarded cool-down that failed: the actor is gone
             granted, wait, share = await asyncio.wait_for(
-                _await_ref(self.actor.lease.remote(self.chunk, tokens, adjust)), self.timeout_s)
+                self._answer(self.actor.lease.remote(self.chunk, tokens, adjust, returned)), self.timeout_s)
         except Exception as exc:  # noqa: BLE001 - dead actor, lost node, timeout: the budget goes local
             self._fall_back(f"{type(exc).__name__}: {exc}"[:200])
             return 0.0
         self.share = share
-        if granted:  # asked only with none left
-            self.units, self.unit_tokens = granted, tokens
+        if granted:
+            self.units, self.unit_tokens, self.leased_at = granted, tokens, time.monotonic()
         return wait
+
+    async def _answer(self, ref: Any) -> Any:
+        """The answer of an actor call, after those of the cool-downs forwarded before it (the
+        actor runs one caller's calls in order, so these are already done or about to be; one
+        that failed means the actor is gone)."""
+        sent, self._sent = self._sent, []
+        for done in sent:
+            await done
+        return await ref
 
     async def acquire(self, prompt_tokens: int = 0) -> Permit:
         if self.fallback is not None:
@@ -201,7 +213,7 @@ class LeasedLimiter:
                     await self._released.wait()
                     continue
                 tokens = prompt_tokens + self.completion.tokens() if self.tpm else prompt_tokens
-                if self.units < 1:
+                if self.units < 1 or now - self.leased_at > UNIT_TTL_S:
                     wait = await self._lease(tokens)
                     if self.units < 1:
                         if wait > 0:
@@ -235,10 +247,10 @@ class LeasedLimiter:
 
     def pace(self, delay_s: float) -> None:
         """A short Retry-After, on a cluster: a shared cool-down, as any rate-limit 429 (this
-        worker pauses now, the others at their next lease). A worker holds leased requests the
-        actor cannot take back, so a limit that binds is only found in time by pausing at once:
-        with pacing per request, 40 to 47 429s came for 60 answers where pausing gives 29 to 33
-        (tests/test_ray.py). The local engine paces a short Retry-After per request."""
+        worker pauses now, the others within ``UNIT_TTL_S``). Workers hold leased requests, so a
+        limit that binds is only found in time by pausing at once: with pacing per request, 40
+        to 47 429s came for 60 answers where pausing gave 29 to 33 (the Ray test of 429s, by
+        hand). The local engine paces a short Retry-After per request."""
         self.cool_down(delay_s, overload=False)
 
     def cool_down(self, delay_s: float, *, overload: bool = False) -> None:
@@ -246,7 +258,7 @@ class LeasedLimiter:
         if self.fallback is not None:
             self.fallback.cool_down(delay_s, overload=overload)
             return
-        if not overload:  # this worker pauses now; the others at their next lease
+        if not overload:  # this worker pauses now; the others within UNIT_TTL_S
             self.cool_until = max(self.cool_until, time.monotonic() + delay_s)
         self._forward("cool_down", delay_s, overload)
 
@@ -270,10 +282,7 @@ class LeasedLimiter:
         adjust, returned = self.token_adjust - self.units * self.unit_tokens, self.units
         self.token_adjust, self.units = 0, 0
         try:
-            await asyncio.wait_for(_await_ref(self.actor.lease.remote(0, 0, adjust, returned)), self.timeout_s)
+            await asyncio.wait_for(self._answer(self.actor.lease.remote(0, 0, adjust, returned)), self.timeout_s)
         except Exception as exc:  # noqa: BLE001
             self._fall_back(f"{type(exc).__name__}: {exc}"[:200])
 
-
-async def _await_ref(ref: Any) -> Any:
-    return await ref
