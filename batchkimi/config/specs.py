@@ -35,6 +35,7 @@ class ScoreSpec:
     question: str | None = None  # model: the input column with the question (kept automatically)
     grader_prompt: str | None = None  # model: {question}, {reference}, {answer}; see batchkimi.scoring.grader
     grader_model: str | None = None  # model: default, the job's model
+    decimal: str = "."  # numeric: the decimal mark ("," reads 1.234,5 as 1234.5)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def specs_of(extract: Mapping[str, Any] | None, score: Mapping[str, Any] | None,
     sc = None
     if score:
         unknown = set(score) - {"expected", "method", "tolerance", "field", "labels", "group_by", "question",
-                                "grader_prompt", "grader_model"}
+                                "grader_prompt", "grader_model", "decimal"}
         if unknown:
             raise ConfigError(f"score has unknown keys: {', '.join(sorted(unknown))}")
         expected = score.get("expected")
@@ -107,7 +108,10 @@ def specs_of(extract: Mapping[str, Any] | None, score: Mapping[str, Any] | None,
                 raise ConfigError(f"score.{key} must be a string")
         if score.get("grader_prompt") and "{answer}" not in score["grader_prompt"]:
             raise ConfigError("score.grader_prompt must hold {answer} (and may hold {question} and {reference})")
+        decimal = score.get("decimal", ".")
+        if decimal not in (".", ","):
+            raise ConfigError(f"score.decimal must be '.' (1,234.5) or ',' (1.234,5), got {decimal!r}")
         sc = ScoreSpec(expected, method, float(tolerance), fld, labels,
                        _strings(score["group_by"], "score.group_by") if score.get("group_by") else (),
-                       score.get("question"), score.get("grader_prompt"), score.get("grader_model"))
+                       score.get("question"), score.get("grader_prompt"), score.get("grader_model"), decimal)
     return Specs(ex, sc, tuple(tools or ()))

@@ -27,7 +27,6 @@ joins the scores to the rows.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -43,10 +42,7 @@ from ..files import fsync_dir
 from ..output import parts
 from ..output.results import kept_column_name
 from ..output.sink import SCORES
-from .extract import answer_json, as_text, extract, find_label, last_number, normalize  # noqa: F401 - specs_of: scoring's door
-
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
-_EDGE_PUNCT = " \t\n\r.,;:!?\"'`*()[]{}<>"
+from .extract import answer_json, as_text, extract_read, normalize, read_label, read_number
 
 
 # ---- one row -----------------------------------------------------------------------------------
@@ -54,6 +50,7 @@ _EDGE_PUNCT = " \t\n\r.,;:!?\"'`*()[]{}<>"
 class RowScore:
     extracted: dict[str, str | None] = field(default_factory=dict)
     extract_error: str | None = None
+    stage: str | None = None  # how the value was read: exact, strict, flexible, json, regex
     tool_calls_valid: bool | None = None
     tool_calls_error: str | None = None
     score: float | None = None
@@ -94,38 +91,47 @@ def check_tool_calls(raw: str | None, schemas: Mapping[str, Any]) -> tuple[bool 
 
 def grade(value: str, expected: str, spec: ScoreSpec, labels: Sequence[str]) -> tuple[float | None, str | None]:
     """(score, error) of one answer value against its expected value."""
+    score, error, _ = grade_read(value, expected, spec, labels)
+    return score, error
+
+
+def grade_read(value: str, expected: str, spec: ScoreSpec, labels: Sequence[str], *,
+               field_value: bool = False) -> tuple[float | None, str | None, str | None]:
+    """(score, error, the stage that read the answer). ``field_value``: ``value`` is a field of
+    the answer's JSON, compared as a value (folded), never searched for a label."""
     method = spec.method
     if method == "exact":
-        return float(value.strip() == expected.strip()), None
-    if method == "normalized":
-        return float(normalize(value) == normalize(expected)), None
+        return float(value.strip() == expected.strip()), None, None
+    if method == "normalized" or (field_value and method == "label"):
+        return float(normalize(value) == normalize(expected)), None, None
     if method == "contains":
-        return float(normalize(expected) in normalize(value)), None
+        return float(normalize(expected) in normalize(value)), None, None
     if method == "regex":
         try:
-            return float(re.search(expected, value) is not None), None
+            return float(re.search(expected, value) is not None), None, None
         except re.error as exc:
-            return None, f"the expected value is not a valid regular expression: {exc}"
+            return None, f"the expected value is not a valid regular expression: {exc}", None
     if method == "numeric":
-        want = last_number(expected)
-        if want is None:
-            return None, f"the expected value {expected[:60]!r} holds no number"
-        got = last_number(value)
-        if got is None:
-            return 0.0, "the answer holds no number"
-        return float(math.isclose(got, want, rel_tol=0.0, abs_tol=spec.tolerance)), None
+        want = read_number(expected, spec.decimal)
+        if want.value is None:
+            return None, f"the expected value {expected[:60]!r} holds no number" + (
+                f" ({want.error})" if want.error and "no number" not in want.error else ""), None
+        got = read_number(value, spec.decimal)
+        if got.value is None:
+            return 0.0, got.error, got.stage
+        return float(abs(float(got.value - want.value)) <= spec.tolerance), None, got.stage
     if method == "json_field":
         try:
-            obj = answer_json(value)
+            obj = answer_json(value, (spec.field,) if spec.field else ())
         except ValueError as exc:
-            return 0.0, str(exc)
+            return 0.0, str(exc), None
         if not isinstance(obj, dict) or spec.field not in obj:
-            return 0.0, f"the answer's JSON has no {spec.field}"
-        return float(normalize(as_text(obj[spec.field]) or "") == normalize(expected)), None
-    label = find_label(value, labels)
-    if label is None:
-        return 0.0, f"the answer names none of: {', '.join(labels)}"
-    return float(normalize(label) == normalize(expected)), None
+            return 0.0, f"the answer's JSON has no {spec.field}", "json"
+        return float(normalize(as_text(obj[spec.field]) or "") == normalize(expected)), None, "json"
+    r = read_label(value, labels)
+    if r.value is None:
+        return 0.0, r.error, r.stage
+    return float(normalize(r.value) == normalize(expected)), None, r.stage
 
 
 def score_row(status: str, content: str | None, tool_calls: str | None, expected: str | None, specs: Specs,
@@ -134,7 +140,7 @@ def score_row(status: str, content: str | None, tool_calls: str | None, expected
     answered = status in ("ok", "truncated") and content is not None
     if specs.extract is not None:
         if answered:
-            out.extracted, out.extract_error = extract(content or "", specs.extract)
+            out.extracted, out.extract_error, out.stage = extract_read(content or "", specs.extract)
         else:
             out.extracted = dict.fromkeys(specs.extract.columns)
     if schemas and status in ("ok", "truncated"):
@@ -166,7 +172,11 @@ def score_row(status: str, content: str | None, tool_calls: str | None, expected
             out.score, out.score_error = 0.0, out.extract_error or "nothing was extracted"
             return out
         value = first
-    out.score, out.score_error = grade(value, expected, sc, sc.labels or (ex.labels if ex else ()))
+    score, error, stage = grade_read(value, expected, sc, sc.labels or (ex.labels if ex else ()),
+                                     field_value=bool(ex is not None and ex.json))
+    out.score, out.score_error = score, error
+    if ex is None or ex.regex is not None:  # the scorer read the answer (or the regex's group) itself
+        out.stage = stage or out.stage
     return out
 
 
@@ -186,6 +196,8 @@ def score_schema(specs: Specs) -> pa.Schema:
     if specs.extract is not None:
         fields += [pa.field(c, pa.string()) for c in specs.extract.columns]
         fields.append(pa.field("extract_error", pa.string()))
+    if specs.extract is not None or (specs.score is not None and specs.score.method in ("numeric", "label", "json_field")):
+        fields.append(pa.field("extract_stage", pa.string()))
     if specs.tools:
         fields += [pa.field("tool_calls_valid", pa.bool_()), pa.field("tool_calls_error", pa.string())]
     if specs.score is not None:
@@ -232,6 +244,8 @@ def score_output(out: Path, specs: Specs, grades: Mapping[str, Any] | None = Non
                         data[c].append(r.extracted.get(c))
                     data["extract_error"].append(r.extract_error)
                     counts["extract_errors"] += r.extract_error is not None
+                if "extract_stage" in data:
+                    data["extract_stage"].append(r.stage)
                 if specs.tools:
                     data["tool_calls_valid"].append(r.tool_calls_valid)
                     data["tool_calls_error"].append(r.tool_calls_error)
