@@ -16,6 +16,35 @@ from .config import Job, load_job, resolve_api_key
 from .errors import JobError
 
 
+def _output(output: Path) -> Path:
+    """OUTPUT, checked to be a batchkimi output (one line saying why not)."""
+    from .output.sink import check_output
+
+    try:
+        return check_output(output)
+    except JobError as exc:
+        raise _Fail(str(exc)) from None
+
+
+def _unfinished(output: Path) -> str:
+    """A note for an output whose run did not finish (killed, still running, stopped)."""
+    from .report.report import run_state
+
+    state = run_state(output)
+    return "" if state in ("finished", None) else f" (the run did not finish: {state})"
+
+
+def _destination(path: Path) -> Path:
+    """A file to write: its folder made if missing, or one line saying why it cannot be."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _Fail(f"cannot make the folder {path.parent} for {path.name}: {exc.strerror or exc}") from None
+    if path.is_dir():
+        raise _Fail(f"{path} is a folder: give a file name")
+    return path
+
+
 @click.command()
 @click.argument("output", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--head", type=int, default=5, show_default=True, help="Rows to show.")
@@ -23,8 +52,8 @@ def show(output: Path, head: int) -> None:
     """Counts by status, the first rows and the failed rows of a run's OUTPUT directory."""
     from .output.sink import read_results
 
-    df = read_results(output)
-    click.echo(f"{len(df)} rows")
+    df = read_results(_output(output))
+    click.echo(f"{len(df)} rows" + _unfinished(output))
     if len(df):
         click.echo(df["status"].value_counts().to_string())
         def short(frame: Any) -> Any:
@@ -101,7 +130,9 @@ def report(output: Path, as_json: bool, html_file: Path | None) -> None:
     from .report.report import report as make_report
     from .report.report import report_lines
 
+    _output(output)
     if html_file is not None:
+        _destination(html_file)
         try:
             from .report.html import write_html
         except ImportError as exc:  # matplotlib is an extra
@@ -119,30 +150,47 @@ def report(output: Path, as_json: bool, html_file: Path | None) -> None:
 @click.command()
 @click.argument("runs", nargs=-1, type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--latest", type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Compare the two newest runs under this folder (e.g. runs/nightly).")
+              help="Compare the two newest runs under this folder (e.g. runs/nightly): by the date in their names, else by creation.")
 @click.option("--max-accuracy-drop", type=float, help="Fail (exit 5) if accuracy falls by more than this (0.02 = 2 points).")
 @click.option("--max-error-rate-rise", type=float, help="Fail (exit 5) if the share of failed rows rises by more than this.")
 @click.option("--significant", is_flag=True, help="Fail on an accuracy drop only when McNemar's test finds it significant (p < 0.05).")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY).")
+@click.option("--junit", "junit_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write JUnit XML here: one test case per gate.")
 def compare(runs: tuple[Path, ...], latest: Path | None, max_accuracy_drop: float | None,
-            max_error_rate_rise: float | None, significant: bool, as_json: bool) -> None:
-    """Compare two runs (BEFORE AFTER): aggregates, rows whose score flipped, and whether it is a regression."""
-    from .report.report import compare as make_compare
-    from .report.report import compare_lines, latest_two, regressions
+            max_error_rate_rise: float | None, significant: bool, as_json: bool, markdown_file: Path | None,
+            junit_file: Path | None) -> None:
+    """Compare two runs (BEFORE AFTER): aggregates, rows whose score flipped, and whether it is a
+    regression. A comparison that cannot be made (no rows, no shared row, an accuracy gate on an
+    unscored run) exits 1 saying why."""
+    from .report.compare import CannotCompare, compare_lines, gates, junit, latest_two, markdown
+    from .report.compare import compare as make_compare
 
     if latest is not None:
         if runs:
             raise click.UsageError("give two runs or --latest FOLDER, not both")
         try:
             runs = latest_two(latest)
-        except FileNotFoundError as exc:
+        except CannotCompare as exc:
             raise _Fail(str(exc)) from None
     if len(runs) != 2:
         raise click.UsageError("compare needs two run outputs (BEFORE AFTER), or --latest FOLDER")
-    c = make_compare(runs[0], runs[1])
-    found = regressions(c, max_accuracy_drop=max_accuracy_drop, max_error_rate_rise=max_error_rate_rise,
-                        significant=significant)
-    c["regressions"] = found
+    for run in runs:
+        _output(run)
+    try:
+        c = make_compare(runs[0], runs[1])
+        verdicts = gates(c, max_accuracy_drop=max_accuracy_drop, max_error_rate_rise=max_error_rate_rise,
+                         significant=significant)
+    except CannotCompare as exc:
+        raise _Fail(str(exc)) from None
+    found = [g["message"] for g in verdicts if not g["passed"]]
+    c["gates"], c["regressions"] = verdicts, found
+    if markdown_file is not None:
+        _destination(markdown_file).write_text(markdown(c, verdicts), encoding="utf-8")
+    if junit_file is not None:
+        _destination(junit_file).write_bytes(junit(c, verdicts))
     if as_json:
         click.echo(json.dumps(c, indent=2, default=str))
     else:
@@ -150,8 +198,33 @@ def compare(runs: tuple[Path, ...], latest: Path | None, max_accuracy_drop: floa
             click.echo(line)
         for f in found:
             click.echo(f"REGRESSION: {f}", err=True)
+    if c["mismatches"] and as_json:
+        for m in c["mismatches"]:
+            click.echo(f"WARNING: {m}", err=True)
     if found:
         sys.exit(EXIT_REGRESSION)
+
+
+@click.command()
+@click.argument("folder", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--last", type=click.IntRange(min=1), default=7, show_default=True, help="How many of the newest runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the trend as JSON.")
+def trend(folder: Path, last: int, as_json: bool) -> None:
+    """The last runs under FOLDER (a nightly job's output folder): accuracy with its 95% interval,
+    error rate, median latency and cost, oldest first; a partial run, or one that ran something
+    other than the newest, is marked."""
+    from .report.compare import CannotCompare, trend_lines
+    from .report.compare import trend as make_trend
+
+    try:
+        t = make_trend(folder, last)
+    except CannotCompare as exc:
+        raise _Fail(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(t, indent=2, default=str))
+    else:
+        for line in trend_lines(t):
+            click.echo(line)
 
 
 @click.command()
@@ -163,15 +236,16 @@ def export(output: Path, fmt: str, dest: Path | None) -> None:
     """Write OUTPUT's rows (with their scores) as JSONL, CSV or OpenAI Batch output, streamed."""
     from .report.export import export as do_export
 
+    _output(output)
     if dest is None:
         n = do_export(output, fmt, sys.stdout.buffer)
         sys.stdout.buffer.flush()
     else:
-        tmp = dest.with_name(f".{dest.name}.tmp")
+        tmp = _destination(dest).with_name(f".{dest.name}.tmp")
         with open(tmp, "wb") as fh:
             n = do_export(output, fmt, fh)
         tmp.replace(dest)
     click.echo(f"{n} rows written" + (f" to {dest}" if dest else ""), err=True)
 
 
-COMMANDS = [show, score, report, compare, export]
+COMMANDS = [show, score, report, compare, trend, export]

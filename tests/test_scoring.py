@@ -21,7 +21,7 @@ from batchkimi.config import load_job
 from batchkimi.config.specs import ExtractSpec, specs_of
 from batchkimi.errors import ConfigError
 from batchkimi.output.sink import read_results
-from batchkimi.report.report import mcnemar_p
+from batchkimi.report.compare import mcnemar_p
 from batchkimi.scoring.extract import extract, find_label
 from batchkimi.scoring.score import ScoreSpec, Specs, check_tool_calls, grade, score_row
 from batchkimi.stats import wilson

@@ -244,7 +244,7 @@ class RowEngine:
             cost_usd=cost_usd(self.job.price_table, model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
             model=model, attempts=attempts, latency_s=latency, ttft_s=answer.ttft_s, http_status=reply.http_status,
             error_type=error_type, error_message=message, request_id=reply.request_id,
-            max_tokens=sent_max_tokens(prepared.body), warnings=answer.warnings,
+            max_tokens=sent_max_tokens(prepared.body), warnings=answer.warnings, response_id=answer.response_id,
         )
 
 

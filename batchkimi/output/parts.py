@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -217,17 +218,81 @@ def newest_seq(paths: list[Path]) -> np.ndarray:
     return newest
 
 
-def iter_newest(directory: Path, columns: list[str]) -> Iterator[pa.Table]:
+def journal_segments(directory: Path) -> list[tuple[int, Path]]:
+    """Journal segments a run left (killed, or still writing) whose rows are in no part yet
+    (a segment whose part exists was being deleted when the run died), oldest first."""
+    jdir = directory / "_journal"
+    if not jdir.is_dir():
+        return []
+    done = {part_seq(p) for p in part_paths(directory)}
+    found = []
+    for p in jdir.iterdir():
+        m = re.match(r"^seg-(\d{6,})\.jsonl$", p.name)
+        if m and int(m.group(1)) not in done:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def journal_schema(directory: Path, segments: list[tuple[int, Path]]) -> pa.Schema:
+    """The schema journal rows are read with: the newest part's, else the result columns and
+    the kept columns the first journaled row holds."""
+    from .results import RESULT_COLUMNS, result_schema
+
+    paths = part_paths(directory)
+    if paths:
+        return pq.read_schema(paths[-1])
+    for _, seg in segments:
+        with open(seg, "rb") as fh:
+            for line in fh:
+                try:
+                    first = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(first, dict):
+                    return result_schema([k for k in first if k not in RESULT_COLUMNS and not k.startswith("input_")])
+    return result_schema()
+
+
+def journal_tables(directory: Path) -> list[tuple[int, pa.Table]]:
+    """(sequence, rows) of every journal segment not yet in a part."""
+    segments = journal_segments(directory)
+    if not segments:
+        return []
+    schema = journal_schema(directory, segments)
+    out = []
+    for seq, seg in segments:
+        t = segment_to_table(seg, schema)
+        if t is not None and t.num_rows:
+            out.append((seq, t))
+    return out
+
+
+def iter_newest(directory: Path, columns: list[str], *, journal: bool = False) -> Iterator[pa.Table]:
     """Each part's rows that are the newest copy of their row (a row retried later is read from
     its newest part only, compacted or not), a part at a time: flat memory. A column a part
-    lacks (written by an older version) comes as nulls."""
+    lacks (written by an older version) comes as nulls. ``journal``: rows a killed (or still
+    running) run left in its journal too, after the parts (for readers; the writer turns the
+    journal into parts first)."""
     paths = part_paths(directory)
     newest = newest_seq(paths)
-    for p in paths:
-        have = set(pq.read_schema(p).names)
-        t = pq.read_table(p, columns=[c for c in columns if c in have])
+    segments = journal_tables(directory) if journal else []
+    if segments:
+        top = max(int(t.column("row").to_numpy().max()) for _, t in segments if t.num_rows) + 1
+        if top > len(newest):
+            newest = np.concatenate([newest, np.full(top - len(newest), -1, dtype=np.int64)])
+        for seq, t in segments:
+            r = t.column("row").to_numpy()
+            np.maximum.at(newest, r, seq)
+    sources: list[tuple[int, Any]] = [(part_seq(p), p) for p in paths] + segments
+    for seq, src in sources:
+        if isinstance(src, Path):
+            have = set(pq.read_schema(src).names)
+            t = pq.read_table(src, columns=[c for c in columns if c in have])
+        else:
+            have = set(src.column_names)
+            t = src.select([c for c in columns if c in have])
         for c in columns:
             if c not in have:
                 t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
-        keep = newest[t.column("row").to_numpy()] == part_seq(p)
+        keep = newest[t.column("row").to_numpy()] == seq
         yield t if keep.all() else t.filter(pa.array(keep))

@@ -51,6 +51,7 @@ RESULT_FIELDS: list[tuple[str, pa.DataType]] = [
     ("error_type", pa.string()),
     ("error_message", pa.string()),
     ("request_id", pa.string()),
+    ("response_id", pa.string()),  # the completion's own id (chatcmpl-...), when it had one
     ("max_tokens", pa.int64()),  # the max_tokens the row was sent with (null: none sent)
     ("warnings", pa.string()),  # what was odd in an answer that was kept, one line each
     ("finished_at", pa.timestamp("ms", tz="UTC")),
@@ -104,7 +105,7 @@ def ok_row(
     finish_reason: str | None, prompt_tokens: int | None, completion_tokens: int | None, total_tokens: int | None,
     cached_tokens: int | None, cost_usd: float | None, model: str | None, attempts: int, latency_s: float,
     ttft_s: float | None, http_status: int, error_type: str | None, error_message: str | None, request_id: str | None,
-    max_tokens: int | None = None, warnings: tuple[str, ...] = (),
+    max_tokens: int | None = None, warnings: tuple[str, ...] = (), response_id: str | None = None,
 ) -> dict[str, Any]:
     """A row for an answer (``ok``, or ``truncated``/``error`` by its finish reason). On every
     answer's path: values of the right type pass without a call."""
@@ -124,6 +125,7 @@ def ok_row(
         "ttft_s": None if ttft_s is None else round(ttft_s, 4), "http_status": http_status,
         "error_type": error_type, "error_message": error_message,
         "request_id": request_id if request_id is None or type(request_id) is str else text(request_id),
+        "response_id": response_id if response_id is None or type(response_id) is str else text(response_id),
         "max_tokens": max_tokens if max_tokens is None or type(max_tokens) is int else whole(max_tokens),
         "warnings": "\n".join(warnings)[:ERROR_MESSAGE_CHARS] if warnings else None,
         "finished_at": now_ms(),

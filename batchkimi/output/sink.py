@@ -40,7 +40,7 @@ from .results import RESULT_COLUMNS, kept_column_name, result_schema
 
 SCORES = "_scores.parquet"  # written by batchkimi.scoring.score
 
-__all__ = ["MANIFEST", "RESULT_COLUMNS", "ResumeState", "Sink", "kept_column_name", "read_results"]
+__all__ = ["MANIFEST", "RESULT_COLUMNS", "ResumeState", "Sink", "check_output", "is_output", "kept_column_name", "read_results"]
 
 MANIFEST = "_manifest.json"
 LOCK = ".lock"
@@ -254,16 +254,34 @@ class Sink:
         )
 
 
+def is_output(path: Path) -> bool:
+    """Whether ``path`` is a batchkimi output: it holds a manifest, or parts or a journal a run wrote."""
+    return (path / MANIFEST).is_file() or bool(parts.part_paths(path)) or (path / "_journal").is_dir()
+
+
+def check_output(output: str | os.PathLike[str]) -> Path:
+    """``output`` as a Path, or an OutputError saying why it is no batchkimi output."""
+    path = Path(output)
+    if not path.is_dir():
+        raise OutputError(f"{path} is not a folder: give the output folder of a batchkimi run")
+    if not is_output(path):
+        raise OutputError(f"{path} is not a batchkimi output (it holds no {MANIFEST}, no part-*.parquet "
+                          "written by a run and no _journal): give the output folder of a batchkimi run")
+    return path
+
+
 def read_results(output: str | os.PathLike[str], *, columns: list[str] | None = None, scores: bool = True) -> Any:
     """The results of a run as a pandas DataFrame: one row per input row, the newest attempt,
     ordered by input position, with its scores (``_scores.parquet``, see :mod:`.scoring`)
     joined when ``scores`` and they were computed for this very attempt. Correct even while the
-    run is still writing."""
+    run is still writing, and after it was killed: rows still in its journal are read too.
+    Raises OutputError for a folder that is not a batchkimi output."""
     import pandas as pd
 
-    path = Path(output)
+    path = check_output(output)
     found = parts.part_paths(path)
-    if not found:
+    journaled = parts.journal_tables(path)
+    if not found and not journaled:
         return pd.DataFrame({name: pd.Series(dtype=object) for name in (columns or RESULT_COLUMNS)})
     scored = path / SCORES
     score_table = pq.read_table(scored) if scores and scored.exists() else None
@@ -274,6 +292,10 @@ def read_results(output: str | os.PathLike[str], *, columns: list[str] | None = 
         have = pq.read_schema(p).names
         df = pq.read_table(p, columns=None if base is None else [c for c in base if c in have]).to_pandas()
         df["_seq"] = parts.part_seq(p)
+        frames.append(df)
+    for seq, t in journaled:
+        df = t.select([c for c in t.column_names if base is None or c in base]).to_pandas()
+        df["_seq"] = seq
         frames.append(df)
     df = pd.concat(frames, ignore_index=True)
     df = df.sort_values(["row", "_seq"]).drop_duplicates("row", keep="last").drop(columns="_seq")

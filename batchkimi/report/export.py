@@ -10,8 +10,12 @@ The ``openai-batch`` lines follow the Batch API's output file::
     {"id": "batch_req_<row>", "custom_id": "<id>", "response": {"status_code": 200,
      "request_id": "...", "body": {<a chat.completion>}}, "error": null}
 
-with ``response: null`` and ``error: {"code", "message"}`` for a row without an answer. The
-``chat.completion`` keeps Kimi's ``reasoning_content`` beside ``content``.
+A request the server refused keeps its HTTP answer, as the Batch API does: ``response:
+{"status_code": 4xx/5xx, "request_id", "body": {"error": {"message", "type", "code"}}}`` and
+``error: null``; ``error: {"code", "message"}`` with ``response: null`` is for a row that got no
+HTTP response at all (a connection that failed, a row that could not make a request). The
+``chat.completion``'s ``id`` is the completion's own (``chatcmpl-...``), and it keeps Kimi's
+``reasoning_content`` beside ``content``.
 """
 
 from __future__ import annotations
@@ -38,14 +42,26 @@ def _columns(out: Path) -> list[str]:
     from ..output import parts
 
     paths = parts.part_paths(out)
-    return pq.read_schema(paths[-1]).names if paths else list(RESULT_COLUMNS)
+    if paths:
+        return pq.read_schema(paths[-1]).names
+    return parts.journal_schema(out, parts.journal_segments(out)).names if (out / "_journal").is_dir() else list(RESULT_COLUMNS)
+
+
+def header(output: str | Path) -> list[str]:
+    """Every column an exported row can have: the output's, then its scores' (the schema, not
+    the first row: a row without a score still has the score columns, empty)."""
+    out = Path(output)
+    names = _columns(out)
+    if (out / SCORES).exists():
+        names += [c for c in pq.read_schema(out / SCORES).names if c not in ("row", "id", "finished_at") and c not in names]
+    return names
 
 
 def rows(output: str | Path, batch_rows: int = 2048) -> Iterator[dict[str, Any]]:
     """Every output row as a dict (timestamps as ISO text), a batch at a time."""
     out = Path(output)
     scores = pq.read_table(out / SCORES).drop_columns(["id"]) if (out / SCORES).exists() else None
-    for table in iter_newest(out, _columns(out)):
+    for table in iter_newest(out, _columns(out), journal=True):
         by_key: dict[Any, dict[str, Any]] = {}
         if scores is not None and table.num_rows:  # this part's rows' scores, for this very attempt
             for s in scores.filter(pc.is_in(scores.column("row"), value_set=table.column("row"))).to_pylist():
@@ -63,7 +79,8 @@ def rows(output: str | Path, batch_rows: int = 2048) -> Iterator[dict[str, Any]]
 def openai_line(r: dict[str, Any]) -> dict[str, Any]:
     """One row as a line of an OpenAI Batch API output file."""
     line: dict[str, Any] = {"id": f"batch_req_{r['row']}", "custom_id": r["id"]}
-    if r.get("status") in ("ok", "truncated") or (r.get("status") == "error" and r.get("http_status") == 200):
+    http_status = r.get("http_status")
+    if r.get("status") in ("ok", "truncated") or (r.get("status") == "error" and http_status == 200):
         message: dict[str, Any] = {"role": "assistant", "content": r.get("content")}
         if r.get("reasoning_content") is not None:
             message["reasoning_content"] = r["reasoning_content"]
@@ -76,12 +93,16 @@ def openai_line(r: dict[str, Any]) -> dict[str, Any]:
                      "prompt_tokens_details": {"cached_tokens": r.get("cached_tokens") or 0}}
         created = r.get("finished_at")
         epoch = int(datetime.datetime.fromisoformat(created).timestamp()) if isinstance(created, str) else None
-        body = {"id": r.get("request_id") or f"chatcmpl-{r['row']}", "object": "chat.completion", "created": epoch,
-                "model": r.get("model"),
+        body = {"id": r.get("response_id") or f"chatcmpl-batchkimi-{r['row']}", "object": "chat.completion",
+                "created": epoch, "model": r.get("model"),
                 "choices": [{"index": 0, "message": message, "finish_reason": r.get("finish_reason")}], "usage": usage}
-        line["response"] = {"status_code": r.get("http_status") or 200, "request_id": r.get("request_id"), "body": body}
+        line["response"] = {"status_code": http_status or 200, "request_id": r.get("request_id"), "body": body}
         line["error"] = None
-    else:
+    elif isinstance(http_status, int) and http_status >= 400:  # the server answered with an error
+        error = {"message": r.get("error_message"), "type": r.get("error_type"), "code": http_status}
+        line["response"] = {"status_code": http_status, "request_id": r.get("request_id"), "body": {"error": error}}
+        line["error"] = None
+    else:  # no HTTP response: a connection that failed, a row that could not make a request
         line["response"] = None
         line["error"] = {"code": r.get("error_type") or r.get("status"), "message": r.get("error_message")}
     return line
@@ -100,11 +121,9 @@ def export(output: str | Path, fmt: str, fh: IO[bytes]) -> int:
     n = 0
     if fmt == "csv":
         text = io.TextIOWrapper(fh, encoding="utf-8", newline="", write_through=True)
-        writer: Any = None
+        writer = csv.DictWriter(text, fieldnames=header(output), extrasaction="ignore")
+        writer.writeheader()
         for r in rows(output):
-            if writer is None:
-                writer = csv.DictWriter(text, fieldnames=list(r), extrasaction="ignore")
-                writer.writeheader()
             writer.writerow({k: _cell(v) for k, v in r.items()})
             n += 1
         text.flush()

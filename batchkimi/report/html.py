@@ -1,6 +1,7 @@
 """``batchkimi report OUTPUT --html FILE``: one self-contained page (no network needed to open
 it): the report's figures, plots drawn by matplotlib as inline SVG (latency, tokens per row,
-accuracy by group, errors over time), and for runs with images a contact sheet, each
+accuracy by group with values and n, a label job's confusion matrix, errors over time), the
+rows that were not ok, and for runs with images a contact sheet, each
 thumbnail (inline JPEG) beside its caption or label, paged into ``FILE-contact-N.html`` files
 of :data:`PER_PAGE` items for big runs.
 """
@@ -49,33 +50,56 @@ def _plots(df: Any, rep: dict[str, Any]) -> list[tuple[str, str]]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out = []
     answered = df[df["status"].isin(["ok", "truncated"])]
-    histograms = [
-        ("Latency", "latency (s)", answered["latency_s"].dropna().astype(float).to_numpy(), "#4a7ebb"),
-        ("Tokens per row", "tokens per row (prompt + completion)",
-         (answered["prompt_tokens"].fillna(0) + answered["completion_tokens"].fillna(0)).to_numpy(), "#6aa84f"),
-    ]
-    for title, xlabel, values, color in histograms:
-        if len(values):
-            fig, ax = plt.subplots(figsize=(5.2, 3))
-            ax.hist(values, bins=min(50, max(5, len(values) // 5)), color=color)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("rows")
-            out.append((title, _svg(fig)))
+    latency = answered["latency_s"].dropna().astype(float).to_numpy()
+    if len(latency):
+        fig, ax = plt.subplots(figsize=(5.2, 3))
+        ax.hist(latency, bins="auto", color="#4a7ebb")
+        ax.set_xlabel("latency (s)")
+        ax.set_ylabel("rows")
+        out.append(("Latency", _svg(fig)))
+    tokens = np.sort((answered["prompt_tokens"].fillna(0) + answered["completion_tokens"].fillna(0)).to_numpy(dtype=float))
+    if len(tokens):  # the share of rows at or under each size: readable however the sizes cluster
+        fig, ax = plt.subplots(figsize=(5.2, 3))
+        ax.step(tokens, np.arange(1, len(tokens) + 1) / len(tokens), where="post", color="#6aa84f")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("tokens per row (prompt + completion)")
+        ax.set_ylabel("share of rows at or under")
+        ax.grid(alpha=0.3)
+        out.append(("Tokens per row", _svg(fig)))
     for col, groups in (rep.get("by_group") or {}).items():
         items = [(k, v) for k, v in sorted(groups.items()) if v]
         if not items:
             continue
-        fig, ax = plt.subplots(figsize=(5.2, 0.5 + 0.35 * len(items)))
+        fig, ax = plt.subplots(figsize=(5.2, 0.7 + 0.4 * len(items)))
         acc = np.array([v["accuracy"] for _, v in items])
         low = acc - np.array([v["ci95"][0] for _, v in items])
         high = np.array([v["ci95"][1] for _, v in items]) - acc
         ax.barh([str(k) for k, _ in items], acc, xerr=[low, high], color="#e69138", capsize=3)
-        ax.set_xlim(0, 1)
+        for i, (_, v) in enumerate(items):  # the value and n, right of the interval
+            ax.text(v["ci95"][1] + 0.02, i, f"{v['accuracy']:.2f} (n={v['rows']})", va="center", fontsize=8)
+        ax.set_xlim(0, 1.3)
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
         ax.set_xlabel(f"accuracy by {col} (95% CI)")
         out.append((f"Accuracy by {col}", _svg(fig)))
+    labels = rep.get("labels")
+    if labels:
+        cm = np.array(labels["confusion_matrix"]["counts"], dtype=float)
+        gold, pred = labels["confusion_matrix"]["gold"], labels["confusion_matrix"]["predicted"]
+        fig, ax = plt.subplots(figsize=(1.6 + 0.8 * len(pred), 1.2 + 0.6 * len(gold)))
+        ax.imshow(cm, cmap="Blues")
+        ax.set_xticks(range(len(pred)), pred, rotation=30, ha="right")
+        ax.set_yticks(range(len(gold)), gold)
+        ax.set_xlabel("answer")
+        ax.set_ylabel("gold")
+        top = cm.max() or 1
+        for i in range(cm.shape[0]):
+            for j in range(cm.shape[1]):
+                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", color="white" if cm[i, j] > top / 2 else "black")
+        out.append(("Confusion matrix", _svg(fig)))
     failed = df[(df["status"] != "ok") & df["finished_at"].notna()]
     if len(failed):
         fig, ax = plt.subplots(figsize=(5.2, 3))
@@ -83,12 +107,34 @@ def _plots(df: Any, rep: dict[str, Any]) -> list[tuple[str, str]]:
         span = (t.max() - t.min()).total_seconds()
         freq = "s" if span < 120 else "min" if span < 7200 else "h"
         counts = failed.groupby([t.dt.floor(freq), failed["error_type"].fillna(failed["status"])]).size().unstack(fill_value=0)
-        counts.plot(ax=ax, kind="bar", stacked=True, width=0.9)
-        ax.set_xticklabels([x.strftime("%H:%M:%S") for x in counts.index], rotation=60, fontsize=7)
-        ax.set_xlabel(f"time (per {freq})")
+        x = np.arange(len(counts))
+        bottom = np.zeros(len(counts))
+        for name in counts.columns:  # bars stacked by error type, one bar per time bucket
+            ax.bar(x, counts[name].to_numpy(), bottom=bottom, width=0.8, label=str(name))
+            bottom += counts[name].to_numpy()
+        step = max(1, len(x) // 8)
+        ax.set_xticks(x[::step], [ts.strftime("%H:%M:%S") for ts in counts.index[::step]], fontsize=7)
+        ax.set_xlabel(f"time (UTC, per {freq})")
         ax.set_ylabel("failed rows")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         out.append(("Errors over time", _svg(fig)))
     return out
+
+
+def _failures_table(df: Any, limit: int = 200) -> str:
+    """The rows behind the error counts: id, status, error and its message, the first ``limit``."""
+    failed = df[df["status"] != "ok"]
+    if not len(failed):
+        return ""
+    cells = []
+    for _, r in failed.head(limit).iterrows():
+        cells.append(f"<tr><td>{html.escape(str(r['id']))}</td><td>{html.escape(str(r['status']))}</td>"
+                     f"<td>{html.escape(str(r.get('error_type') or ''))}</td>"
+                     f"<td>{html.escape(str(r.get('error_message') or '')[:300])}</td></tr>")
+    more = f" (the first {limit} of {len(failed)})" if len(failed) > limit else ""
+    return (f"<h2>Rows not ok{more}</h2><table><tr><th>id</th><th>status</th><th>error</th><th>message</th></tr>"
+            + "".join(cells) + "</table>")
 
 
 def _media_root(manifest: dict[str, Any]) -> Path | None:
@@ -153,7 +199,7 @@ def write_html(output: str | Path, dest: str | Path) -> list[Path]:
     rows = [("rows", rep["rows"]), ("status", ", ".join(f"{k} {v}" for k, v in sorted(rep["status"].items())))]
     if rep.get("accuracy"):
         a = rep["accuracy"]
-        rows.append(("accuracy", f"{a['accuracy']:.3f} (95% CI {a['ci95'][0]:.3f}-{a['ci95'][1]:.3f}, n={a['scored']})"))
+        rows.append(("accuracy", f"{a['accuracy']:.3f} (95% CI {a['ci95'][0]:.3f}-{a['ci95'][1]:.3f}, n={a['rows']}, every row counted)"))
     t = rep["tokens"]
     rows.append(("tokens", f"prompt {t['prompt']:,} (cached {t['cached']:,}), completion {t['completion']:,}"))
     rows.append(("cost", f"${rep['cost_usd']['total']:.4f} (an estimate at the job's prices)"))
@@ -168,10 +214,19 @@ def write_html(output: str | Path, dest: str | Path) -> list[Path]:
         parts.append("<h2>Errors by type</h2><table><tr><th>type</th><th>rows</th><th>example</th></tr>" + "".join(
             f"<tr><td>{html.escape(e['error_type'])}</td><td>{e['rows']}</td>"
             f"<td>{html.escape(e['example_id'])}: {html.escape(e['example'][:200])}</td></tr>" for e in rep["errors"]) + "</table>")
+    if rep.get("labels"):
+        m = rep["labels"]
+        kappa = "undefined" if m["kappa"] is None else f"{m['kappa']:.3f}"
+        parts.append(f"<h2>Labels</h2><p>macro F1 {m['macro_f1']:.3f}, micro F1 {m['micro_f1']:.3f}, Cohen's kappa {kappa}, "
+                     f"no label named in {m['no_label_rate']:.1%} of {m['rows']} rows</p><table><tr><th>label</th>"
+                     "<th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>" + "".join(
+                         f"<tr><td>{html.escape(k)}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td>"
+                         f"<td>{v['f1']:.3f}</td><td>{v['support']}</td></tr>" for k, v in m["per_label"].items()) + "</table>")
     plots = _plots(df, rep)
     if plots:
         parts.append("<h2>Plots</h2><div class='plots'>" + "".join(
             f"<div class='plot'><h3>{html.escape(name)}</h3>{svg}</div>" for name, svg in plots) + "</div>")
+    parts.append(_failures_table(df))
     items = _sheet_items(df, _media_root(manifest))
     written = [dest]
     if items:

@@ -1,18 +1,22 @@
-"""What a person wants to know after a run (``batchkimi report``), and how two runs differ
-(``batchkimi compare``): both read an output directory, never the network.
+"""What a person wants to know after a run (``batchkimi report``): it reads an output
+directory (its parts and, for a run that did not finish, its journal), never the network.
 
 :func:`report` gives rows by status, errors by type with an example each, finish reasons,
 tokens (prompt, cached, completion, and the share of the answer spent reasoning), the cost
 estimate, latency and time-to-first-token percentiles, retries and 429s, and, for a scored run,
-accuracy overall and by group with 95% confidence intervals.
+accuracy overall and by group with 95% confidence intervals, and for a label job the labelling
+metrics (:mod:`.labels`).
 
-:func:`compare` pairs two runs' rows by id: the aggregate differences, the rows whose score
-flipped, McNemar's test on them and the paired difference's confidence interval, so that one
-noisy night is not read as a regression; :func:`regressions` turns thresholds into a verdict.
+**Accuracy** counts every row of the input: a row that failed, was refused, was truncated, was
+never written (a killed run) or whose answer could not be read is wrong. Only a row without an
+expected value is left out (it cannot be decided; ``no_expected`` says how many). The figure over
+the scored rows alone is ``accuracy_scored``. How two runs differ is :mod:`.compare`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -25,10 +29,14 @@ from ..output.parts import iter_newest
 from ..output.results import kept_column_name
 from ..output.sink import Sink, read_results
 from ..stats import wilson
+from ..version import __version__
+from .labels import label_lines, label_metrics
+
+SCHEMA_VERSION = 2  # of report --json: a key that does not apply is null, never absent
 
 _BASE = ["id", "row", "status", "finish_reason", "error_type", "error_message", "prompt_tokens", "completion_tokens",
          "cached_tokens", "cost_usd", "latency_s", "ttft_s", "attempts", "model"]
-_SCORE = ["score", "score_error", "extract_error", "tool_calls_valid"]
+_SCORE = ["score", "score_error", "extract_error", "tool_calls_valid", "extracted"]
 
 
 def output_manifest(out: Path) -> dict[str, Any]:
@@ -58,6 +66,27 @@ def _accuracy(scores: Any) -> dict[str, Any] | None:
     return {"accuracy": round(k / n, 4), "ci95": [round(low, 4), round(high, 4)], "scored": n}
 
 
+def _headline(df: Any, expected_col: str | None, missing_rows: int = 0) -> dict[str, Any] | None:
+    """Accuracy over every row (see the module docstring): ``df`` the rows written, with
+    ``status`` and ``score``; ``missing_rows`` rows of the input never written (wrong)."""
+    if "score" not in df.columns:
+        return None
+    decidable = df
+    if expected_col is not None and expected_col in df.columns:
+        values = df[expected_col]
+        decidable = df[values.notna() & (values.astype(str) != "")]
+    values = np.where((decidable["status"] == "ok").to_numpy() & decidable["score"].notna().to_numpy(),
+                      decidable["score"].fillna(0).astype(float).to_numpy(), 0.0)
+    values = np.concatenate([values, np.zeros(max(0, missing_rows))])
+    n = len(values)
+    if not n:
+        return None
+    k = float(values.sum())
+    low, high = wilson(k, n) if set(np.unique(values)) <= {0.0, 1.0} else _mean_ci(values)
+    return {"accuracy": round(k / n, 4), "ci95": [round(low, 4), round(high, 4)], "rows": n, "correct": round(k, 4),
+            "scored": int(decidable["score"].notna().sum()), "no_expected": int(len(df) - len(decidable))}
+
+
 def _mean_ci(x: np.ndarray) -> tuple[float, float]:
     m = float(x.mean())
     half = 1.959964 * float(x.std(ddof=1)) / math.sqrt(len(x)) if len(x) > 1 else 1.0
@@ -69,9 +98,18 @@ def report(output: str | Path, results: Any = None) -> dict[str, Any]:
     the output's rows already read (:func:`~batchkimi.output.sink.read_results`), if the caller has them."""
     out = Path(output)
     manifest = output_manifest(out)
-    columns = _BASE + _SCORE + [kept_column_name(c) for c in _group_columns(manifest)]
+    job = manifest.get("job") or {}
+    score_spec = job.get("score") or {}
+    expected_col = kept_column_name(score_spec["expected"]) if score_spec.get("expected") else None
+    labels = _labels(job)
+    columns = _BASE + _SCORE + [kept_column_name(c) for c in _group_columns(manifest)] + ([expected_col] if expected_col else [])
+    if labels and score_spec.get("method") == "label" and not (job.get("extract") or {}).get("labels"):
+        columns.append("content")  # the label is read from the answer itself
     df = read_results(out, columns=columns) if results is None else results[[c for c in columns if c in results.columns]]
     n = len(df)
+    input_rows = (manifest.get("input") or {}).get("rows")
+    missing = max(0, int(input_rows) - n) if isinstance(input_rows, int) else 0
+    state = manifest.get("state")
     status = df["status"].value_counts().to_dict() if n else {}
     errors = []
     if n:
@@ -85,11 +123,16 @@ def report(output: str | Path, results: Any = None) -> dict[str, Any]:
     completion = int(df["completion_tokens"].fillna(0).sum()) if n else 0
     cached = int(df["cached_tokens"].fillna(0).sum()) if n else 0
     reasoning_chars = sum(int(pc.sum(pc.utf8_length(t.column("reasoning_content"))).as_py() or 0)
-                          for t in iter_newest(out, ["row", "reasoning_content"]))
+                          for t in iter_newest(out, ["row", "reasoning_content"], journal=True))
     answered = df[df["status"].isin(["ok", "truncated"])] if n else df
     runs = manifest.get("runs", [])
     out_dict: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
         "output": str(out),
+        "state": state,
+        "finished": state == "finished",
+        "partial": bool(missing) or state != "finished",
+        "input_rows": input_rows if isinstance(input_rows, int) else None,
         "rows": n,
         "status": {str(k): int(v) for k, v in status.items()},
         "errors": errors,
@@ -112,15 +155,30 @@ def report(output: str | Path, results: Any = None) -> dict[str, Any]:
         "rate_limited_429s": int(sum(r.get("rate_limited", 0) or 0 for r in runs)),
         "runs": len(runs),
     }
+    out_dict.update({"accuracy": None, "accuracy_scored": None, "unscored": None, "no_expected": None, "by_group": None,
+                     "labels": None, "grader": None, "extract_errors": None, "tool_calls_valid": None})
     if "score" in df.columns:
-        out_dict["accuracy"] = _accuracy(df["score"])
-        out_dict["unscored"] = int(df["score"].isna().sum())
+        out_dict["accuracy"] = _headline(df, expected_col, missing)
+        out_dict["accuracy_scored"] = _accuracy(df["score"])
+        out_dict["unscored"] = int(df["score"].isna().sum()) + missing
+        out_dict["no_expected"] = out_dict["accuracy"]["no_expected"] if out_dict["accuracy"] else None
         out_dict["by_group"] = {}
         for col in map(kept_column_name, _group_columns(manifest)):
             if col in df.columns:
                 out_dict["by_group"][col] = {
-                    str(value): _accuracy(group["score"]) for value, group in df.groupby(df[col].fillna("(none)"))
+                    str(value): _headline(group, expected_col) for value, group in df.groupby(df[col].fillna("(none)"))
                 }
+    if labels and expected_col and expected_col in df.columns:
+        if "extracted" in df.columns:
+            predicted = df["extracted"].where(df["status"] == "ok", None).tolist()
+        else:
+            from ..scoring.extract import read_label
+
+            predicted = [read_label(c, labels).value if st == "ok" and isinstance(c, str) else None
+                         for st, c in zip(df["status"], df.get("content", [None] * n), strict=True)]
+        gold = [None if g is None or (isinstance(g, float) and math.isnan(g)) else _as_label(str(g), labels)
+                for g in df[expected_col].tolist()]
+        out_dict["labels"] = label_metrics(gold, predicted, labels)
     grader_runs = sorted((out / "_grader").glob("run-*")) if (out / "_grader").is_dir() else []
     if grader_runs:  # the model grader's own requests: tokens and cost beside the answers'
         g = [read_results(p, columns=["status", "prompt_tokens", "completion_tokens", "cost_usd"], scores=False) for p in grader_runs]
@@ -134,7 +192,60 @@ def report(output: str | Path, results: Any = None) -> dict[str, Any]:
     if "tool_calls_valid" in df.columns:
         valid = df["tool_calls_valid"].dropna()
         out_dict["tool_calls_valid"] = {"rows": int(len(valid)), "valid": int(valid.astype(bool).sum())}
+    out_dict["provenance"] = provenance(manifest)
     return out_dict
+
+
+def _labels(job: dict[str, Any]) -> list[str]:
+    """The labels of a label job (score.labels, else extract.labels), or []."""
+    score, extract = job.get("score") or {}, job.get("extract") or {}
+    if score.get("method") != "label" and not extract.get("labels"):
+        return []
+    labels = score.get("labels") or extract.get("labels") or []
+    return [labels] if isinstance(labels, str) else list(labels)
+
+
+def _as_label(value: str, labels: list[str]) -> str:
+    """A gold value as the job spells the label (case and spacing folded), else as written."""
+    from ..scoring.extract import normalize
+
+    folded = {normalize(x): x for x in labels}
+    return folded.get(normalize(value), value)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+PROMPT_KEYS = ("prompt_template", "prompt_column", "messages_column", "system", "system_column", "response_format", "tools")
+
+
+def provenance(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Where a run's numbers come from: versions, model, the prompt's and the job's hashes
+    (the job's settings, its output path aside), the input's fingerprint, the run's dates."""
+    job = manifest.get("job") or {}
+    runs = manifest.get("runs") or []
+    return {
+        "batchkimi_version": manifest.get("batchkimi_version"),
+        "read_by": __version__,
+        "model": job.get("model"),
+        "thinking": job.get("thinking"),
+        "prompt_hash": _digest({k: job.get(k) for k in PROMPT_KEYS}) if job else None,
+        "scoring_hash": _digest({"extract": job.get("extract"), "score": job.get("score")}) if job else None,
+        "job_hash": _digest({k: v for k, v in job.items() if k != "output"}) if job else None,
+        "input_fingerprint": (manifest.get("input") or {}).get("fingerprint"),
+        "created": manifest.get("created"),
+        "updated": manifest.get("updated"),
+        "started": runs[0].get("started") if runs else None,
+        "finished": runs[-1].get("finished") if runs else None,
+        "simulated": manifest.get("simulated"),
+    }
+
+
+def run_state(output: str | Path) -> str | None:
+    """The state the output's last run left (``finished``, ``interrupted``, ``running`` for a
+    run killed or still going...), None without a manifest."""
+    return output_manifest(Path(output)).get("state")
 
 
 def _group_columns(manifest: dict[str, Any]) -> list[str]:
@@ -145,16 +256,26 @@ def _group_columns(manifest: dict[str, Any]) -> list[str]:
 
 def report_lines(r: dict[str, Any]) -> list[str]:
     lines = [f"{r['output']}: {r['rows']} rows ({r['runs']} runs)"]
+    if r["partial"]:
+        of = f" {r['rows']} of {r['input_rows']} input rows written;" if r["input_rows"] is not None and r["rows"] < r["input_rows"] else ""
+        lines.append(f"PARTIAL: the run did not finish (state: {r['state'] or 'unknown'});{of} rows not written count as wrong")
     lines.append("status: " + (", ".join(f"{k} {v}" for k, v in sorted(r["status"].items())) or "none"))
     if r.get("accuracy"):
         a = r["accuracy"]
-        lines.append(f"accuracy: {a['accuracy']:.3f} (95% CI {a['ci95'][0]:.3f}-{a['ci95'][1]:.3f}) over {a['scored']} "
-                     f"scored rows; {r['unscored']} unscored")
+        lines.append(f"accuracy: {a['accuracy']:.3f} (95% CI {a['ci95'][0]:.3f}-{a['ci95'][1]:.3f}) over all {a['rows']} rows "
+                     "(failed, truncated and unreadable answers count as wrong)"
+                     + (f"; {a['no_expected']} rows without an expected value left out" if a["no_expected"] else ""))
+        s = r.get("accuracy_scored")
+        if s:
+            lines.append(f"accuracy_scored: {s['accuracy']:.3f} (95% CI {s['ci95'][0]:.3f}-{s['ci95'][1]:.3f}) over the "
+                         f"{s['scored']} scored rows; {r['unscored']} unscored")
         for col, groups in (r.get("by_group") or {}).items():
             lines.append(f"accuracy by {col}:")
             for value, acc in sorted(groups.items()):
                 if acc:
-                    lines.append(f"  {value}: {acc['accuracy']:.3f} ({acc['ci95'][0]:.3f}-{acc['ci95'][1]:.3f}), n={acc['scored']}")
+                    lines.append(f"  {value}: {acc['accuracy']:.3f} ({acc['ci95'][0]:.3f}-{acc['ci95'][1]:.3f}), n={acc['rows']}")
+    if r.get("labels"):
+        lines.extend(label_lines(r["labels"]))
     if r.get("extract_errors"):
         lines.append(f"extraction failed on {r['extract_errors']} answered rows (see extract_error)")
     if r.get("tool_calls_valid"):
@@ -183,110 +304,3 @@ def report_lines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-# ---- two runs ----------------------------------------------------------------------------------
-def mcnemar_p(b: int, c: int) -> float:
-    """Two-sided p-value of McNemar's test on b and c discordant pairs: exact (binomial) up to
-    a few thousand pairs, else the chi-square approximation with continuity correction."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    if n <= 5000:
-        k = min(b, c)
-        tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-        return min(1.0, 2 * tail)
-    chi = (abs(b - c) - 1) ** 2 / n
-    return math.erfc(math.sqrt(chi / 2))
-
-
-def _summary(df: Any) -> dict[str, Any]:
-    n = len(df)
-    answered = df[df["status"].isin(["ok", "truncated"])]
-    acc = _accuracy(df["score"]) if "score" in df.columns else None
-    lat = answered["latency_s"].astype(float).to_numpy() if len(answered) else np.zeros(0)
-    return {
-        "rows": n,
-        "accuracy": acc["accuracy"] if acc else None,
-        "error_rate": round(float((df["status"] != "ok").mean()), 4) if n else None,
-        "latency_p50_s": round(float(np.median(lat)), 4) if len(lat) else None,
-        "tokens_per_row": round(float((df["prompt_tokens"].fillna(0) + df["completion_tokens"].fillna(0)).mean()), 1) if n else None,
-        "cost_usd": round(float(df["cost_usd"].fillna(0).sum()), 6),
-    }
-
-
-def compare(before: str | Path, after: str | Path, *, show: int = 20) -> dict[str, Any]:
-    cols = ["id", "status", "latency_s", "prompt_tokens", "completion_tokens", "cost_usd", "score"]
-    a, b = (read_results(p, columns=cols) for p in (before, after))
-    out: dict[str, Any] = {"before": str(before), "after": str(after), "runs": {"before": _summary(a), "after": _summary(b)}}
-    out["difference"] = {k: (round(out["runs"]["after"][k] - out["runs"]["before"][k], 6)
-                             if out["runs"]["after"][k] is not None and out["runs"]["before"][k] is not None else None)
-                         for k in out["runs"]["before"] if k != "rows"}
-    if "score" in a.columns and "score" in b.columns:
-        pair = a[["id", "score"]].merge(b[["id", "score"]], on="id", suffixes=("_before", "_after")).dropna()
-        x, y = pair["score_before"].astype(float).to_numpy(), pair["score_after"].astype(float).to_numpy()
-        worse = pair[(x > y)]
-        better = pair[(x < y)]
-        d = y - x
-        n = len(d)
-        half = 1.959964 * float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
-        out["paired"] = {
-            "rows": n,
-            "accuracy_difference": round(float(d.mean()), 4) if n else None,
-            "ci95": [round(float(d.mean()) - half, 4), round(float(d.mean()) + half, 4)] if n > 1 else None,
-            "mcnemar_p": round(mcnemar_p(len(worse), len(better)), 6),
-            "flipped_to_wrong": len(worse),
-            "flipped_to_right": len(better),
-            "examples_to_wrong": worse["id"].astype(str).head(show).tolist(),
-            "examples_to_right": better["id"].astype(str).head(show).tolist(),
-        }
-    return out
-
-
-def regressions(c: dict[str, Any], *, max_accuracy_drop: float | None, max_error_rate_rise: float | None,
-                significant: bool = False, alpha: float = 0.05) -> list[str]:
-    """What fails the comparison: each threshold passed (only when significant, if asked)."""
-    found = []
-    diff = c["difference"]
-    paired = c.get("paired")
-    if max_accuracy_drop is not None and diff.get("accuracy") is not None and -diff["accuracy"] > max_accuracy_drop:
-        sig = paired is not None and paired["mcnemar_p"] < alpha
-        if not significant or sig:
-            p = f" (McNemar p={paired['mcnemar_p']:.4f})" if paired else ""
-            found.append(f"accuracy fell by {-diff['accuracy']:.4f}, more than {max_accuracy_drop}{p}")
-    if max_error_rate_rise is not None and diff.get("error_rate") is not None and diff["error_rate"] > max_error_rate_rise:
-        found.append(f"the error rate rose by {diff['error_rate']:.4f}, more than {max_error_rate_rise}")
-    return found
-
-
-def compare_lines(c: dict[str, Any]) -> list[str]:
-    a, b, d = c["runs"]["before"], c["runs"]["after"], c["difference"]
-    lines = [f"before: {c['before']} ({a['rows']} rows)", f"after:  {c['after']} ({b['rows']} rows)"]
-
-    def fmt(v: Any, spec: str = ".4f") -> str:
-        return "-" if v is None else format(v, spec)
-
-    for key, label in (("accuracy", "accuracy"), ("error_rate", "error rate"), ("latency_p50_s", "latency p50 (s)"),
-                       ("tokens_per_row", "tokens per row"), ("cost_usd", "cost (USD, est.)")):
-        lines.append(f"  {label:18} {fmt(a[key]):>10} -> {fmt(b[key]):>10}  ({'+' if (d.get(key) or 0) >= 0 else ''}{fmt(d.get(key))})")
-    p = c.get("paired")
-    if p:
-        ci = f"{p['ci95'][0]:+.4f} to {p['ci95'][1]:+.4f}" if p["ci95"] else "-"
-        lines.append(f"paired on {p['rows']} rows: accuracy {p['accuracy_difference']:+.4f} (95% CI {ci}); "
-                     f"{p['flipped_to_wrong']} right -> wrong, {p['flipped_to_right']} wrong -> right; McNemar p = {p['mcnemar_p']:.4f}")
-        if p["examples_to_wrong"]:
-            lines.append("  now wrong: " + ", ".join(p["examples_to_wrong"]))
-        if p["examples_to_right"]:
-            lines.append("  now right: " + ", ".join(p["examples_to_right"]))
-    return lines
-
-
-def latest_two(folder: str | Path) -> tuple[Path, Path]:
-    """The two most recent run outputs under ``folder`` (by their manifest's creation time)."""
-    runs = []
-    for p in Path(folder).iterdir():
-        m = output_manifest(p) if p.is_dir() else {}
-        if m:
-            runs.append((str(m.get("created", "")), p.name, p))
-    if len(runs) < 2:
-        raise FileNotFoundError(f"{folder} holds {len(runs)} run output(s); compare needs two")
-    runs.sort()
-    return runs[-2][2], runs[-1][2]

@@ -230,7 +230,7 @@ def score_output(out: Path, specs: Specs, grades: Mapping[str, Any] | None = Non
     tmp = target.with_name(f".{target.name}.tmp")
     counts = {"rows": 0, "scored": 0, "score_sum": 0.0, "extract_errors": 0}
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for t in parts.iter_newest(out, columns):
+        for t in parts.iter_newest(out, columns, journal=True):
             data: dict[str, list[Any]] = {name: [] for name in schema.names}
             cols = {c: t.column(c).to_pylist() for c in columns if c != "finished_at"}
             for i in range(t.num_rows):
