@@ -159,9 +159,13 @@ def report(output: Path, as_json: bool, html_file: Path | None) -> None:
               help="Also write a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY).")
 @click.option("--junit", "junit_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write JUnit XML here: one test case per gate.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a page: the figures, the gates and the flipped rows with both answers.")
+@click.option("--show", "show_rows", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Flipped rows listed each way (in the JSON and the page).")
 def compare(runs: tuple[Path, ...], latest: Path | None, max_accuracy_drop: float | None,
             max_error_rate_rise: float | None, significant: bool, as_json: bool, markdown_file: Path | None,
-            junit_file: Path | None) -> None:
+            junit_file: Path | None, html_file: Path | None, show_rows: int) -> None:
     """Compare two runs (BEFORE AFTER): aggregates, rows whose score flipped, and whether it is a
     regression. A comparison that cannot be made (no rows, no shared row, an accuracy gate on an
     unscored run) exits 1 saying why."""
@@ -180,7 +184,7 @@ def compare(runs: tuple[Path, ...], latest: Path | None, max_accuracy_drop: floa
     for run in runs:
         _output(run)
     try:
-        c = make_compare(runs[0], runs[1])
+        c = make_compare(runs[0], runs[1], show=show_rows)
         verdicts = gates(c, max_accuracy_drop=max_accuracy_drop, max_error_rate_rise=max_error_rate_rise,
                          significant=significant)
     except CannotCompare as exc:
@@ -191,6 +195,10 @@ def compare(runs: tuple[Path, ...], latest: Path | None, max_accuracy_drop: floa
         _destination(markdown_file).write_text(markdown(c, verdicts), encoding="utf-8")
     if junit_file is not None:
         _destination(junit_file).write_bytes(junit(c, verdicts))
+    if html_file is not None:
+        from .report.compare_html import write_compare_html
+
+        write_compare_html(c, _destination(html_file))
     if as_json:
         click.echo(json.dumps(c, indent=2, default=str))
     else:

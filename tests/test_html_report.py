@@ -57,3 +57,27 @@ def test_the_html_report_shows_plots_accuracy_and_a_paged_contact_sheet(tmp_path
     dom = rendered(page)
     assert re.search(r"accuracy</th><td>\d\.\d{3} \(95% CI", dom) and "Errors by type" in dom and "Errors over time" in dom
     assert "Contact sheet" not in dom  # no media, no sheet
+    # a label job: its confusion matrix, and the rows behind the error counts
+    assert "Confusion matrix" in dom and "Rows not ok" in dom and "macro F1" in dom
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
+def test_the_comparison_page_shows_the_gates_and_the_flipped_rows_with_both_answers(tmp_path: Path, simulator) -> None:
+    from .test_release_gate import eval_job
+
+    good, bad = simulator(accuracy=1.0, seed=1), simulator(accuracy=0.5, seed=2)
+    a, b = eval_job(tmp_path, good.base_url, "a"), eval_job(tmp_path, bad.base_url, "b", prompt_template="Q: {question}")
+    batchkimi.run(a)
+    batchkimi.run(b)
+    page = tmp_path / "pages" / "cmp.html"
+    r = CliRunner().invoke(cli, ["compare", a.output, b.output, "--max-accuracy-drop", "0.05", "--html", str(page), "--json"])
+    assert r.exit_code == 5
+    c = __import__("json").loads(r.stdout)
+    dom = rendered(page)
+    assert "Warning:</b> the prompt differs between the runs" in dom and "FAIL" in dom
+    wrong = c["paired"]["examples_to_wrong"]
+    assert wrong and f"Now wrong ({len(wrong)} of {c['paired']['flipped_to_wrong']} shown)" in dom
+    first = wrong[0]
+    row = re.search(rf"<tr><td>{first}</td><td>(\d+)</td><td>(.*?)</td><td>(.*?)</td></tr>", dom, re.S)
+    assert row is not None  # the expected value, the answer before (right) and after (wrong)
+    assert "✓" in row.group(2) and "✗" in row.group(3)
