@@ -107,23 +107,26 @@ def dry_run(job: Job) -> DryRunReport:
     with dry_plan(job) as plan:
         lines = LineBudgetNotes(job)
         folder = plan.folder is not None
+        k = job.samples
         for batch in read_rows(plan.path, plan.fmt):
             for row in batch:
-                if row.pos >= plan.limit:
+                if row.pos * k >= plan.limit:
                     break
-                if row.pos < len(plan.done) and plan.done[row.pos]:
-                    status["already_done"] += 1
+                pending = [s for s in range(k) if not (row.pos * k + s < len(plan.done) and plan.done[row.pos * k + s])]
+                if len(pending) < k:
+                    status["already_done"] += k - len(pending)
+                if not pending:
                     continue
                 rid, prepared = prepare_row(row, job, plan.fmt, plan.scan, plan.media, folder=folder)
                 if isinstance(prepared, str):
-                    status["invalid"] += 1
+                    status["invalid"] += len(pending)
                     if len(invalid) < INVALID_SHOWN:
                         invalid.append(prepared)
                     continue
-                status["to_send"] += 1
+                status["to_send"] += len(pending)
                 if plan.fmt == "openai_batch":
                     lines.check(prepared, row.where)
-                prompt_tokens += prepared.prompt_tokens_estimate
+                prompt_tokens += prepared.prompt_tokens_estimate * len(pending)
                 if first is None:
                     first = {
                         "url": (job.base_url.rstrip("/") + "/chat/completions") if not job.uses_simulator else "simulator",

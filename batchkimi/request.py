@@ -50,6 +50,7 @@ class Prepared:
     payload: bytes  # ``body`` as the JSON bytes sent (with a placeholder per local file)
     media: tuple[MediaItem, ...] = ()  # the row's images and videos, checked
     request_bytes: int = 0  # the size of the request sent, local files included (estimated)
+    sample: int = 0  # which of the row's samples (a job with samples > 1)
 
     @property
     def reads_files(self) -> bool:

@@ -22,7 +22,7 @@ from batchkimi.output.sink import read_results
 from batchkimi.stats import wilson
 
 from .conftest import fast_job, write_jsonl
-from .test_interrupt import rows_written, start_and_wait
+from .test_interrupt import job_file, rows_written, start, wait_for_rows
 
 
 def arith(n: int, fault_every: int = 0) -> list[dict[str, Any]]:
@@ -191,11 +191,18 @@ def test_label_metrics_match_an_independent_count(tmp_path: Path, simulator) -> 
 
 
 def test_a_killed_run_is_read_from_its_journal_and_said_unfinished(tmp_path: Path, simulator) -> None:
-    _, _, out, proc = start_and_wait(tmp_path, simulator, rows_done=30)
+    h = simulator(latency_ms=40)
+    job = job_file(tmp_path, h.base_url)
+    # rows stay in the journal: no part is written before the run ends
+    job.write_text(job.read_text().replace("rows_per_part = 25", "rows_per_part = 100000")
+                   .replace("flush_interval_s = 0.5", "flush_interval_s = 3600"))
+    out = tmp_path / "out"
+    proc = start(job)
+    wait_for_rows(proc, out, 30)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     on_disk = rows_written(out)
-    assert any((out / "_journal").glob("seg-*.jsonl"))  # rows only in the journal
+    assert not list(out.glob("part-*.parquet")) and any((out / "_journal").glob("seg-*.jsonl"))  # rows only in the journal
     df = read_results(out)
     assert len(df) == on_disk and df["row"].is_unique
     r = invoke("show", str(out))
@@ -249,3 +256,46 @@ def test_export_files_keep_their_schema_folder_and_the_openai_batch_shape(tmp_pa
     batchkimi.run(invalid)
     line = json.loads(invoke("export", invalid.output, "--format", "openai-batch").stdout.splitlines()[0])
     assert line["response"] is None and line["error"]["code"] == "invalid_row" and "question" in line["error"]["message"]
+
+
+def test_samples_each_row_k_times_resumable_per_sample_with_pass_and_majority(tmp_path: Path, simulator) -> None:
+    import math
+    from collections import Counter
+
+    h = simulator(accuracy=0.6, seed=7)
+    k, n = 5, 20
+    write_jsonl(tmp_path / "s.jsonl", arith(n))
+    # a first run stopped by a token budget part way, then the same command without it
+    job = eval_job(tmp_path, h.base_url, "s", data="s.jsonl", samples=k, max_total_tokens=600, concurrency=2)
+    plan = batchkimi.dry_run(job)
+    assert plan.status["to_send"] == plan.total_rows == n * k  # the dry run counts (and prices) every sample
+    first = batchkimi.run(job)
+    assert first.exit_code == 4 and 0 < h.simulator.stats_json()["requests"] < n * k
+    rest = batchkimi.run(job.replace(max_total_tokens=None))
+    assert rest.exit_code == 0
+    assert h.simulator.stats_json()["requests"] == n * k  # every sample bought once, across the two runs
+    df = read_results(job.output)
+    assert len(df) == n * k and sorted(Counter(df["id"]).values()) == [k] * n
+    assert sorted(df["sample"].tolist()) == sorted(list(range(k)) * n)
+    assert df.groupby("id")["content"].nunique().max() > 1  # samples are answered on their own
+
+    rep = json.loads(invoke("report", job.output, "--json").stdout)
+    s = rep["samples"]
+    right = df.assign(r=(df["status"] == "ok") & (df["score"] == 1.0)).groupby("id")["r"].sum()
+    for j in range(1, k + 1):  # the unbiased estimator, computed here independently
+        want = sum(1 - (math.comb(k - c, j) / math.comb(k, j) if k - c >= j else 0.0) for c in right) / n
+        assert s["pass_at_k"][str(j)] == round(want, 4)
+    votes = 0
+    for _, g in df.groupby("id"):
+        numbers = Counter(int(x) for x in g["content"].str.extract(r"(-?\d+)\.?$")[0])
+        (top, count), *others = numbers.most_common()
+        if not others or others[0][1] < count:
+            votes += str(top) == str(g["answer"].iloc[0])
+    assert s["maj_at_k"] == round(votes / n, 4)
+    assert rep["accuracy"]["accuracy"] == s["pass_at_k"]["1"]  # every sample counts once
+
+    # a resume with another number of samples would mix runs: refused, naming the key
+    r = invoke("run", "--help")
+    assert "--samples" in r.output
+    with pytest.raises(batchkimi.errors.OutputError, match="samples"):
+        batchkimi.run(job.replace(samples=3))

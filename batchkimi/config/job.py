@@ -52,6 +52,7 @@ class Job:
     messages_column: str = "messages"
     keep_columns: tuple[str, ...] = ()
     limit: int | None = None
+    samples: int = 1  # each row sent this many times (Kimi's n is fixed at 1), one output row per sample
     # media (images and videos)
     image_columns: tuple[str, ...] = ("image", "images")
     video_columns: tuple[str, ...] = ("video", "videos")
@@ -199,7 +200,7 @@ class Job:
             "input_format id_column prompt_column system_column messages_column model ep_model "
             "prompt_template system thinking thinking_keep temperature top_p n "
             "presence_penalty frequency_penalty tools tool_choice response_format stop "
-            "extra_body image_columns video_columns media_root media_url_prefix max_image_side"
+            "extra_body image_columns video_columns media_root media_url_prefix max_image_side samples"
         ).split()
         d = self.public_dict()
         out = {k: d[k] for k in keys}

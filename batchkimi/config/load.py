@@ -177,6 +177,12 @@ def check_job(job: Job) -> None:
             raise ConfigError(f"{key} must be 0 (no cap) or more, got {getattr(job, key)}")
     if job.limit is not None and job.limit < 0:
         raise ConfigError(f"limit must be 0 or more, got {job.limit}")
+    if isinstance(job.samples, bool) or not isinstance(job.samples, int) or not 1 <= job.samples <= 1000:
+        raise ConfigError(f"samples must be a whole number from 1 to 1000, got {job.samples!r}")
+    if job.samples > 1 and job.engine == "ray":
+        raise ConfigError("samples > 1 runs on the local engine only for now: drop engine = 'ray' or set samples = 1")
+    if job.samples > 1 and job.input_format == "folder":
+        raise ConfigError("samples > 1 needs a JSONL or Parquet input (a folder's files are captioned once each)")
     if job.max_tokens is not None and not 1 <= job.max_tokens <= CONTEXT_LIMIT_TOKENS:
         raise ConfigError(f"max_tokens must be between 1 and {CONTEXT_LIMIT_TOKENS}, got {job.max_tokens}")
     for key in ("connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "attempt_timeout_s"):

@@ -67,6 +67,7 @@ _DECLARED = [
     Setting("messages_column", "input", "the column holding a row's whole conversation (OpenAI chat messages)"),
     Setting("keep_columns", "input", "input columns copied to the output (renamed input_<name> if they clash)", flag=True),
     Setting("limit", "input", "only the first N rows (a later run without it resumes)", flag=True, default_text="all"),
+    Setting("samples", "input", "send each row this many times, one output row per sample (pass@k, maj@k)", flag=True),
     Setting("include", "input", "a folder input: only paths matching these shell patterns ('*.jpg'; * crosses /)"),
     Setting("exclude", "input", "a folder input: skip paths matching these patterns"),
     # media

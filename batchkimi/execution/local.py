@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -100,30 +101,38 @@ class LocalExecutor:
                 s.rate_limited += limiter.rate_limited
 
     # ---- feeding -----------------------------------------------------------------------------
-    def _rows_to_send(self, run: Run) -> Iterator[SourceRow]:
-        """Input rows not yet done, below the limit, until a stop."""
+    def _rows_to_send(self, run: Run) -> Iterator[tuple[SourceRow, tuple[int, ...]]]:
+        """Input rows with samples not yet done, below the limit, until a stop: each with the
+        samples to send (``(0,)`` without samples). Output position: input position x samples + sample."""
         plan = run.plan
         assert plan is not None
-        done, limit = plan.done, plan.limit
-        for batch in read_rows(plan.path, plan.fmt, skip_until=min(plan.first_pending, limit)):
+        done, limit, k = plan.done, plan.limit, run.job.samples
+        for batch in read_rows(plan.path, plan.fmt, skip_until=min(plan.first_pending, limit) // k):
             for row in batch:
-                if row.pos >= limit or run.stopping:
+                base = row.pos * k
+                if base >= limit or run.stopping:
                     return
-                if row.pos < len(done) and done[row.pos]:
-                    continue
+                if k == 1:
+                    if base < len(done) and done[base]:
+                        continue
+                    pending: tuple[int, ...] = (0,)
+                else:
+                    pending = tuple(s for s in range(k) if not (base + s < len(done) and done[base + s]))
+                    if not pending:
+                        continue
                 self._where = row.where
-                yield row
+                yield row, pending
 
     async def _feed(self, run: Run, work: asyncio.Queue[Any], n_workers: int) -> None:
         plan, job = run.plan, run.job
         assert plan is not None
         self._where = str(plan.path)
         media, folder, fmt, scan = plan.media, plan.folder is not None, plan.fmt, plan.scan
-        held: list[SourceRow] = []  # rows with media, prepared together in a thread
+        held: list[tuple[SourceRow, tuple[int, ...]]] = []  # rows with media, prepared together in a thread
 
-        def prepare_held(rows: list[SourceRow]) -> list[tuple[str, Prepared | str]]:
+        def prepare_held(rows: list[tuple[SourceRow, tuple[int, ...]]]) -> list[tuple[str, Prepared | str]]:
             out = []
-            for r in rows:
+            for r, _ in rows:
                 self._where = r.where
                 out.append(prepare_row(r, job, fmt, scan, media, folder=folder))
             return out
@@ -131,20 +140,20 @@ class LocalExecutor:
         async def flush() -> None:
             rows = held[:]
             held.clear()
-            for row, (rid, prepared) in zip(rows, await asyncio.to_thread(prepare_held, rows), strict=True):
-                await self._hand_over(run, work, row, rid, prepared)
+            for (row, samples), (rid, prepared) in zip(rows, await asyncio.to_thread(prepare_held, rows), strict=True):
+                await self._hand_over(run, work, row, rid, prepared, samples)
 
         try:
-            for n, row in enumerate(self._rows_to_send(run)):
+            for n, (row, samples) in enumerate(self._rows_to_send(run)):
                 if row_has_media(row, media, job):  # reads file headers: not on the event loop
-                    held.append(row)
+                    held.append((row, samples))
                     if len(held) >= PREPARE_IN_THREAD:
                         await flush()
                     continue
                 if held:
                     await flush()
                 rid, prepared = prepare_row(row, job, fmt, scan, media)
-                await self._hand_over(run, work, row, rid, prepared)
+                await self._hand_over(run, work, row, rid, prepared, samples)
                 if n % 1024 == 1023:
                     await asyncio.sleep(0)  # let the workers and the writer in on a fast reader
             if held and not run.stopping:
@@ -161,20 +170,27 @@ class LocalExecutor:
         for _ in range(n_workers):
             await work.put(None)
 
-    async def _hand_over(self, run: Run, work: asyncio.Queue[Any], row: SourceRow, rid: str, prepared: Prepared | str) -> None:
-        """A prepared row to the workers; a row that cannot be sent straight to the writer."""
+    async def _hand_over(self, run: Run, work: asyncio.Queue[Any], row: SourceRow, rid: str, prepared: Prepared | str,
+                         samples: tuple[int, ...] = (0,)) -> None:
+        """A prepared row's samples to the workers; a row that cannot be sent straight to the writer."""
         job = run.job
-        if isinstance(prepared, str):
-            inv = invalid_row(rid, row.pos, prepared)
-            inv.update(kept_values(row, job))
-            await run.deliver(inv)
-        elif (old := self.old_max_tokens.get(row.pos)) is not None and (sent_max_tokens(prepared.body) or 0) <= old:
-            run.summary.already_done += 1  # truncated at this very budget before: it would truncate again
-        else:
-            if run.plan is not None and run.plan.fmt == "openai_batch":
-                run.budget_lines.check(prepared, row.where)
-            await work.put((row.pos, rid, prepared, kept_values(row, job), row.where))
-            run.summary.sent_rows += 1
+        k = job.samples
+        kept = kept_values(row, job)
+        if run.plan is not None and run.plan.fmt == "openai_batch" and not isinstance(prepared, str):
+            run.budget_lines.check(prepared, row.where)
+        for s in samples:
+            pos = row.pos * k + s
+            extra = {**kept, "sample": s} if k > 1 else kept
+            if isinstance(prepared, str):
+                inv = invalid_row(rid, pos, prepared)
+                inv.update(extra)
+                await run.deliver(inv)
+            elif (old := self.old_max_tokens.get(pos)) is not None and (sent_max_tokens(prepared.body) or 0) <= old:
+                run.summary.already_done += 1  # truncated at this very budget before: it would truncate again
+            else:
+                one = dataclasses.replace(prepared, sample=s) if s else prepared
+                await work.put((pos, rid, one, extra, row.where))
+                run.summary.sent_rows += 1
 
     # ---- working -------------------------------------------------------------------------------
     async def _work(self, run: Run, work: asyncio.Queue[Any]) -> None:

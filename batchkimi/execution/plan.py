@@ -47,8 +47,8 @@ class Plan:
     scan: InputScan
     media: MediaSettings
     folder: FolderScan | None
-    limit: int
-    done: np.ndarray  # per input position: not to be sent by this run
+    limit: int  # positions are output positions: input position x samples + sample
+    done: np.ndarray  # per position: not to be sent by this run
     first_pending: int
     already: int  # rows below the limit done before this run
     to_send: int  # rows below the limit this run may send
@@ -167,7 +167,7 @@ def mark_gone(sink: Sink, entries: list[dict[str, Any]]) -> int:
 def _decide(job: Job, state: ResumeState, scan: InputScan, folder: FolderScan | None, out: Path) -> dict[str, Any]:
     """Which rows this run sends: the rerun rules, then a folder's changed and gone files."""
     state.apply_rerun(frozenset(job.retry), job.effective_max_tokens)
-    limit = min(scan.rows, job.limit) if job.limit is not None else scan.rows
+    limit = (min(scan.rows, job.limit) if job.limit is not None else scan.rows) * job.samples
     unsendable = 0
     if folder is not None:
         gone = resume_marks(out, folder, state.done)
@@ -203,7 +203,7 @@ async def open_plan(job: Job, sink: Sink, *, overwrite: bool = False) -> Plan:
             sink.prepare(overwrite=overwrite)
             if manifest is None or grew:  # what a later run needs to tell a grown input from a changed one
                 history = await asyncio.to_thread(remember, out, path, fmt, scan)
-        state = sink.compact(scan.rows)
+        state = sink.compact(scan.rows * job.samples)
         if folder is not None and mark_gone(sink, folder.entries):
             state = sink.compact(scan.rows)
         decided = await asyncio.to_thread(_decide, job, state, scan, folder, out)
@@ -235,8 +235,8 @@ def dry_plan(job: Job) -> Iterator[Plan]:
             path, fmt, scan = open_input(job, manifest)
             if sink is not None and manifest:
                 check_resume(manifest, job, scan, sink.dir, path, fmt)
-        state = (sink.compact(scan.rows, rewrite=False) if sink is not None and manifest
-                 else ResumeState(np.zeros(scan.rows, dtype=bool)))
+        state = (sink.compact(scan.rows * job.samples, rewrite=False) if sink is not None and manifest
+                 else ResumeState(np.zeros(scan.rows * job.samples, dtype=bool)))
         decided = _decide(job, state, scan, folder, sink.dir if sink is not None and manifest else Path(tmp))
         yield Plan(job, path, fmt, scan, media_settings(job, folder=folder is not None), folder, manifest=manifest,
                    history=None, spent=(0.0, 0, 0), **decided)

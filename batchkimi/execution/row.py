@@ -159,7 +159,8 @@ class RowEngine:
                 self.hook(AttemptStarted(attempts))
                 t0 = self.clock.now()
                 try:
-                    reply: Reply = await self.transport.complete(prepared.body, stream=streaming, payload=prepared.payload)
+                    reply: Reply = await self.transport.complete(prepared.body, stream=streaming, payload=prepared.payload,
+                                                                 **({"sample": prepared.sample} if prepared.sample else {}))
                 except APIError as exc:
                     failure = exc
                     used = 0 if exc.http_status == 429 else prepared.prompt_tokens_estimate

@@ -259,7 +259,7 @@ class Run:
         below = plan.limit if job.limit is not None else None
         if summary.run_status and len(sink.state.latest_rows):
             # Rows written before this run may now be superseded: rewrite those parts.
-            sink.compact(plan.scan.rows)
+            sink.compact(plan.scan.rows * job.samples)
             summary.final_status = sink.status_counts(below=below)
         else:
             # Nothing older to supersede (a fresh run, or one that sent nothing): no need to re-read.

@@ -147,9 +147,11 @@ class Transport:
             answer, content=self.redact(answer.content), tool_calls=calls,
             reasoning_content=None if answer.reasoning_content is None else self.redact(answer.reasoning_content))
 
-    async def complete(self, body: dict, *, stream: bool, payload: bytes | None = None) -> Reply:
+    async def complete(self, body: dict, *, stream: bool, payload: bytes | None = None, sample: int = 0) -> Reply:
         """One attempt. Raises an :class:`APIError` subclass for anything but a complete answer.
-        ``payload`` is ``body`` already encoded (the engine encodes it once, when it checks the row)."""
+        ``payload`` is ``body`` already encoded (the engine encodes it once, when it checks the row).
+        ``sample``: which of a row's samples this is, sent as ``X-Batchkimi-Sample`` when not the
+        first (servers ignore it; the simulator answers each sample of a row on its own)."""
         assert self._session is not None, "use Transport as an async context manager"
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -158,7 +160,8 @@ class Transport:
         first = min(deadline, start + (self.timeouts.first_byte_s if stream else self.timeouts.attempt_s))
         try:
             async with asyncio.timeout_at(first) as guard:
-                async with self._session.post(self.url, data=payload if payload is not None else orjson.dumps(body)) as resp:
+                async with self._session.post(self.url, data=payload if payload is not None else orjson.dumps(body),
+                                              headers={"X-Batchkimi-Sample": str(sample)} if sample else None) as resp:
                     status = resp.status
                     headers = resp.headers
                     ctype = headers.get("Content-Type", "")

@@ -52,6 +52,7 @@ RESULT_FIELDS: list[tuple[str, pa.DataType]] = [
     ("error_message", pa.string()),
     ("request_id", pa.string()),
     ("response_id", pa.string()),  # the completion's own id (chatcmpl-...), when it had one
+    ("sample", pa.int32()),  # which of a row's samples (a job with samples > 1), else null
     ("max_tokens", pa.int64()),  # the max_tokens the row was sent with (null: none sent)
     ("warnings", pa.string()),  # what was odd in an answer that was kept, one line each
     ("finished_at", pa.timestamp("ms", tz="UTC")),

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import JobError
 from ..output.results import kept_column_name
 from ..output.sink import read_results
-from .report import _headline, output_manifest, provenance
+from .report import _headline, expected_rows, output_manifest, provenance
 
 
 class CannotCompare(JobError):
@@ -49,10 +49,11 @@ def _read(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     manifest = output_manifest(path)
     score = ((manifest.get("job") or {}).get("score") or {})
     expected_col = kept_column_name(score["expected"]) if score.get("expected") else None
-    cols = ["id", "status", "latency_s", "prompt_tokens", "completion_tokens", "cost_usd", "score"] + ([expected_col] if expected_col else [])
+    cols = ["id", "status", "latency_s", "prompt_tokens", "completion_tokens", "cost_usd", "score", "sample"] + \
+        ([expected_col] if expected_col else [])
     df = read_results(path, columns=cols)
     n = len(df)
-    input_rows = (manifest.get("input") or {}).get("rows")
+    input_rows = expected_rows(manifest)
     missing = max(0, int(input_rows) - n) if isinstance(input_rows, int) else 0
     answered = df[df["status"].isin(["ok", "truncated"])]
     head = _headline(df, expected_col, missing) if n else None
@@ -71,6 +72,7 @@ def _read(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         "latency_p50_s": round(float(np.median(lat)), 4) if len(lat) else None,
         "tokens_per_row": round(float((df["prompt_tokens"].fillna(0) + df["completion_tokens"].fillna(0)).mean()), 1) if n else None,
         "cost_usd": round(float(df["cost_usd"].fillna(0).sum()), 6) if n else 0.0,
+        "samples": (manifest.get("job") or {}).get("samples") or 1,
         "provenance": provenance(manifest),
     }
     return df, manifest, summary
@@ -112,14 +114,19 @@ def compare(before: str | Path, after: str | Path, *, show: int = 20) -> dict[st
     out["difference"] = {k: (round(sb[k] - sa[k], 6) if sb[k] is not None and sa[k] is not None else None) for k in keys}
     out["paired"] = None
     if sa["scored"] and sb["scored"]:
-        # every shared row: a failed or unscored row is wrong (0), as in the accuracy
+        # every shared row: a failed or unscored row is wrong (0), as in the accuracy; a row's
+        # samples are averaged, and with samples a flip is the majority of them turning
         def per_row(df: Any) -> Any:
             ok = (df["status"] == "ok") & df["score"].notna()
-            return df.assign(value=np.where(ok, df["score"].fillna(0).astype(float), 0.0))[["id", "value"]]
+            values = df.assign(value=np.where(ok, df["score"].fillna(0).astype(float), 0.0))[["id", "value"]]
+            return values.groupby("id", as_index=False, sort=False)["value"].mean()
 
         pair = per_row(a).merge(per_row(b), on="id", suffixes=("_before", "_after"))
         x, y = pair["value_before"].to_numpy(), pair["value_after"].to_numpy()
-        worse, better = pair[x > y], pair[x < y]
+        if max(sa["samples"], sb["samples"]) > 1:
+            worse, better = pair[(x > 0.5) & (y <= 0.5)], pair[(x <= 0.5) & (y > 0.5)]
+        else:
+            worse, better = pair[x > y], pair[x < y]
         d = y - x
         n = len(d)
         half = 1.959964 * float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")

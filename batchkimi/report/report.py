@@ -36,7 +36,7 @@ SCHEMA_VERSION = 2  # of report --json: a key that does not apply is null, never
 
 _BASE = ["id", "row", "status", "finish_reason", "error_type", "error_message", "prompt_tokens", "completion_tokens",
          "cached_tokens", "cost_usd", "latency_s", "ttft_s", "attempts", "model"]
-_SCORE = ["score", "score_error", "extract_error", "tool_calls_valid", "extracted"]
+_SCORE = ["score", "score_error", "extract_error", "tool_calls_valid", "extracted", "sample", "answer_key"]
 
 
 def output_manifest(out: Path) -> dict[str, Any]:
@@ -107,7 +107,7 @@ def report(output: str | Path, results: Any = None) -> dict[str, Any]:
         columns.append("content")  # the label is read from the answer itself
     df = read_results(out, columns=columns) if results is None else results[[c for c in columns if c in results.columns]]
     n = len(df)
-    input_rows = (manifest.get("input") or {}).get("rows")
+    input_rows = expected_rows(manifest)
     missing = max(0, int(input_rows) - n) if isinstance(input_rows, int) else 0
     state = manifest.get("state")
     status = df["status"].value_counts().to_dict() if n else {}
@@ -156,7 +156,10 @@ def report(output: str | Path, results: Any = None) -> dict[str, Any]:
         "runs": len(runs),
     }
     out_dict.update({"accuracy": None, "accuracy_scored": None, "unscored": None, "no_expected": None, "by_group": None,
-                     "labels": None, "grader": None, "extract_errors": None, "tool_calls_valid": None})
+                     "labels": None, "samples": None, "grader": None, "extract_errors": None, "tool_calls_valid": None})
+    k = job.get("samples") or 1
+    if "score" in df.columns and isinstance(k, int) and k > 1:
+        out_dict["samples"] = sample_metrics(df, k, expected_col)
     if "score" in df.columns:
         out_dict["accuracy"] = _headline(df, expected_col, missing)
         out_dict["accuracy_scored"] = _accuracy(df["score"])
@@ -194,6 +197,71 @@ def report(output: str | Path, results: Any = None) -> dict[str, Any]:
         out_dict["tool_calls_valid"] = {"rows": int(len(valid)), "valid": int(valid.astype(bool).sum())}
     out_dict["provenance"] = provenance(manifest)
     return out_dict
+
+
+def expected_rows(manifest: dict[str, Any]) -> int | None:
+    """The output rows the run's job asks for: its input's rows (up to its ``limit``), times its
+    samples; None when the manifest does not say."""
+    job = manifest.get("job") or {}
+    rows = (manifest.get("input") or {}).get("rows")
+    if not isinstance(rows, int):
+        return None
+    samples = job.get("samples")
+    limit = job.get("limit")
+    return (min(rows, limit) if isinstance(limit, int) else rows) * (samples if isinstance(samples, int) and samples > 0 else 1)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimator of pass@k (Chen et al., 2021): the chance that at least one of k
+    samples drawn from n, of which c are right, is right."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def sample_metrics(df: Any, k: int, expected_col: str | None) -> dict[str, Any] | None:
+    """pass@k' for every k' <= k, maj@k and per-row agreement, over the rows (ids) with an
+    expected value. A sample never written, failed or unreadable is wrong; a majority vote
+    that ties is undecided, so wrong, and counted under ``maj_ties``."""
+    data = df
+    if expected_col is not None and expected_col in df.columns:
+        values = df[expected_col]
+        data = df[values.notna() & (values.astype(str) != "")]
+    if not len(data):
+        return None
+    right = (data["status"] == "ok") & (data["score"] == 1.0)
+    keys = data["answer_key"] if "answer_key" in data.columns else None
+    groups = data.assign(_right=right).groupby("id", sort=False)
+    ids = len(groups)
+    passes = {j: 0.0 for j in range(1, k + 1)}
+    maj_right = ties = 0
+    agreement = 0.0
+    for _, g in groups:
+        c = int(g["_right"].sum())
+        for j in passes:
+            passes[j] += pass_at_k(k, c, j)
+        if keys is None:
+            continue
+        ok = g[(g["status"] == "ok") & g["answer_key"].notna()]
+        counts = ok["answer_key"].value_counts()
+        if not len(counts):
+            continue
+        if len(counts) > 1 and counts.iloc[0] == counts.iloc[1]:
+            ties += 1
+            agreement += counts.iloc[0] / k
+            continue
+        top = counts.index[0]
+        agreement += counts.iloc[0] / k
+        maj_right += bool((ok.loc[ok["answer_key"] == top, "score"] == 1.0).any())
+    out: dict[str, Any] = {"samples": k, "rows": ids,
+                           "pass_at_k": {str(j): round(v / ids, 4) for j, v in passes.items()}}
+    if keys is not None:
+        low, high = wilson(maj_right, ids)
+        out.update({"maj_at_k": round(maj_right / ids, 4), "maj_ci95": [round(low, 4), round(high, 4)],
+                    "maj_ties": ties, "agreement": round(agreement / ids, 4)})
+    else:
+        out.update({"maj_at_k": None, "maj_ci95": None, "maj_ties": None, "agreement": None})
+    return out
 
 
 def _labels(job: dict[str, Any]) -> list[str]:
@@ -276,6 +344,13 @@ def report_lines(r: dict[str, Any]) -> list[str]:
                     lines.append(f"  {value}: {acc['accuracy']:.3f} ({acc['ci95'][0]:.3f}-{acc['ci95'][1]:.3f}), n={acc['rows']}")
     if r.get("labels"):
         lines.extend(label_lines(r["labels"]))
+    if r.get("samples"):
+        s = r["samples"]
+        passes = ", ".join(f"pass@{j} {v:.3f}" for j, v in s["pass_at_k"].items())
+        lines.append(f"samples: {s['samples']} per row over {s['rows']} rows: {passes}")
+        if s["maj_at_k"] is not None:
+            lines.append(f"  maj@{s['samples']} {s['maj_at_k']:.3f} (95% CI {s['maj_ci95'][0]:.3f}-{s['maj_ci95'][1]:.3f}; "
+                         f"{s['maj_ties']} tied votes counted wrong), agreement with the majority {s['agreement']:.3f}")
     if r.get("extract_errors"):
         lines.append(f"extraction failed on {r['extract_errors']} answered rows (see extract_error)")
     if r.get("tool_calls_valid"):

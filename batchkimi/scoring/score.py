@@ -51,6 +51,7 @@ class RowScore:
     extracted: dict[str, str | None] = field(default_factory=dict)
     extract_error: str | None = None
     stage: str | None = None  # how the value was read: exact, strict, flexible, json, regex
+    key: str | None = None  # the value compared, as equal answers share it (for majority votes)
     tool_calls_valid: bool | None = None
     tool_calls_error: str | None = None
     score: float | None = None
@@ -91,47 +92,49 @@ def check_tool_calls(raw: str | None, schemas: Mapping[str, Any]) -> tuple[bool 
 
 def grade(value: str, expected: str, spec: ScoreSpec, labels: Sequence[str]) -> tuple[float | None, str | None]:
     """(score, error) of one answer value against its expected value."""
-    score, error, _ = grade_read(value, expected, spec, labels)
+    score, error, _, _ = grade_read(value, expected, spec, labels)
     return score, error
 
 
 def grade_read(value: str, expected: str, spec: ScoreSpec, labels: Sequence[str], *,
-               field_value: bool = False) -> tuple[float | None, str | None, str | None]:
-    """(score, error, the stage that read the answer). ``field_value``: ``value`` is a field of
-    the answer's JSON, compared as a value (folded), never searched for a label."""
+               field_value: bool = False) -> tuple[float | None, str | None, str | None, str | None]:
+    """(score, error, the stage that read the answer, the answer's key: the value compared, in
+    the form two equal answers share, for majority votes). ``field_value``: ``value`` is a field
+    of the answer's JSON, compared as a value (folded), never searched for a label."""
     method = spec.method
     if method == "exact":
-        return float(value.strip() == expected.strip()), None, None
+        return float(value.strip() == expected.strip()), None, None, value.strip()
     if method == "normalized" or (field_value and method == "label"):
-        return float(normalize(value) == normalize(expected)), None, None
+        return float(normalize(value) == normalize(expected)), None, None, normalize(value)
     if method == "contains":
-        return float(normalize(expected) in normalize(value)), None, None
+        return float(normalize(expected) in normalize(value)), None, None, normalize(value)
     if method == "regex":
         try:
-            return float(re.search(expected, value) is not None), None, None
+            return float(re.search(expected, value) is not None), None, None, normalize(value)
         except re.error as exc:
-            return None, f"the expected value is not a valid regular expression: {exc}", None
+            return None, f"the expected value is not a valid regular expression: {exc}", None, None
     if method == "numeric":
         want = read_number(expected, spec.decimal)
         if want.value is None:
             return None, f"the expected value {expected[:60]!r} holds no number" + (
-                f" ({want.error})" if want.error and "no number" not in want.error else ""), None
+                f" ({want.error})" if want.error and "no number" not in want.error else ""), None, None
         got = read_number(value, spec.decimal)
         if got.value is None:
-            return 0.0, got.error, got.stage
-        return float(abs(float(got.value - want.value)) <= spec.tolerance), None, got.stage
+            return 0.0, got.error, got.stage, None
+        return float(abs(float(got.value - want.value)) <= spec.tolerance), None, got.stage, str(got.value)
     if method == "json_field":
         try:
             obj = answer_json(value, (spec.field,) if spec.field else ())
         except ValueError as exc:
-            return 0.0, str(exc), None
+            return 0.0, str(exc), None, None
         if not isinstance(obj, dict) or spec.field not in obj:
-            return 0.0, f"the answer's JSON has no {spec.field}", "json"
-        return float(normalize(as_text(obj[spec.field]) or "") == normalize(expected)), None, "json"
+            return 0.0, f"the answer's JSON has no {spec.field}", "json", None
+        got_text = normalize(as_text(obj[spec.field]) or "")
+        return float(got_text == normalize(expected)), None, "json", got_text
     r = read_label(value, labels)
     if r.value is None:
-        return 0.0, r.error, r.stage
-    return float(normalize(r.value) == normalize(expected)), None, r.stage
+        return 0.0, r.error, r.stage, None
+    return float(normalize(r.value) == normalize(expected)), None, r.stage, r.value
 
 
 def score_row(status: str, content: str | None, tool_calls: str | None, expected: str | None, specs: Specs,
@@ -172,9 +175,9 @@ def score_row(status: str, content: str | None, tool_calls: str | None, expected
             out.score, out.score_error = 0.0, out.extract_error or "nothing was extracted"
             return out
         value = first
-    score, error, stage = grade_read(value, expected, sc, sc.labels or (ex.labels if ex else ()),
-                                     field_value=bool(ex is not None and ex.json))
-    out.score, out.score_error = score, error
+    score, error, stage, key = grade_read(value, expected, sc, sc.labels or (ex.labels if ex else ()),
+                                          field_value=bool(ex is not None and ex.json))
+    out.score, out.score_error, out.key = score, error, key
     if ex is None or ex.regex is not None:  # the scorer read the answer (or the regex's group) itself
         out.stage = stage or out.stage
     return out
@@ -201,7 +204,8 @@ def score_schema(specs: Specs) -> pa.Schema:
     if specs.tools:
         fields += [pa.field("tool_calls_valid", pa.bool_()), pa.field("tool_calls_error", pa.string())]
     if specs.score is not None:
-        fields += [pa.field("expected", pa.string()), pa.field("score", pa.float64()), pa.field("score_error", pa.string())]
+        fields += [pa.field("expected", pa.string()), pa.field("score", pa.float64()), pa.field("score_error", pa.string()),
+                   pa.field("answer_key", pa.string())]
         if specs.score.method == "model":
             fields += [pa.field("grade_explanation", pa.string()), pa.field("grade_reasoning", pa.string())]
     return pa.schema(fields)
@@ -253,6 +257,7 @@ def score_output(out: Path, specs: Specs, grades: Mapping[str, Any] | None = Non
                     data["expected"].append(expected)
                     data["score"].append(r.score)
                     data["score_error"].append(r.score_error)
+                    data["answer_key"].append(r.key)
                     if sc.method == "model":
                         data["grade_explanation"].append(r.grade_explanation)
                         data["grade_reasoning"].append(r.grade_reasoning)

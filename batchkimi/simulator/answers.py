@@ -175,11 +175,13 @@ def answer(
     call_index_base: int = 0,
     every_tool: bool = False,
     media: Sequence[Any] = (),
+    sample: int = 0,
 ) -> Reply:
     last = messages[-1] if messages else {}
     prompt = text_of(last.get("content"))
     user_turns = [text_of(m.get("content")) for m in messages if m.get("role") == "user"]
-    rng = request_rng(seed, messages, thinking, bool(tools), json_mode)
+    # the same request always gets the same answer; another sample of it, its own draw
+    rng = request_rng(seed, messages, thinking, bool(tools), json_mode, *([sample] if sample else []))
     question = (user_turns[-1] if user_turns else prompt).strip()
     reasoning = ""
     if thinking:

@@ -53,6 +53,12 @@ from .validate import CONTEXT, MODELS, SimError, invalid, validate
 log = logging.getLogger("batchkimi.simulator")
 
 
+def _sample_of(request: web.Request) -> int:
+    """Which sample of a row a request is (batchkimi's ``X-Batchkimi-Sample``; 0 without it)."""
+    value = request.headers.get("X-Batchkimi-Sample", "0")
+    return int(value) if value.isdigit() and len(value) < 7 else 0
+
+
 class Simulator:
     def __init__(self, config: SimConfig | None = None) -> None:
         self.cfg = config or SimConfig()
@@ -141,6 +147,7 @@ class Simulator:
                 tool_choice=req.tool_choice, json_mode=req.json_mode, every_tool=fault == "parallel_tools",
                 accuracy=self.cfg.accuracy, reasoning_words=self.cfg.reasoning_words, answer_words=self.cfg.answer_words,
                 bad_tool_args=fault == "bad_args" or (self.cfg.bad_tool_args_rate > 0 and self.rng.random() < self.cfg.bad_tool_args_rate),
+                sample=_sample_of(request),
             )
             reasoning, content, tool_calls = reply.reasoning, reply.content, reply.tool_calls
             if fault == "long":
