@@ -161,6 +161,26 @@ def _thumb(path: Path) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _video_thumb(path: Path) -> str | None:
+    """A small JPEG of a video's first frame, as a data URL; None without PyAV (the optional
+    ``report`` extra) or when the file cannot be decoded."""
+    try:
+        import av
+    except ImportError:
+        return None
+    try:
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                img = frame.to_image()
+                img.thumbnail((THUMB, THUMB))
+                buf = io.BytesIO()
+                img.convert("RGB").save(buf, format="JPEG", quality=70)
+                return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    except (av.error.FFmpegError, OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _sheet_items(df: Any, root: Path | None) -> list[str]:
     label_col = "extracted" if "extracted" in df.columns else None
     items: list[str] = []
@@ -173,9 +193,15 @@ def _sheet_items(df: Any, root: Path | None) -> list[str]:
         first = media[0]
         text = r.get(label_col) if label_col and isinstance(r.get(label_col), str) else r.get("content")
         caption = html.escape(str(text if isinstance(text, str) else r.get("error_message") or ""))[:400]
-        if first.get("kind") == "image" and first.get("source") == "file" and root is not None:
-            src = _thumb(root / first["path"]) if not os.path.isabs(first["path"]) else _thumb(Path(first["path"]))
-            picture = f'<img alt="{html.escape(first["path"])}" src="{src}">' if src else '<div class="missing">file not found</div>'
+        if first.get("kind") in ("image", "video") and first.get("source") == "file" and root is not None:
+            path = Path(first["path"]) if os.path.isabs(first["path"]) else root / first["path"]
+            src = _thumb(path) if first["kind"] == "image" else _video_thumb(path)
+            if src:
+                picture = f'<img alt="{html.escape(first["path"])}" src="{src}">'
+            elif first["kind"] == "video" and path.exists():
+                picture = f'<div class="missing">video {html.escape(first.get("mime") or "")} (a frame needs PyAV)</div>'
+            else:
+                picture = '<div class="missing">file not found</div>'
         else:
             picture = f'<div class="missing">{html.escape(first.get("kind") or "")} {html.escape(first.get("mime") or "")}</div>'
         status = "" if r["status"] == "ok" else f' <span class="bad">{html.escape(str(r["status"]))}</span>'
