@@ -217,7 +217,9 @@ def compare(runs: tuple[Path, ...], latest: Path | None, max_accuracy_drop: floa
 @click.argument("folder", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--last", type=click.IntRange(min=1), default=7, show_default=True, help="How many of the newest runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the trend as JSON.")
-def trend(folder: Path, last: int, as_json: bool) -> None:
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a page: accuracy with its interval and the error rate over the runs, and the table.")
+def trend(folder: Path, last: int, as_json: bool, html_file: Path | None) -> None:
     """The last runs under FOLDER (a nightly job's output folder): accuracy with its 95% interval,
     error rate, median latency and cost, oldest first; a partial run, or one that ran something
     other than the newest, is marked."""
@@ -228,6 +230,10 @@ def trend(folder: Path, last: int, as_json: bool) -> None:
         t = make_trend(folder, last)
     except CannotCompare as exc:
         raise _Fail(str(exc)) from None
+    if html_file is not None:
+        from .report.compare_html import write_trend_html
+
+        write_trend_html(t, _destination(html_file))
     if as_json:
         click.echo(json.dumps(t, indent=2, default=str))
     else:

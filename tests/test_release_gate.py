@@ -135,8 +135,10 @@ def test_trend_shows_the_last_nights_with_intervals(tmp_path: Path, simulator) -
     for r, out in zip(t["runs"], outs[1:], strict=True):
         k = independent_accuracy(out, 60) * 60
         assert r["accuracy"] == round(k / 60, 4) and r["accuracy_ci95"] == [round(x, 4) for x in wilson(k, 60)]
-    text = invoke("trend", str(tmp_path / "runs")).output
+    text = invoke("trend", str(tmp_path / "runs"), "--html", str(tmp_path / "trend.html")).output
     assert len(text.splitlines()) == 4 and "2026-12-02" in text
+    page = (tmp_path / "trend.html").read_text()
+    assert page.count("<svg") == 2 and page.count("<tr><td>2026-12-0") == 3
 
 
 def test_ci_files_markdown_and_junit_one_case_per_gate(tmp_path: Path, simulator) -> None:

@@ -76,3 +76,55 @@ def write_compare_html(c: dict[str, Any], dest: str | Path, limit: int = 200) ->
                          f"<th>after</th></tr>{rows}</table>")
     dest.write_text(_page("batchkimi compare", "".join(parts)), encoding="utf-8")
     return dest
+
+
+def write_trend_html(t: dict[str, Any], dest: str | Path) -> Path:
+    """Write the trend of ``t`` (what :func:`~batchkimi.report.compare.trend` returned): accuracy
+    over the runs with its 95% interval, error rate and cost, and the table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .html import _svg
+
+    dest = Path(dest)
+    runs = t["runs"]
+    names = [r["run"] for r in runs]
+    parts = [f"<h1>batchkimi trend: {html.escape(t['folder'])}</h1>"]
+    scored = [(i, r) for i, r in enumerate(runs) if r["accuracy"] is not None and r["accuracy_ci95"]]
+    plots = []
+    if scored:
+        fig, ax = plt.subplots(figsize=(5.2, 3))
+        xs = [i for i, _ in scored]
+        acc = [r["accuracy"] for _, r in scored]
+        low = [r["accuracy"] - r["accuracy_ci95"][0] for _, r in scored]
+        high = [r["accuracy_ci95"][1] - r["accuracy"] for _, r in scored]
+        ax.errorbar(xs, acc, yerr=[low, high], marker="o", capsize=3, color="#e69138")
+        for x, a in zip(xs, acc, strict=True):
+            ax.annotate(f"{a:.3f}", (x, a), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlim(-0.5, len(names) - 0.3)
+        ax.set_ylabel("accuracy (95% CI)")
+        plots.append(("Accuracy", _svg(fig)))
+    fig, ax = plt.subplots(figsize=(5.2, 3))
+    errors = [r["error_rate"] or 0.0 for r in runs]
+    ax.plot(range(len(names)), errors, marker="o", color="#cc0000")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_ylim(0, max(0.05, max(errors) * 1.2))
+    ax.set_ylabel("share of rows failed")
+    plots.append(("Error rate", _svg(fig)))
+    parts.append("<div class='plots'>" + "".join(f"<div class='plot'><h3>{n}</h3>{svg}</div>" for n, svg in plots) + "</div>")
+    rows = []
+    for r in runs:
+        ci = r["accuracy_ci95"]
+        acc_text = f"{r['accuracy']:.3f} ({ci[0]:.3f}-{ci[1]:.3f})" if r["accuracy"] is not None and ci else "-"
+        flags = ("PARTIAL " if r["partial"] else "") + "; ".join(r["mismatches"])
+        rows.append(f"<tr><td>{html.escape(r['run'])}</td><td>{r['rows']}</td><td>{acc_text}</td><td>{_fmt(r['error_rate'])}</td>"
+                    f"<td>{_fmt(r['latency_p50_s'])}</td><td>{_fmt(r['cost_usd'])}</td><td class='bad'>{html.escape(flags)}</td></tr>")
+    parts.append("<table><tr><th>run</th><th>rows</th><th>accuracy (95% CI)</th><th>error rate</th><th>latency p50 (s)</th>"
+                 "<th>cost (USD)</th><th></th></tr>" + "".join(rows) + "</table>")
+    dest.write_text(_page(f"batchkimi trend {t['folder']}", "".join(parts)), encoding="utf-8")
+    return dest
