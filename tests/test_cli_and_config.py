@@ -368,3 +368,21 @@ def test_the_readme_settings_table_is_the_declared_one() -> None:
         if param.name in keyless or not param.opts[0].startswith("--"):
             continue
         assert param.name in SETTINGS and param.opts[0] == "--" + param.name.replace("_", "-"), param.opts
+
+
+def test_an_object_storage_url_is_refused_not_created_as_a_local_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--output s3://bucket/out` once wrote a local folder named `s3:` and said it succeeded."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TOKENHUB_API_KEY", TEST_KEY)
+    data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    for args, says in ((["--input", str(data), "--output", "s3://bucket/out"], "s3:// is object storage"),
+                       (["--input", "s3://bucket/prompts.parquet", "--output", "out"], "s3:// is object storage"),
+                       (["--input", str(data), "--output", "s3:/bucket/out"], "a slash missing")):
+        r = CliRunner().invoke(cli, ["run", *args, "--base-url", "simulator"])
+        assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # nothing created
+    job = tmp_path / "job.toml"
+    job.write_text('input = "gs://bucket/x.jsonl"\noutput = "out"\n')
+    with pytest.raises(ConfigError, match=r"input = 'gs://bucket/x.jsonl' \(.*job.toml\): gs:// is object storage"):
+        load_job(job)
+    assert load_job(None, {"input": f"file://{data}", "output": "o"}).input == str(data)

@@ -14,7 +14,9 @@ import datetime
 import difflib
 import math
 import os
+import re
 import tomllib
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,32 @@ _REPLACED = {"retry_errors": "retry = [...] (truncated, refused, errors, all): a
                              "failures by default, and these on request"}
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(/*)")  # two letters at least: not a Windows drive
+
+
+def _local(key: str, value: Any, where: str) -> Any:
+    """A path key's value as a local path: ``file://`` URLs become paths; a URL of another
+    scheme, or a path that only looks like one (``s3:/bucket``), is refused in one line, never
+    created as a local folder named ``s3:``."""
+    if not isinstance(value, str):
+        return value
+    m = _SCHEME.match(value)
+    if m is None:
+        return value
+    scheme, slashes = m.group(1).lower(), m.group(2)
+    if scheme == "file" and slashes.startswith("//"):
+        rest = value[m.end() - len(slashes) + 2:]
+        host, _, local = rest.partition("/")
+        if host not in ("", "localhost"):
+            raise ConfigError(f"{key} = {value!r} ({where}): a file:// URL on another host ({host}) cannot be read here")
+        return urllib.parse.unquote("/" + local)
+    if slashes == "//":
+        raise ConfigError(f"{key} = {value!r} ({where}): {scheme}:// is object storage or a remote location, which "
+                          "batchkimi does not read or write yet: copy the data to a local or mounted path first")
+    raise ConfigError(f"{key} = {value!r} ({where}) looks like a {scheme}:// URL with a slash missing; for a local "
+                      f"path of that name write ./{value}")
+
+
 def load_job(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Job:
     """Read a job file (optional), apply ``overrides`` (flags; None values are ignored), check it."""
     values: dict[str, Any] = {}
@@ -59,7 +87,7 @@ def load_job(path: Path | None = None, overrides: Mapping[str, Any] | None = Non
             raise ConfigError(f"job file {path} is not valid TOML: {exc}") from None
         base = Path(path).resolve().parent
         for key, value in raw.items():
-            values[key] = _coerce(key, value, where)
+            values[key] = _local(key, _coerce(key, value, where), where) if key in _PATH_KEYS else _coerce(key, value, where)
         for key in _PATH_KEYS:
             if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
                 values[key] = os.path.normpath(base / values[key])
@@ -68,7 +96,8 @@ def load_job(path: Path | None = None, overrides: Mapping[str, Any] | None = Non
         values["base_url"] = env_base
     for key, value in (overrides or {}).items():
         if value is not None:
-            values[key] = _coerce(key, value, "the command line")
+            value = _coerce(key, value, "the command line")
+            values[key] = _local(key, value, "the command line") if key in _PATH_KEYS else value
     if isinstance(values.get("output"), str) and "{" in values["output"]:
         # a nightly job writes each night's run beside the last: output = "runs/{job}/{date}"
         today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
