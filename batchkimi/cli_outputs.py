@@ -34,6 +34,15 @@ def _unfinished(output: Path) -> str:
     return "" if state in ("finished", None) else f" (the run did not finish: {state})"
 
 
+def _print(data: dict[str, Any], lines_of: Any, as_json: bool) -> None:
+    """``data`` as indented JSON, or as the text lines ``lines_of`` makes of it."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        for line in lines_of(data):
+            click.echo(line)
+
+
 def _destination(path: Path) -> Path:
     """A file to write: its folder made if missing, or one line saying why it cannot be."""
     try:
@@ -139,12 +148,7 @@ def report(output: Path, as_json: bool, html_file: Path | None) -> None:
             raise _Fail(f"--html needs matplotlib ({exc}): pip install 'batchkimi[report]'") from None
         for path in write_html(output, html_file):
             click.echo(f"wrote {path}", err=True)
-    r = make_report(output)
-    if as_json:
-        click.echo(json.dumps(r, indent=2, default=str))
-    else:
-        for line in report_lines(r):
-            click.echo(line)
+    _print(make_report(output), report_lines, as_json)
 
 
 @click.command()
@@ -199,11 +203,8 @@ def compare(runs: tuple[Path, ...], latest: Path | None, max_accuracy_drop: floa
         from .report.compare_html import write_compare_html
 
         write_compare_html(c, _destination(html_file))
-    if as_json:
-        click.echo(json.dumps(c, indent=2, default=str))
-    else:
-        for line in compare_lines(c):
-            click.echo(line)
+    _print(c, compare_lines, as_json)
+    if not as_json:
         for f in found:
             click.echo(f"REGRESSION: {f}", err=True)
     if c["mismatches"] and as_json:
@@ -234,11 +235,7 @@ def trend(folder: Path, last: int, as_json: bool, html_file: Path | None) -> Non
         from .report.compare_html import write_trend_html
 
         write_trend_html(t, _destination(html_file))
-    if as_json:
-        click.echo(json.dumps(t, indent=2, default=str))
-    else:
-        for line in trend_lines(t):
-            click.echo(line)
+    _print(t, trend_lines, as_json)
 
 
 @click.command()
