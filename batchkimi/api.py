@@ -37,6 +37,7 @@ from .execution.run import Executor, Run
 from .execution.summary import DryRunReport, Summary
 from .input.reader import read_rows
 from .input.send import with_marker_note
+from .kimi import completion_range
 from .policy.ratelimit import CompletionEstimate, Limiter
 from .scoring.grader import grade_pending, known_grades
 from .scoring.score import score_output
@@ -134,6 +135,17 @@ def dry_run(job: Job) -> DryRunReport:
                         "id": rid,
                         "body": with_marker_note(prepared.body, prepared.media),
                     }
+        sent = status.get("to_send", 0)
+        shape: dict[str, float] | None = None
+        if job.uses_simulator:
+            from .simulator.config import SimConfig
+
+            sim = SimConfig.from_mapping(dict(job.simulator))
+            shape = sim.length_shape(job.served_model, job.thinking_on) if sim.shape == "kimi" else None
+            ranged = sim.shape == "kimi"
+        else:
+            ranged = True
+        rng_tokens = completion_range(sent, job.effective_max_tokens, job.thinking_on, shape) if ranged and sent else None
         notes = [*(plan.folder.lines() if plan.folder is not None else []),
                  *(f"warning: {n}" for n in job_notices(job)), *lines.lines()]
         return DryRunReport(
@@ -148,6 +160,7 @@ def dry_run(job: Job) -> DryRunReport:
             prices=job.price_table,
             model=job.model,
             notes=notes,
+            completion_range=rng_tokens,
         )
 
 

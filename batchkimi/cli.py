@@ -173,9 +173,13 @@ def _note_missing_key(job: Job) -> None:
 @click.option("--rpm", type=int, default=0, help="Requests per minute per key (0: none).")
 @click.option("--tpm", type=int, default=0, help="Tokens per minute per key (0: none).")
 @click.option("--concurrency", type=int, default=0, help="Requests in flight per key (0: none).")
-@click.option("--latency-ms", type=float, default=0.0, show_default=True, help="Time to the answer (to the first chunk when streaming).")
+@click.option("--shape", type=click.Choice(["kimi", "short"]), default="kimi", show_default=True,
+              help="kimi: answer lengths and times with Kimi's shape (long, heavy-tailed); short: short instant answers.")
+@click.option("--speed", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Run time this many times faster (lengths, usage and order of events unchanged).")
+@click.option("--latency-ms", type=float, default=None, help="Time to the first token (default: the shape's, 1500 for kimi).")
 @click.option("--rtt-ms", type=float, default=0.0, help="A modelled network round trip: per request, and per new connection's handshakes.")
-@click.option("--tokens-per-s", type=float, default=0.0, help="Streaming pace (0: as fast as possible).")
+@click.option("--tokens-per-s", type=float, default=None, help="Decode rate, streaming or not (0: as fast as possible; default: the shape's, 60 for kimi).")
 @click.option("--fail-rate", type=float, default=0.0, help="Share of requests given a random fault.")
 @click.option("--overload-rate", type=float, default=0.0, help="Share of admitted requests refused as engine_overloaded.")
 @click.option("--bad-tool-args-rate", type=float, default=0.0, help="Share of tool calls whose arguments break the schema.")
@@ -203,8 +207,8 @@ def simulate(host: str, port: int, accept_keys: tuple[str, ...], endpoint_list: 
         if not sep or not ep.startswith("ep-"):
             raise _Fail(f"--endpoint takes ep-<id>=<model>, e.g. ep-7f3a9=kimi-k2.6; got {item!r}")
         endpoints[ep] = model
-    cfg = SimConfig.from_mapping({"host": host, "port": port, **options, "api_keys": accept_keys or None,
-                                  "endpoints": endpoints})
+    cfg = SimConfig.from_mapping({"host": host, "port": port, **{k: v for k, v in options.items() if v is not None},
+                                  "api_keys": accept_keys or None, "endpoints": endpoints})
     scheme = "https" if cfg.tls else "http"
 
     def ready(bound: int) -> None:

@@ -122,8 +122,11 @@ def score(output: Path, job_file: Path | None) -> None:
         raise _Fail(str(exc)) from None
     counts = score_output(output, specs, grades)
     line = f"{counts['rows']} rows"
+    if counts.get("decidable"):
+        line += (f"; accuracy {accuracy_text(counts['right'], counts['decidable'])} over all {counts['decidable']} rows "
+                 "with an expected value (failed ones count as wrong)")
     if counts.get("scored"):
-        line += f"; accuracy {accuracy_text(counts['score_sum'], counts['scored'])}"
+        line += f"; {accuracy_text(counts['score_sum'], counts['scored'])} over the {counts['scored']} scored rows"
     if counts.get("extract_errors"):
         line += f"; {counts['extract_errors']} extraction errors"
     click.echo(line)

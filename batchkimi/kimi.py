@@ -145,3 +145,53 @@ def cost_usd(prices: Any, model: str | None, prompt: int | None, completion: int
     miss, hit, out = triple
     cached = cached or 0
     return ((prompt - cached) * miss + cached * hit + (completion or 0) * out) / 1e6
+
+
+# ---- Kimi's answer shape, as assumed ------------------------------------------------------------
+# Kimi publishes neither its length distribution nor its speed. These are estimates from public
+# reports of K2-class models (the README says so): the reasoning and the answer's token counts as
+# lognormals (median, sigma of the log), by thinking mode; time to first token; decode rate.
+# The simulator answers with this shape, and the dry run's cost range assumes it.
+ASSUMED_LENGTHS: dict[str, dict[str, float]] = {
+    "thinking": {"reasoning_median": 1800.0, "reasoning_sigma": 1.2, "answer_median": 300.0, "answer_sigma": 0.8},
+    "non-thinking": {"reasoning_median": 0.0, "reasoning_sigma": 0.0, "answer_median": 350.0, "answer_sigma": 0.9},
+}
+ASSUMED_TTFT_MS = 1500.0
+ASSUMED_TOKENS_PER_S = 60.0
+
+
+def completion_range(rows: int, max_tokens: int | None, thinking: bool, shape: Mapping[str, float] | None = None,
+                     coverage: float = 0.9, seed: int = 0) -> tuple[int, int]:
+    """The range holding the total completion tokens of ``rows`` answers with probability
+    ``coverage``, if they have Kimi's assumed shape (``shape``: another one) and are cut at
+    ``max_tokens``: simulated for a few thousand rows, by the normal approximation of the sum
+    beyond (its mean and spread from 200,000 simulated answers)."""
+    import numpy as np
+
+    if rows <= 0:
+        return 0, 0
+    s = dict(shape or ASSUMED_LENGTHS["thinking" if thinking else "non-thinking"])
+    rng = np.random.default_rng(seed)
+    cap = max_tokens or THINKING_DEFAULT_MAX_TOKENS
+
+    def answers(n: int) -> Any:
+        total = np.zeros(n)
+        if thinking and s["reasoning_median"] > 0:
+            total += s["reasoning_median"] * np.exp(s["reasoning_sigma"] * rng.standard_normal(n))
+        if s["answer_median"] > 0:
+            total += s["answer_median"] * np.exp(s["answer_sigma"] * rng.standard_normal(n))
+        return np.minimum(np.rint(total), cap)
+
+    tail = (1 - coverage) / 2
+    if rows <= 4000:
+        draws = 2000 if rows <= 500 else 400
+        sums = np.array([answers(rows).sum() for _ in range(draws)])
+        low, high = np.quantile(sums, [tail, 1 - tail])
+    else:
+        one = answers(200_000)
+        from statistics import NormalDist
+
+        z = NormalDist().inv_cdf(1 - tail)
+        mean, spread = rows * one.mean(), (rows ** 0.5) * one.std()
+        low, high = mean - z * spread, mean + z * spread
+    return int(max(0, low)), int(high)

@@ -58,6 +58,13 @@ class Prepared:
         return any(item.path is not None or item.inline is not None for item in self.media)
 
 
+def keeps_reasoning(body: dict[str, Any]) -> bool:
+    """Whether a request passes the reasoning of its history to the model (and pays for it):
+    ``thinking.keep = "all"``; without it Kimi drops that reasoning."""
+    thinking = body.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("keep") == "all"
+
+
 def as_text(value: Any) -> str:
     """A row value as prompt text: strings as they are, structures as JSON."""
     if isinstance(value, str):
@@ -208,7 +215,8 @@ def _build(row: dict[str, Any], job: Job, batch_line: bool, collector: Collector
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise RowInvalid(f"the row holds a value that cannot be sent as JSON ({exc})") from None
     if not collector.items:
-        return _fits(job, Prepared(body, estimate_messages_tokens(messages), payload, request_bytes=len(payload)))
+        return _fits(job, Prepared(body, estimate_messages_tokens(messages, history_reasoning=keeps_reasoning(body)), payload,
+                                   request_bytes=len(payload)))
     items = tuple(collector.items)
     tokens_by_url = {(i.marker or i.ref): i.tokens for i in items}
 
@@ -224,7 +232,8 @@ def _build(row: dict[str, Any], job: Job, batch_line: bool, collector: Collector
         raise RowInvalid(f"the request would be about {size / 1e6:,.1f} MB, over the {limit / 1e6:g} MB limit "
                          f"(the largest item: {biggest.where}, {biggest.ref!r}, {biggest.body_bytes / 1e6:,.1f} MB "
                          "as base64); set max_image_side to send smaller images, or split the row")
-    return _fits(job, Prepared(body, estimate_messages_tokens(messages, media_tokens), payload, items, size))
+    return _fits(job, Prepared(body, estimate_messages_tokens(messages, media_tokens, history_reasoning=keeps_reasoning(body)),
+                               payload, items, size))
 
 
 def _fits(job: Job, prepared: Prepared) -> Prepared:

@@ -15,6 +15,6 @@ def wilson(k: float, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 
 def accuracy_text(k: float, n: int) -> str:
-    """'0.873 (95% CI 0.851-0.892) over 1000 scored rows'."""
+    """'0.873 (95% CI 0.851-0.892)': k right of n, with Wilson's interval."""
     low, high = wilson(k, n)
-    return f"{k / n:.3f} (95% CI {low:.3f}-{high:.3f}) over {n} scored rows"
+    return f"{k / n:.3f} (95% CI {low:.3f}-{high:.3f})"

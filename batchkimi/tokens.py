@@ -61,11 +61,15 @@ def estimate_content_tokens(content: Any, media_tokens: Callable[[dict[str, Any]
     return 0
 
 
-def estimate_messages_tokens(messages: list[dict[str, Any]], media_tokens: Callable[[dict[str, Any]], int] = _flat) -> int:
+def estimate_messages_tokens(messages: list[dict[str, Any]], media_tokens: Callable[[dict[str, Any]], int] = _flat, *,
+                             history_reasoning: bool = True) -> int:
+    """The prompt tokens of ``messages``. ``history_reasoning``: whether the reasoning written
+    back in assistant turns is part of the prompt (Kimi passes it to the model, and bills it,
+    only with ``thinking.keep = "all"``)."""
     total = 0
     for m in messages:
         total += MESSAGE_OVERHEAD_TOKENS + estimate_content_tokens(m.get("content"), media_tokens)
-        if m.get("reasoning_content"):
+        if history_reasoning and m.get("reasoning_content"):
             total += estimate_text_tokens(str(m["reasoning_content"]))
         for call in m.get("tool_calls") or ():
             fn = (call.get("function") or {}) if isinstance(call, dict) else {}

@@ -29,6 +29,8 @@ def simulator() -> Iterator[Callable[..., SimHandle]]:
     handles: list[SimHandle] = []
 
     def start(**settings: Any) -> SimHandle:
+        # short, instant answers unless a test asks for Kimi's shape (shape="kimi")
+        settings.setdefault("shape", "short")
         h = start_in_thread(settings)
         handles.append(h)
         return h

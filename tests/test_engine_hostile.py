@@ -211,7 +211,7 @@ def test_row_engine_releases_its_slot_on_any_exception_and_on_cancellation() -> 
 
 
 def test_row_engine_create_starts_the_simulator_for_base_url_simulator() -> None:
-    job = Job(base_url="simulator", prompt_template="What is {a} + {a}?", max_tokens=200)
+    job = Job(base_url="simulator", prompt_template="What is {a} + {a}?", max_tokens=200, simulator={"shape": "short"})
 
     async def go() -> list[dict[str, Any]]:
         async with RowEngine.create(job, "sk-any") as engine:
@@ -263,14 +263,14 @@ def test_overwrite_is_refused_while_another_run_holds_the_output(tmp_path: Path,
 
 def test_a_simulated_rehearsal_never_passes_for_real_answers(tmp_path: Path, simulator, raw_server) -> None:
     data = write_jsonl(tmp_path / "in.jsonl", rows(3))
-    rehearsal = fast_job(tmp_path, "simulator", input=str(data), max_tokens=2000)
+    rehearsal = fast_job(tmp_path, "simulator", input=str(data), max_tokens=2000, simulator={"shape": "short"})
     assert bounded(rehearsal).final_status == {"ok": 3}
     real = raw_server(json_reply(completion(content="real")))
     with pytest.raises(OutputError, match="simulator"):
         bounded(fast_job(tmp_path, real.base_url, input=str(data), max_tokens=2000))
     assert real.requests == []
     with pytest.raises(OutputError, match="simulator"):  # the rehearsal's own settings are part of it too
-        bounded(fast_job(tmp_path, "simulator", input=str(data), max_tokens=2000, simulator={"accuracy": 0.5}))
+        bounded(fast_job(tmp_path, "simulator", input=str(data), max_tokens=2000, simulator={"shape": "short", "accuracy": 0.5}))
 
 
 def test_changing_keep_columns_on_resume_gives_one_schema(tmp_path: Path, simulator) -> None:

@@ -41,7 +41,8 @@ def test_the_in_process_simulator_can_serve_tls(tmp_path: Path) -> None:
     from batchkimi.api import RowEngine
     from batchkimi.request import build_request
 
-    job = fast_job(tmp_path, "simulator", simulator={"tls": True}, thinking="disabled", stream=False, max_tokens=64)
+    job = fast_job(tmp_path, "simulator", simulator={"tls": True, "shape": "short"}, thinking="disabled", stream=False,
+                   max_tokens=64)
 
     async def one() -> tuple[str, dict]:
         async with RowEngine.create(job, "sim-local-key") as engine:

@@ -117,7 +117,10 @@ class Summary:
             out.append(f"{self.rows_without_usage} answered rows came without token usage: their tokens and cost "
                        "are unknown (the server reports usage in streams only when asked: set include_usage = true)")
         if self.scores.get("scored"):
-            out.append(f"accuracy {accuracy_text(self.scores['score_sum'], self.scores['scored'])}; "
+            s = self.scores
+            head = (f"accuracy {accuracy_text(s['right'], s['decidable'])} over all {s['decidable']} rows with an "
+                    "expected value (failed, truncated and unreadable ones count as wrong); " if s.get("decidable") else "")
+            out.append(f"{head}{accuracy_text(s['score_sum'], s['scored'])} over the {s['scored']} scored rows alone; "
                        f"`batchkimi report {self.output}` for the rest")
         if self.budget_stop:
             out.append(f"stopped at the budget: {self.budget_stop}. Nothing is lost: run again (with a larger "
@@ -174,6 +177,9 @@ class DryRunReport:
     prices: Any
     model: str
     notes: list[str] = field(default_factory=list)
+    # the completion tokens of the requests to send, in 9 runs of 10 if answers have Kimi's assumed
+    # shape (None: a simulator of another shape, whose answers that range does not describe)
+    completion_range: tuple[int, int] | None = None
 
     @property
     def to_send(self) -> int:
@@ -200,4 +206,11 @@ class DryRunReport:
                 high = cost_usd(self.prices, self.model, self.prompt_tokens_estimate, self.max_completion_tokens * self.to_send, 0)
                 line += f"; at most ${high:.2f} if every answer used max_tokens"
             out.append(line)
+            if self.completion_range is not None and self.to_send:
+                lo_t, hi_t = self.completion_range
+                lo = cost_usd(self.prices, self.model, self.prompt_tokens_estimate, lo_t, 0) or 0.0
+                hi = cost_usd(self.prices, self.model, self.prompt_tokens_estimate, hi_t, 0) or 0.0
+                out.append(f"likely range, if answers are as long as Kimi's usually are (reasoning and a free-text answer, "
+                           f"the simulator's assumption): ${lo:.2f} to ${hi:.2f} ({lo_t:,} to {hi_t:,} completion tokens) "
+                           "in 9 runs of 10; prompt caching lowers it")
         return out

@@ -232,7 +232,9 @@ def score_output(out: Path, specs: Specs, grades: Mapping[str, Any] | None = Non
 
         grades = known_grades(out)
     tmp = target.with_name(f".{target.name}.tmp")
-    counts = {"rows": 0, "scored": 0, "score_sum": 0.0, "extract_errors": 0}
+    # right: the score of rows answered ok (the headline accuracy counts every other row as wrong);
+    # decidable: rows with an expected value
+    counts = {"rows": 0, "scored": 0, "score_sum": 0.0, "extract_errors": 0, "right": 0.0, "decidable": 0}
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for t in parts.iter_newest(out, columns, journal=True):
             data: dict[str, list[Any]] = {name: [] for name in schema.names}
@@ -264,6 +266,9 @@ def score_output(out: Path, specs: Specs, grades: Mapping[str, Any] | None = Non
                     if r.score is not None:
                         counts["scored"] += 1
                         counts["score_sum"] += r.score
+                        if cols["status"][i] == "ok":
+                            counts["right"] += r.score
+                    counts["decidable"] += expected is not None and expected != ""
             arrays = []
             for f in schema:
                 if f.name == "finished_at":

@@ -15,6 +15,7 @@ on the prompt, so a labelling or evaluation rehearsal scores something real.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -132,6 +133,24 @@ def _grade(prompt: str) -> str | None:
     return orjson.dumps({"correct": correct, "explanation": why}).decode()
 
 
+def lognormal_tokens(rng: random.Random, median: float, sigma: float) -> int:
+    """A token count from a lognormal of this median and spread (sigma of the log)."""
+    if median <= 0:
+        return 0
+    return max(1, int(round(median * math.exp(sigma * rng.gauss(0.0, 1.0)))))
+
+
+def text_of_tokens(rng: random.Random, tokens: int) -> str:
+    """Filler text of ``tokens`` tokens as batchkimi estimates them (4 characters a token)."""
+    if tokens <= 0:
+        return ""
+    words = rng.choices(_FILLER, k=tokens * 4 // 5 + 2)
+    text = " ".join(words)
+    while len(text) < tokens * 4:
+        text += " " + " ".join(rng.choices(_FILLER, k=tokens // 5 + 2))
+    return text[:tokens * 4]
+
+
 def _filler(rng: random.Random, n_words: int) -> str:
     return " ".join(_FILLER[(i + rng.randrange(len(_FILLER))) % len(_FILLER)] for i in range(n_words))
 
@@ -176,7 +195,13 @@ def answer(
     every_tool: bool = False,
     media: Sequence[Any] = (),
     sample: int = 0,
+    shape: dict[str, float] | None = None,
+    budget: int | None = None,
 ) -> Reply:
+    """The answer to a request. ``shape``: draw reasoning and free-text answer lengths in
+    tokens from lognormals (``reasoning_median``, ``reasoning_sigma``, ``answer_median``,
+    ``answer_sigma``), else the short answers of ``reasoning_words`` and ``answer_words``;
+    ``budget``: the request's max_tokens (no text is made past it: the server cuts there)."""
     last = messages[-1] if messages else {}
     prompt = text_of(last.get("content"))
     user_turns = [text_of(m.get("content")) for m in messages if m.get("role") == "user"]
@@ -184,7 +209,16 @@ def answer(
     rng = request_rng(seed, messages, thinking, bool(tools), json_mode, *([sample] if sample else []))
     question = (user_turns[-1] if user_turns else prompt).strip()
     reasoning = ""
-    if thinking:
+    answer_tokens = 0
+    if shape is not None:  # lengths from their own draw: what the answer says does not change with them
+        lrng = request_rng(seed, "lengths", messages, thinking, *([sample] if sample else []))
+        cap = (budget or 1 << 20) + 1
+        if thinking:
+            r_tokens = min(cap, lognormal_tokens(lrng, shape["reasoning_median"], shape["reasoning_sigma"]))
+            head = f"The user asks: {question[:80]!r}. "
+            reasoning = head + text_of_tokens(lrng, max(1, r_tokens - len(head) // 4))
+        answer_tokens = min(cap, lognormal_tokens(lrng, shape["answer_median"], shape["answer_sigma"]))
+    elif thinking:
         words = max(1, int(reasoning_words * rng.uniform(0.5, 1.5)))
         reasoning = f"The user asks: {question[:80]!r}. " + _filler(rng, words)
 
@@ -217,13 +251,19 @@ def answer(
     elif last.get("role") == "tool":
         content = f"Based on the tool result, {text_of(last.get('content'))[:120]}"
     elif media:
-        words = max(3, int(answer_words * rng.uniform(0.3, 0.8)))
         seen = "; ".join(_describe(m) for m in media)
-        body = f"{seen}. " + _filler(rng, words).capitalize() + "."
+        if shape is not None:
+            body = f"{seen}. " + text_of_tokens(lrng, max(3, answer_tokens - len(seen) // 4)).capitalize() + "."
+        else:
+            words = max(3, int(answer_words * rng.uniform(0.3, 0.8)))
+            body = f"{seen}. " + _filler(rng, words).capitalize() + "."
         content = orjson.dumps({"answer": body}).decode() if json_mode else body
     else:
-        words = max(3, int(answer_words * rng.uniform(0.5, 1.5)))
         topic = " ".join(question.split()[:8])
-        body = f"About {topic!r}: " + _filler(rng, words) + "."
+        if shape is not None:
+            body = f"About {topic!r}: " + text_of_tokens(lrng, max(3, answer_tokens - len(topic) // 4 - 3)) + "."
+        else:
+            words = max(3, int(answer_words * rng.uniform(0.5, 1.5)))
+            body = f"About {topic!r}: " + _filler(rng, words) + "."
         content = orjson.dumps({"answer": body}).decode() if json_mode else body
     return Reply(reasoning, content, None)

@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..kimi import ASSUMED_LENGTHS, ASSUMED_TOKENS_PER_S, ASSUMED_TTFT_MS
+
 MARKER = re.compile(r"\[\[sim:([a-z0-9_]+)(?:\*(\d+))?\]\]")
 FAULTS = ("500", "502", "503", "504", "html", "429", "overload", "400", "401", "402", "403", "451",
           "quota", "suspended", "content_filter", "tpd", "too_long",
@@ -28,13 +30,23 @@ class SimConfig:
     error_style: str = "tokenhub"  # tokenhub | moonshot
     unknown_model_status: int = 404  # 404 (Moonshot) or 400 (TokenHub)
     endpoints: dict[str, str] = field(default_factory=dict)  # TokenHub endpoint id (ep-...) -> the model it serves
-    latency_ms: float = 0.0  # non-streaming: time to the answer; streaming: time to first chunk
+    # "kimi": answer lengths and times with Kimi's shape (below); "short": the short, instant
+    # answers of reasoning_words and answer_words (what a config naming those gets by default)
+    shape: str = "kimi"
+    # Lengths ("kimi" shape): token counts drawn from a lognormal, by part, thinking mode and
+    # (optionally) model: {"thinking": {...}, "non-thinking": {...}, "kimi-k2.5/thinking": {...}},
+    # each with reasoning_median, reasoning_sigma, answer_median, answer_sigma (assumptions: see README)
+    lengths: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Time: the first token after latency_ms, then tokens at tokens_per_s, streaming or not
+    # (None: the shape's default: "kimi" 1,500 ms and 60 tokens/s; "short" 0 and 0, instant)
+    latency_ms: float | None = None
     # A modelled network between client and simulator (loopback has none): each request waits one
     # round trip more, and a connection's first request the handshakes' too (TCP's, and TLS 1.3's
     # with tls): a client that does not reuse connections pays them on every request, as it would
     # over the internet.
     rtt_ms: float = 0.0
-    tokens_per_s: float = 0.0  # streaming pace; 0 = as fast as possible
+    tokens_per_s: float | None = None  # decode rate; 0 = as fast as possible
+    speed: float = 1.0  # time runs this many times faster (lengths, usage and order of events unchanged)
     chunk_tokens: int = 4
     reasoning_words: int = 40
     answer_words: int = 30
@@ -55,6 +67,7 @@ class SimConfig:
     max_body_bytes: int = 100 * 1024 * 1024
     body_too_large_status: int = 413
     cache_prefixes: bool = True
+    cache_block_tokens: int = 64  # a cached prefix is counted in whole blocks of this many tokens
     tpd_retry_after_s: float = 1152.0  # the Retry-After Moonshot sent with a real TPD 429
     estimate_endpoint: bool = True  # POST /v1/tokenizers/estimate-token-count (Moonshot's)
     models_endpoint: bool = True  # GET /v1/models
@@ -68,6 +81,13 @@ class SimConfig:
             extra = f" (did you mean '{hint[0]}'?)" if hint else f" (known: {', '.join(sorted(known))})"
             raise ValueError(f"unknown simulator setting '{unknown[0]}'{extra}")
         values = dict(values)
+        if "shape" not in values and ("reasoning_words" in values or "answer_words" in values):
+            values["shape"] = "short"  # a config sized in words asks for the short answers
+        if values.get("shape", "kimi") not in ("kimi", "short"):
+            raise ValueError(f"simulator shape must be 'kimi' or 'short', got {values['shape']!r}")
+        speed = values.get("speed", 1.0)
+        if isinstance(speed, bool) or not isinstance(speed, int | float) or speed <= 0:
+            raise ValueError(f"simulator speed must be a number above 0, got {speed!r}")
         for key in ("api_keys", "fail_faults"):
             if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
@@ -75,5 +95,38 @@ class SimConfig:
         if bad:
             raise ValueError(f"unknown simulator faults: {', '.join(sorted(bad))}")
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        kimi = self.shape == "kimi"
+        if self.latency_ms is None:
+            self.latency_ms = KIMI_TTFT_MS if kimi else 0.0
+        if self.tokens_per_s is None:
+            self.tokens_per_s = KIMI_TOKENS_PER_S if kimi else 0.0
+
+    def length_shape(self, model: str, thinking: bool) -> dict[str, float]:
+        """The lognormal medians and spreads of a request's parts (``kimi`` shape)."""
+        mode = "thinking" if thinking else "non-thinking"
+        out = dict(KIMI_LENGTHS[mode])
+        out.update(self.lengths.get(mode, {}))
+        out.update(self.lengths.get(f"{model}/{mode}", {}))
+        return out
+
+    def wait_s(self, ms: float) -> float:
+        """``ms`` of simulated time, in seconds of the clock (``speed`` compresses it)."""
+        return ms / 1000 / self.speed
+
+    @property
+    def pace(self) -> float:
+        """Tokens a second of the clock (0: as fast as possible)."""
+        return (self.tokens_per_s or 0.0) * self.speed
+
+
+# Kimi's shape, as assumed (batchkimi.kimi: the dry run's cost range assumes the same): thinking
+# answers whose reasoning has a median of 1,800 tokens and a spread (sigma of the log) of 1.2, so
+# that most run from a few hundred to ten thousand tokens and about 3% pass 16,000; answers a few
+# hundred tokens. Time to first token 1.5 s, then 60 tokens a second.
+KIMI_LENGTHS = ASSUMED_LENGTHS
+KIMI_TTFT_MS = ASSUMED_TTFT_MS
+KIMI_TOKENS_PER_S = ASSUMED_TOKENS_PER_S
 
 

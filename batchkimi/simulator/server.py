@@ -42,7 +42,7 @@ from aiohttp import web
 
 from ..tokens import estimate_text_tokens
 from .answers import answer
-from .cache import cached_tokens
+from .cache import cached_tokens, namespace
 from .config import ERROR_FAULTS, SimConfig
 from .faults import error_response, fault_error, fault_of, rate_limit_error
 from .limits import KeyLimits
@@ -87,7 +87,7 @@ class Simulator:
             self.stats["connections"] += 1
             trips += 2 if self.cfg.tls else 1
         if self.cfg.rtt_ms:
-            await asyncio.sleep(self.cfg.rtt_ms * trips / 1000)
+            await asyncio.sleep(self.cfg.wait_s(self.cfg.rtt_ms * trips))
         key: str | None = None
         admitted = False
         completion_tokens = 0
@@ -141,13 +141,17 @@ class Simulator:
                 raise fault_error(self.cfg, "overload")
             if fault == "slow":
                 await asyncio.sleep(self.cfg.slow_first_byte_s)
-            cached = cached_tokens(self.prefix_cache, key, body["messages"]) if self.cfg.cache_prefixes else 0
+            keep_all = isinstance(body.get("thinking"), dict) and body["thinking"].get("keep") == "all"
+            cached = (cached_tokens(self.prefix_cache, namespace(key, body), body["messages"], prompt_tokens,
+                                    self.cfg.cache_block_tokens, history_reasoning=keep_all)
+                      if self.cfg.cache_prefixes else 0)
             reply = answer(
                 req.light_messages or req.messages, seed=self.cfg.seed, media=req.media, thinking=thinking, tools=req.tools,
                 tool_choice=req.tool_choice, json_mode=req.json_mode, every_tool=fault == "parallel_tools",
                 accuracy=self.cfg.accuracy, reasoning_words=self.cfg.reasoning_words, answer_words=self.cfg.answer_words,
                 bad_tool_args=fault == "bad_args" or (self.cfg.bad_tool_args_rate > 0 and self.rng.random() < self.cfg.bad_tool_args_rate),
-                sample=_sample_of(request),
+                sample=_sample_of(request), budget=max_tokens,
+                shape=self.cfg.length_shape(model, thinking) if self.cfg.shape == "kimi" else None,
             )
             reasoning, content, tool_calls = reply.reasoning, reply.content, reply.tool_calls
             if fault == "long":
@@ -175,8 +179,10 @@ class Simulator:
             if req.stream:
                 return await stream(self, request, key, rid, cid, model, reasoning, content, tool_calls, finish, usage,
                                           req.include_usage, fault)
-            if self.cfg.latency_ms:
-                await asyncio.sleep(self.cfg.latency_ms / 1000)
+            # the whole answer at once: the first token's time, then every token at the decode rate
+            wait = self.cfg.wait_s(self.cfg.latency_ms or 0.0) + (completion_tokens / self.cfg.pace if self.cfg.pace else 0.0)
+            if wait:
+                await asyncio.sleep(wait)
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if thinking:
                 message["reasoning_content"] = reasoning

@@ -49,8 +49,8 @@ async def stream(sim: Any, request: web.Request, key: str, rid: str, cid: str, m
         events.pop()  # a clean end of the body, but no [DONE]
     cut_at = len(events) // 2 if fault in ("cut", "stall", "error_event") else None
     if sim.cfg.latency_ms:
-        await asyncio.sleep(sim.cfg.latency_ms / 1000)
-    pace = sim.cfg.tokens_per_s
+        await asyncio.sleep(sim.cfg.wait_s(sim.cfg.latency_ms))
+    pace = sim.cfg.pace
     if not pace and cut_at is None:
         # Unpaced: the same SSE bytes in one response (one send, not three).
         count(sim.stats, 200, key)
@@ -70,6 +70,9 @@ async def send_events(sim: Any, request: web.Request, resp: web.StreamResponse, 
                        cut_at: int | None, fault: str | None, pace: float) -> bool:
     """Write the events; False when the fault cut the stream on purpose."""
     await resp.prepare(request)
+    loop = asyncio.get_running_loop()
+    due = loop.time()  # when the tokens sent so far are due at the pace: sleeps are taken in
+    # steps of a few milliseconds (the event loop's timers are no finer), the rate kept on average
     for i, (event, tokens) in enumerate(events):
         if i == cut_at:
             if fault == "stall":
@@ -81,7 +84,10 @@ async def send_events(sim: Any, request: web.Request, resp: web.StreamResponse, 
             return False
         await resp.write(event)
         if pace and tokens:
-            await asyncio.sleep(tokens / pace)
+            due += tokens / pace
+            ahead = due - loop.time()
+            if ahead > 0.004:
+                await asyncio.sleep(ahead)
     return True
 
 

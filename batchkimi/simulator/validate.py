@@ -120,6 +120,7 @@ def validate(body: dict[str, Any], key_models: list[str] | None, unknown_model_s
 
     thinking_obj = body.get("thinking")
     thinking = True
+    keep_all = False
     if thinking_obj is not None:
         _expect(body, "thinking", isinstance(thinking_obj, dict), 'an object such as {"type": "enabled"}')
         ttype = thinking_obj.get("type", "enabled")
@@ -129,6 +130,7 @@ def validate(body: dict[str, Any], key_models: list[str] | None, unknown_model_s
         if keep not in (None, "all"):
             raise invalid(f"Invalid request: thinking.keep must be \"all\" or null, got {keep!r}")
         thinking = ttype == "enabled"
+        keep_all = keep == "all"
 
     temperature = body.get("temperature")
     if temperature is not None:
@@ -229,7 +231,9 @@ def validate(body: dict[str, Any], key_models: list[str] | None, unknown_model_s
         seen = seen_of.get(id(part))
         return seen.tokens if seen is not None else URL_MEDIA_TOKENS
 
-    prompt_tokens = estimate_messages_tokens(messages if isinstance(messages, list) else [], part_tokens)
+    # the history's reasoning is the model's input (and billed) only with thinking.keep = "all"
+    prompt_tokens = estimate_messages_tokens(messages if isinstance(messages, list) else [], part_tokens,
+                                             history_reasoning=keep_all)
     light = _light(messages, seen_of) if media else None  # type: ignore[arg-type]
     return ChatRequest(model, messages, thinking, max_tokens, bool(stream), include_usage, json_mode,  # type: ignore[arg-type]
                        tools, choice, prompt_tokens, media, light)
