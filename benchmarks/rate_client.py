@@ -1,7 +1,10 @@
 """Rate accuracy (the rate-limit issue): batchkimi against a simulator enforcing a limit, with
 realistic latency, for a few minutes; the server's own counts say what was achieved.
 
-python rate_client.py rpm|tpm LIMIT SECONDS
+python rate_client.py rpm|tpm|tpm-long LIMIT SECONDS
+
+``tpm-long``: the TPM limit bound by long outputs: the simulator's Kimi shape (heavy-tailed
+thinking answers, 1.5 s to the first token, 60 tokens a second), thinking on, max_tokens 32,768.
 """
 
 from __future__ import annotations
@@ -19,19 +22,24 @@ import batchkimi.api  # noqa: F401 - the package's names load when first used: l
 
 def main(kind: str, limit: int, seconds: int) -> None:
     if kind == "rpm":
-        sim_settings = {"rpm": limit, "latency_ms": 1500}
+        sim_settings = {"rpm": limit, "latency_ms": 1500, "reasoning_words": 40, "answer_words": 30}
         per_s = limit / 60
         rows = int(per_s * seconds)
         job_limits = {"rpm": limit, "concurrency": 256}
+    elif kind == "tpm":
+        sim_settings = {"tpm": limit, "latency_ms": 1500, "reasoning_words": 40, "answer_words": 30}
+        rows = 100000
+        job_limits = {"tpm": limit, "concurrency": 256}
     else:
-        sim_settings = {"tpm": limit, "latency_ms": 1500}
+        sim_settings = {"tpm": limit, "shape": "kimi"}
         rows = 100000
         job_limits = {"tpm": limit, "concurrency": 256}
     data = write_prompts(WORK / f"rate_{rows}.jsonl", rows, "Tell me something interesting about the number {i}.")
     out = WORK / f"out_rate_{kind}"
     shutil.rmtree(out, ignore_errors=True)
-    with SimProcess(**sim_settings, reasoning_words=40, answer_words=30) as sim:
-        job = batchkimi.Job(input=str(data), output=str(out), base_url=sim.base_url, max_tokens=4096, stream=False,
+    with SimProcess(**sim_settings) as sim:
+        job = batchkimi.Job(input=str(data), output=str(out), base_url=sim.base_url, stream=False,
+                            max_tokens=32768 if kind == "tpm-long" else 4096,
                             thinking="enabled", backoff_base_s=1.0, **job_limits)
         async def go() -> batchkimi.Summary:
             stop = asyncio.Event()
@@ -39,7 +47,7 @@ def main(kind: str, limit: int, seconds: int) -> None:
             return await batchkimi.run_async(job, stop=stop)
 
         t0 = time.perf_counter()
-        summary = asyncio.run(go()) if kind == "tpm" else batchkimi.run(job)
+        summary = asyncio.run(go()) if kind != "rpm" else batchkimi.run(job)
         wall = time.perf_counter() - t0
         stats = sim.stats()
     admitted = {int(k): v for k, v in stats["admitted_per_s"].items()}

@@ -440,6 +440,24 @@ def rate(seconds: int, repeats: int) -> list[Row]:
     return out
 
 
+def long_outputs(seconds: int, limit: int) -> list[Row]:
+    """A TPM limit bound by long outputs (the simulator's Kimi shape: heavy-tailed thinking
+    answers, max_tokens 32,768), against the same limit with short answers, in the same run."""
+    short = run_scenario("rate_client.py", "tpm", str(limit), str(seconds), timeout=seconds * 3 + 300)
+    long = run_scenario("rate_client.py", "tpm-long", str(limit), str(seconds), timeout=seconds * 3 + 300)
+    name = f"16. TPM {limit:,} bound by long outputs"
+    return [
+        (name, f"achieved share of the limit after the first minute ({seconds} s runs)",
+         f"**{long['achieved_share'] * 100:.1f}%** (short answers: {short['achieved_share'] * 100:.1f}%)", "target >= 95%",
+         verdict(long["achieved_share"] >= 0.95)),
+        (name, "share of requests answered 429",
+         f"**{long['share_429'] * 100:.1f}%** ({long['rate_limited']} of {long['requests']}; short answers: "
+         f"{short['share_429'] * 100:.1f}%)", "target <= 1%", verdict(long["share_429"] <= 0.01)),
+        (name, "rows lost (answered 200 but not written ok)", f"**{long['rows_lost']}** (short answers: {short['rows_lost']})",
+         "target 0", verdict(long["rows_lost"] == 0 and short["rows_lost"] == 0)),
+    ]
+
+
 def faulted_vs_clean(n: int, concurrency: int, latency_s: float, clean: tuple[Path, dict], faulted: tuple[Path, dict],
                      count: Callable[[dict], int]) -> tuple[list[float], list[float]]:
     """The faulted run's wall time over the clean run's (``REPEATS`` pairs), and the faults the
@@ -555,7 +573,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes and shorter rate runs")
     ap.add_argument("--only", default="overhead,loops,tls,waiting,chunks,streams,memory,media,scoring,resume,overload,"
-                    "paced,budget,startup,rate,ray")
+                    "paced,budget,startup,rate,long,ray")
     ap.add_argument("--repeats", type=int, default=None, help="runs of each speed figure (default 3; --quick 2)")
     ap.add_argument("--rate-repeats", type=int, default=None, help="runs of each rate-accuracy scenario (default 5; --quick 1)")
     ap.add_argument("--output", default=str(HERE / "RESULTS.md"))
@@ -577,6 +595,7 @@ def main() -> None:
         "resume": lambda: resume(201_000 if q else 1_001_000),
         "overload": lambda: overload(5000 if q else 5000, 200, 0.3, 0.005),
         "rate": lambda: rate(90 if q else 180, rate_repeats),
+        "long": lambda: long_outputs(240, 200_000),
         "ray": lambda: ray_scaling(1000 if q else 3000, 300),
         "paced": lambda: paced_429s(1000, 59, 50, 0.25),
         "startup": lambda: startup(),
