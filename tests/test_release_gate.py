@@ -301,3 +301,15 @@ def test_samples_each_row_k_times_resumable_per_sample_with_pass_and_majority(tm
     assert "--samples" in r.output
     with pytest.raises(batchkimi.errors.OutputError, match="samples"):
         batchkimi.run(job.replace(samples=3))
+
+
+def test_an_answer_the_model_grader_has_not_graded_is_undecided_not_wrong() -> None:
+    import pandas as pd
+
+    from batchkimi.report.report import _headline
+
+    df = pd.DataFrame({"status": ["ok", "ok", "error", "ok"], "score": [1.0, None, None, None],
+                       "score_error": [None, "not graded yet: run `batchkimi score`", "no answer to score (status error)",
+                                       "the answer holds no number"], "gold": ["1", "2", "3", "4"]})
+    head = _headline(df, "gold")
+    assert head is not None and head["rows"] == 3 and head["accuracy"] == round(1 / 3, 4)  # 1 right of 3 decided

@@ -49,7 +49,7 @@ def _read(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     manifest = output_manifest(path)
     score = ((manifest.get("job") or {}).get("score") or {})
     expected_col = kept_column_name(score["expected"]) if score.get("expected") else None
-    cols = ["id", "status", "latency_s", "prompt_tokens", "completion_tokens", "cost_usd", "score", "sample"] + \
+    cols = ["id", "status", "latency_s", "prompt_tokens", "completion_tokens", "cost_usd", "score", "score_error", "sample"] + \
         ([expected_col] if expected_col else [])
     df = read_results(path, columns=cols)
     n = len(df)

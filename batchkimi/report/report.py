@@ -28,6 +28,7 @@ from ..errors import OutputError
 from ..output.parts import iter_newest
 from ..output.results import kept_column_name
 from ..output.sink import Sink, read_results
+from ..scoring.score import NOT_GRADED
 from ..stats import wilson
 from ..version import __version__
 from .labels import label_lines, label_metrics
@@ -75,6 +76,8 @@ def _headline(df: Any, expected_col: str | None, missing_rows: int = 0) -> dict[
     if expected_col is not None and expected_col in df.columns:
         values = df[expected_col]
         decidable = df[values.notna() & (values.astype(str) != "")]
+    if "score_error" in decidable.columns:  # an answer the model grader has not graded yet is undecided, not wrong
+        decidable = decidable[~decidable["score_error"].fillna("").astype(str).str.startswith(NOT_GRADED)]
     values = np.where((decidable["status"] == "ok").to_numpy() & decidable["score"].notna().to_numpy(),
                       decidable["score"].fillna(0).astype(float).to_numpy(), 0.0)
     values = np.concatenate([values, np.zeros(max(0, missing_rows))])

@@ -44,6 +44,8 @@ from ..output.results import kept_column_name
 from ..output.sink import SCORES
 from .extract import answer_json, as_text, extract_read, normalize, read_label, read_number
 
+NOT_GRADED = "not graded yet"  # the score_error of an answer the model grader has not graded: undecided, not wrong
+
 
 # ---- one row -----------------------------------------------------------------------------------
 @dataclass
@@ -162,7 +164,7 @@ def score_row(status: str, content: str | None, tool_calls: str | None, expected
 
         g = (grades or {}).get(grade_key(question, expected, content))
         if g is None:
-            out.score_error = "not graded yet: run `batchkimi score` (it sends the grading requests)"
+            out.score_error = f"{NOT_GRADED}: run `batchkimi score` (it sends the grading requests)"
         else:
             out.score, out.score_error = g.score, g.error
             out.grade_explanation, out.grade_reasoning = g.explanation, g.reasoning
@@ -268,7 +270,8 @@ def score_output(out: Path, specs: Specs, grades: Mapping[str, Any] | None = Non
                         counts["score_sum"] += r.score
                         if cols["status"][i] == "ok":
                             counts["right"] += r.score
-                    counts["decidable"] += expected is not None and expected != ""
+                    counts["decidable"] += (expected is not None and expected != ""
+                                            and not (r.score_error or "").startswith(NOT_GRADED))
             arrays = []
             for f in schema:
                 if f.name == "finished_at":
