@@ -130,3 +130,13 @@ def test_the_dry_runs_range_holds_a_rehearsals_cost_nine_times_in_ten(tmp_path: 
         paid = h.simulator.stats_json()["completion_tokens"]
         held += low <= paid <= high
     assert held >= 9, held  # (10 of 10 when written)
+
+
+def test_a_path_in_a_caption_prompt_is_not_taken_for_a_list_of_labels(simulator) -> None:
+    """`Describe {id}` with id `images/blink.gif` once got the answer `images`."""
+    h = simulator()
+    body = user("Describe images/blink.gif in one sentence.", thinking={"type": "disabled"}, stream=False)
+    content = json.loads(post(h, body)[2])["choices"][0]["message"]["content"]
+    assert content not in ("images", "blink") and len(content.split()) > 2
+    labelled = json.loads(post(h, user("Answer yes/no: is the sky blue?", thinking={"type": "disabled"}))[2])
+    assert labelled["choices"][0]["message"]["content"] in ("yes", "no")

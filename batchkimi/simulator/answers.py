@@ -32,7 +32,8 @@ _FILLER = (
 ).split()
 _ARITH = re.compile(r"(-?\d+(?:\.\d+)?)\s*([-+*/x×])\s*(-?\d+(?:\.\d+)?)")
 _ONE_OF = re.compile(r"one of[:\s]+([^\n.?]+)", re.IGNORECASE)
-_SLASHED = re.compile(r"\b([A-Za-z_]+(?:/[A-Za-z_]+)+)\b")
+# "positive/negative/neutral" offers labels; a path ("images/blink.gif", "a/b/c") does not
+_SLASHED = re.compile(r"(?<![\w./])([A-Za-z_]+(?:/[A-Za-z_]+)+)(?![\w/]|\.\w)")
 
 
 @dataclass(frozen=True)
