@@ -64,14 +64,15 @@ async def serving(job: Job) -> AsyncIterator[tuple[str, bytes | None]]:
         await asyncio.to_thread(sim.stop)
 
 
-def check_simulator(job: Job) -> None:
-    """A job's ``[simulator]`` table, checked before anything starts: one line naming a bad key."""
-    if not job.uses_simulator or not job.simulator:
-        return
+def check_simulator(job: Job) -> Any:
+    """A job's ``[simulator]`` table, checked before anything starts: one line naming a bad key.
+    The simulator's settings (a ``SimConfig``), or None for a job that uses no simulator."""
+    if not job.uses_simulator:
+        return None
     from .simulator import SimConfig
 
     try:
-        SimConfig.from_mapping(dict(job.simulator))
+        return SimConfig.from_mapping(dict(job.simulator or {}))
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"the job's [simulator] table: {exc}") from None
 
@@ -100,7 +101,7 @@ class RowEngine(_row.RowEngine):
 def dry_run(job: Job) -> DryRunReport:
     """Check every row (its images and videos included), count each status, render the first
     request; send nothing (and so need no API key), write nothing."""
-    check_simulator(job)
+    sim = check_simulator(job)
     status: Counter[str] = Counter()
     invalid: list[str] = []
     first: dict[str, Any] | None = None
@@ -136,15 +137,9 @@ def dry_run(job: Job) -> DryRunReport:
                         "body": with_marker_note(prepared.body, prepared.media),
                     }
         sent = status.get("to_send", 0)
-        shape: dict[str, float] | None = None
-        if job.uses_simulator:
-            from .simulator.config import SimConfig
-
-            sim = SimConfig.from_mapping(dict(job.simulator))
-            shape = sim.length_shape(job.served_model, job.thinking_on) if sim.shape == "kimi" else None
-            ranged = sim.shape == "kimi"
-        else:
-            ranged = True
+        # the range assumes Kimi's shape: the simulator's own when it answers, none for its short shape
+        ranged = sim is None or sim.shape == "kimi"
+        shape = sim.length_shape(job.served_model, job.thinking_on) if sim is not None and ranged else None
         rng_tokens = completion_range(sent, job.effective_max_tokens, job.thinking_on, shape) if ranged and sent else None
         notes = [*(plan.folder.lines() if plan.folder is not None else []),
                  *(f"warning: {n}" for n in job_notices(job)), *lines.lines()]

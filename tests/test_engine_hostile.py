@@ -180,7 +180,7 @@ class Exploding:
     def __init__(self, how: str) -> None:
         self.how = how
 
-    async def complete(self, body: dict, *, stream: bool, payload: bytes | None = None) -> Reply:
+    async def complete(self, body: dict, *, stream: bool, payload: bytes | None = None, sample: int = 0) -> Reply:
         if self.how == "raise":
             raise RuntimeError("a bug in a transport")
         await asyncio.sleep(3600)
@@ -302,7 +302,7 @@ def test_the_journal_is_fsynced_within_a_second_even_when_no_new_result_arrives(
     class Transport:
         calls = 0
 
-        async def complete(self, body: dict, *, stream: bool, payload: bytes | None = None) -> Reply:
+        async def complete(self, body: dict, *, stream: bool, payload: bytes | None = None, sample: int = 0) -> Reply:
             Transport.calls += 1
             if Transport.calls > 1:
                 await asyncio.wait_for(synced.wait(), 10)  # fails the row (and the test) if no fsync comes

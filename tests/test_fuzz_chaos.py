@@ -245,7 +245,7 @@ def test_chaos_ends_within_the_grace_period_cleanly(tmp_path: Path, simulator, w
         def __init__(self, inner: Any) -> None:
             self.inner = inner
 
-        async def complete(self, body: dict, *, stream: bool, payload: bytes | None = None) -> Any:
+        async def complete(self, body: dict, *, stream: bool, payload: bytes | None = None, sample: int = 0) -> Any:
             chaos.maybe("transport")
             return await self.inner.complete(body, stream=stream, payload=payload)
 

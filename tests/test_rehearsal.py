@@ -13,10 +13,11 @@ import numpy as np
 
 import batchkimi
 from batchkimi.config import Job
+from batchkimi.kimi import ASSUMED_LENGTHS
 from batchkimi.output.sink import read_results
 from batchkimi.request import build_request
 from batchkimi.simulator.answers import answer
-from batchkimi.simulator.config import KIMI_LENGTHS, SimConfig
+from batchkimi.simulator.config import SimConfig
 from batchkimi.tokens import estimate_text_tokens
 
 from .conftest import fast_job, write_jsonl
@@ -27,7 +28,7 @@ def test_thinking_lengths_follow_the_configured_lognormal() -> None:
     """2,000 answers: the median and the 99th percentile of the reasoning's tokens are where the
     configured median and spread put them (exp(2.326 sigma) above the median for p99)."""
     shape = SimConfig().length_shape("kimi-k2.6", True)
-    assert shape == KIMI_LENGTHS["thinking"]
+    assert shape == ASSUMED_LENGTHS["thinking"]
     tokens = np.array([estimate_text_tokens(answer([{"role": "user", "content": f"Tell me about item {i}."}], seed=3,
                                                    thinking=True, tools=None, tool_choice=None, json_mode=False, accuracy=1.0,
                                                    reasoning_words=0, answer_words=0, bad_tool_args=False, shape=shape).reasoning)

@@ -160,7 +160,7 @@ class RowEngine:
                 t0 = self.clock.now()
                 try:
                     reply: Reply = await self.transport.complete(prepared.body, stream=streaming, payload=prepared.payload,
-                                                                 **({"sample": prepared.sample} if prepared.sample else {}))
+                                                                 sample=prepared.sample)
                 except APIError as exc:
                     failure = exc
                     used = 0 if exc.http_status == 429 else prepared.prompt_tokens_estimate

@@ -221,16 +221,13 @@ def newest_seq(paths: list[Path]) -> np.ndarray:
 def journal_segments(directory: Path) -> list[tuple[int, Path]]:
     """Journal segments a run left (killed, or still writing) whose rows are in no part yet
     (a segment whose part exists was being deleted when the run died), oldest first."""
+    from .journal import Journal
+
     jdir = directory / "_journal"
     if not jdir.is_dir():
         return []
     done = {part_seq(p) for p in part_paths(directory)}
-    found = []
-    for p in jdir.iterdir():
-        m = re.match(r"^seg-(\d{6,})\.jsonl$", p.name)
-        if m and int(m.group(1)) not in done:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    return [(seq, p) for seq, p in Journal(jdir).left_over() if seq not in done]
 
 
 def journal_schema(directory: Path, segments: list[tuple[int, Path]]) -> pa.Schema:

@@ -4,7 +4,7 @@
 :func:`compare` pairs two runs' rows by id: the aggregate differences (accuracy over every row,
 see :mod:`.report`), the rows whose score flipped, McNemar's test on them and the paired
 difference's confidence interval, so that one noisy night is not read as a regression;
-:func:`regressions` turns thresholds into a verdict. A comparison that cannot be made (a run
+:func:`gates` turns thresholds into verdicts. A comparison that cannot be made (a run
 with no rows, no row shared, a gate on accuracy over an unscored run) raises
 :class:`CannotCompare`, never passes; two runs of different inputs, prompts, models or scoring
 are named in ``mismatches`` before any number.
@@ -169,13 +169,6 @@ def gates(c: dict[str, Any], *, max_accuracy_drop: float | None, max_error_rate_
                    f"the error rate changed by {rise:+.4f} (the gate: a rise of at most {max_error_rate_rise})")
         out.append({"name": "error_rate", "passed": not failed, "message": message})
     return out
-
-
-def regressions(c: dict[str, Any], *, max_accuracy_drop: float | None, max_error_rate_rise: float | None,
-                significant: bool = False, alpha: float = 0.05) -> list[str]:
-    """What fails the comparison: each threshold passed (only when significant, if asked)."""
-    return [g["message"] for g in gates(c, max_accuracy_drop=max_accuracy_drop, max_error_rate_rise=max_error_rate_rise,
-                                        significant=significant, alpha=alpha) if not g["passed"]]
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:

@@ -57,14 +57,20 @@ def _pct(values: np.ndarray) -> dict[str, float] | None:
             "max": round(float(values.max()), 4), "n": int(len(values))}
 
 
+def _interval(values: np.ndarray) -> tuple[float, float]:
+    """95% interval of a mean score: Wilson's for right/wrong scores, else the normal one."""
+    if set(np.unique(values)) <= {0.0, 1.0}:
+        return wilson(float(values.sum()), len(values))
+    return _mean_ci(values)
+
+
 def _accuracy(scores: Any) -> dict[str, Any] | None:
-    s = scores.dropna().astype(float)
+    s = scores.dropna().astype(float).to_numpy()
     n = int(len(s))
     if not n:
         return None
-    k = float(s.sum())
-    low, high = wilson(k, n) if set(s.unique()) <= {0.0, 1.0} else _mean_ci(s.to_numpy())
-    return {"accuracy": round(k / n, 4), "ci95": [round(low, 4), round(high, 4)], "scored": n}
+    low, high = _interval(s)
+    return {"accuracy": round(float(s.sum()) / n, 4), "ci95": [round(low, 4), round(high, 4)], "scored": n}
 
 
 def _headline(df: Any, expected_col: str | None, missing_rows: int = 0) -> dict[str, Any] | None:
@@ -85,7 +91,7 @@ def _headline(df: Any, expected_col: str | None, missing_rows: int = 0) -> dict[
     if not n:
         return None
     k = float(values.sum())
-    low, high = wilson(k, n) if set(np.unique(values)) <= {0.0, 1.0} else _mean_ci(values)
+    low, high = _interval(values)
     return {"accuracy": round(k / n, 4), "ci95": [round(low, 4), round(high, 4)], "rows": n, "correct": round(k, 4),
             "scored": int(decidable["score"].notna().sum()), "no_expected": int(len(df) - len(decidable))}
 
@@ -182,7 +188,10 @@ def report(output: str | Path, results: Any = None) -> dict[str, Any]:
 
             predicted = [read_label(c, labels).value if st == "ok" and isinstance(c, str) else None
                          for st, c in zip(df["status"], df.get("content", [None] * n), strict=True)]
-        gold = [None if g is None or (isinstance(g, float) and math.isnan(g)) else _as_label(str(g), labels)
+        from ..scoring.extract import normalize
+
+        spelled = {normalize(x): x for x in labels}  # a gold value as the job spells its label
+        gold = [None if g is None or (isinstance(g, float) and math.isnan(g)) else spelled.get(normalize(str(g)), str(g))
                 for g in df[expected_col].tolist()]
         out_dict["labels"] = label_metrics(gold, predicted, labels)
     grader_runs = sorted((out / "_grader").glob("run-*")) if (out / "_grader").is_dir() else []
@@ -274,14 +283,6 @@ def _labels(job: dict[str, Any]) -> list[str]:
         return []
     labels = score.get("labels") or extract.get("labels") or []
     return [labels] if isinstance(labels, str) else list(labels)
-
-
-def _as_label(value: str, labels: list[str]) -> str:
-    """A gold value as the job spells the label (case and spacing folded), else as written."""
-    from ..scoring.extract import normalize
-
-    folded = {normalize(x): x for x in labels}
-    return folded.get(normalize(value), value)
 
 
 def _digest(value: Any) -> str:

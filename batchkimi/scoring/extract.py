@@ -137,12 +137,6 @@ def read_number(text: str, decimal: str = ".") -> Read:
     return Read(found[-1], "flexible")
 
 
-def last_number(text: str) -> float | None:
-    """The number an answer gives as a float (see :func:`read_number`), or None."""
-    r = read_number(text)
-    return None if r.value is None else float(r.value)
-
-
 # ---- labels --------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
 def _labeler(labels: tuple[str, ...]) -> tuple[dict[str, str], re.Pattern[str] | None]:

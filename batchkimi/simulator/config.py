@@ -99,14 +99,14 @@ class SimConfig:
     def __post_init__(self) -> None:
         kimi = self.shape == "kimi"
         if self.latency_ms is None:
-            self.latency_ms = KIMI_TTFT_MS if kimi else 0.0
+            self.latency_ms = ASSUMED_TTFT_MS if kimi else 0.0
         if self.tokens_per_s is None:
-            self.tokens_per_s = KIMI_TOKENS_PER_S if kimi else 0.0
+            self.tokens_per_s = ASSUMED_TOKENS_PER_S if kimi else 0.0
 
     def length_shape(self, model: str, thinking: bool) -> dict[str, float]:
         """The lognormal medians and spreads of a request's parts (``kimi`` shape)."""
         mode = "thinking" if thinking else "non-thinking"
-        out = dict(KIMI_LENGTHS[mode])
+        out = dict(ASSUMED_LENGTHS[mode])
         out.update(self.lengths.get(mode, {}))
         out.update(self.lengths.get(f"{model}/{mode}", {}))
         return out
@@ -119,14 +119,4 @@ class SimConfig:
     def pace(self) -> float:
         """Tokens a second of the clock (0: as fast as possible)."""
         return (self.tokens_per_s or 0.0) * self.speed
-
-
-# Kimi's shape, as assumed (batchkimi.kimi: the dry run's cost range assumes the same): thinking
-# answers whose reasoning has a median of 1,800 tokens and a spread (sigma of the log) of 1.2, so
-# that most run from a few hundred to ten thousand tokens and about 3% pass 16,000; answers a few
-# hundred tokens. Time to first token 1.5 s, then 60 tokens a second.
-KIMI_LENGTHS = ASSUMED_LENGTHS
-KIMI_TTFT_MS = ASSUMED_TTFT_MS
-KIMI_TOKENS_PER_S = ASSUMED_TOKENS_PER_S
-
 
