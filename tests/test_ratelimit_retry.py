@@ -58,7 +58,7 @@ def test_tpm_reserves_the_estimate_and_reconciles_the_real_usage() -> None:
     clock = FakeClock()
 
     async def go() -> tuple[float, float, float]:
-        lim = RateLimiter(concurrency=100, tpm=6000, headroom=1.0, clock=clock)
+        lim = RateLimiter(concurrency=100, tpm=6000, headroom=1.0, clock=clock, window=False)  # the bucket alone
         p = await lim.acquire(50)
         first = clock.now() - 1000
         lim.release(p, 50 + 400)  # used 400 more than reserved: debt
@@ -209,7 +209,7 @@ def test_a_token_waiter_wakes_when_an_estimates_debt_is_forgiven() -> None:
     clock = ManualClock()
 
     async def go() -> float:
-        lim = RateLimiter(concurrency=10, tpm=6000, headroom=1.0, clock=clock)  # 100 tokens/s
+        lim = RateLimiter(concurrency=10, tpm=6000, headroom=1.0, clock=clock, window=False)  # the bucket: 100 tokens/s
         lim._tok_level = 100.0
         first = await lim.acquire(1000)  # 900 in debt now
         waiter = asyncio.ensure_future(lim.acquire(100))

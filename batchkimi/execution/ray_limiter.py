@@ -53,7 +53,7 @@ class GlobalLimit:
     state needs no lock, and a lease never waits inside the actor (it says how long to wait)."""
 
     def __init__(self, rpm: float, tpm: float, concurrency: int) -> None:
-        self.lim = RateLimiter(concurrency=concurrency, rpm=rpm, tpm=tpm)
+        self.lim = RateLimiter(concurrency=concurrency, rpm=rpm, tpm=tpm, window=False)  # it sees no answers
         self.leases = 0
         self.units = 0
         self.busy_s = 0.0  # CPU time spent answering, for the cost per permit

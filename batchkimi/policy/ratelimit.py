@@ -12,6 +12,17 @@ then. The clock is injected (:class:`Clock`), so the limiter is tested without r
   anything was learned do not carry the prior. :meth:`RateLimiter.release` reconciles it with
   the real usage: an overrun becomes debt that later requests wait out, an underrun is given
   back and wakes the waiters.
+- **The server's minute, mirrored** (:class:`TokenWindow`): a server that counts a prompt
+  when it admits a request and its completion when it answers, over a sliding minute (the
+  simulator does; TokenHub's way is not published), refuses a request only while that minute
+  is full. The limiter keeps the same count (prompts when sent, completions when they come
+  back, over a minute and a second: the second covers the trip to the server) and holds a
+  request while it is full. The bucket then reserves the mean and may run ahead, holding
+  ``_WINDOW_BURST_S`` of its rate, since the mirror, not the bucket, keeps the server's minute
+  under the limit: long answers land minutes after they were sent, in bursts no reservation
+  foresees, and a bucket that could not catch up after such a burst left the limit half
+  used. ``window=False`` (Ray's cluster-wide lease, which sees no answers) keeps the bucket
+  alone, holding a quarter second.
 - **Rate-limit 429s** pause every worker together (:meth:`RateLimiter.cool_down`), and cut
   the rate and concurrency by ``decrease_factor`` (at most once per cool-down); the share then
   climbs back linearly, ``recovery_per_s`` of the configured rate each second (AIMD). The cut
@@ -35,10 +46,13 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from typing import Any, Protocol
 
 _EPS = 1e-6  # refills land a hair short of whole units in floating point
 _BURST_S = 0.25  # a bucket holds this many seconds of its rate: bursts stay within the headroom
+_WINDOW_BURST_S = 5.0  # ... or this many, when the mirrored minute guards the server's (see above)
+WINDOW_S = 61.0  # the server's sliding minute, and a second for the trip: its count ends later
 
 
 class Clock(Protocol):
@@ -99,11 +113,53 @@ class CompletionEstimate:
 
 
 class Permit:
-    __slots__ = ("reserved_tokens", "released")
+    __slots__ = ("reserved_tokens", "released", "sent")
 
-    def __init__(self, reserved_tokens: int) -> None:
+    def __init__(self, reserved_tokens: int, sent: list[float] | None = None) -> None:
         self.reserved_tokens = reserved_tokens
         self.released = False
+        self.sent = sent  # the mirrored window's entry for this request's prompt
+
+
+class TokenWindow:
+    """The tokens a server counts over its sliding minute: each entry ``[time, tokens]``.
+
+    A prompt's entry is corrected when its request ends (the real prompt size; none when a
+    429 said it was not admitted); a completion is added when it comes back."""
+
+    def __init__(self, window_s: float = WINDOW_S) -> None:
+        self.window_s = window_s
+        self.entries: deque[list[float]] = deque()
+        self.total = 0.0
+
+    def expire(self, now: float) -> None:
+        edge = now - self.window_s
+        entries = self.entries
+        while entries and entries[0][0] <= edge:
+            self.total -= entries.popleft()[1]
+
+    def add(self, now: float, tokens: float) -> list[float]:
+        entry = [now, float(tokens)]
+        self.entries.append(entry)
+        self.total += tokens
+        return entry
+
+    def correct(self, entry: list[float], tokens: float, now: float) -> None:
+        if entry[0] > now - self.window_s:  # still counted
+            self.total += tokens - entry[1]
+        entry[1] = float(tokens)
+
+    def wait_for(self, room: float, limit: float, now: float) -> float:
+        """Seconds until ``room`` tokens fit under ``limit`` (0: they do now). An empty window
+        always has room: a prompt bigger than the limit goes alone."""
+        excess = self.total + min(room, limit) - limit
+        if excess <= _EPS * max(limit, 1.0):
+            return 0.0
+        for t, tokens in self.entries:
+            excess -= tokens
+            if excess <= _EPS * max(limit, 1.0):
+                return max(t + self.window_s - now, 1e-3)
+        return 1e-3  # only rounding left
 
 
 class RateLimiter:
@@ -122,6 +178,7 @@ class RateLimiter:
         overload_window_s: float = 5.0,
         overload_cluster_min: float = 3.0,
         overload_cluster_share: float = 0.1,
+        window: bool = True,
     ) -> None:
         self.clock = clock or MonotonicClock()
         self.completion = completion
@@ -137,6 +194,8 @@ class RateLimiter:
         self._last = now
         self._req_level = min(1.0, self._req_capacity)  # one request may go at once
         self._tok_level = 0.0  # tokens start empty: no burst at second zero
+        self.window = TokenWindow() if window and tpm else None
+        self._tok_burst_s = _WINDOW_BURST_S if self.window is not None else _BURST_S
         self._cool_until = now
         self._last_decrease = -1e18
         self.in_flight = 0
@@ -169,7 +228,7 @@ class RateLimiter:
 
     @property
     def _tok_capacity(self) -> float:
-        return self.tpm / 60 * self.headroom * _BURST_S
+        return self.tpm / 60 * self.headroom * self._tok_burst_s
 
     @property
     def concurrency_cap(self) -> int:
@@ -212,6 +271,10 @@ class RateLimiter:
                     need = min(float(tokens), self._tok_capacity)  # a bigger one goes into debt
                     if self._tok_level < need - _EPS * need:
                         wait = max(wait, (need - self._tok_level) / self._tok_rate)
+                window = self.window
+                if window is not None:
+                    window.expire(now)
+                    wait = max(wait, window.wait_for(prompt_tokens, self.tpm * self.headroom * self.share, now))
                 if wait > 0:
                     await self._sleep_or_wake(max(wait, 1e-4), woken_by_release=bool(self.tpm and tokens))
                     continue
@@ -220,7 +283,7 @@ class RateLimiter:
                 if self.tpm:
                     self._tok_level -= tokens
                 self.in_flight += 1
-                return Permit(tokens)
+                return Permit(tokens, window.add(now, prompt_tokens) if window is not None else None)
 
     async def _sleep_or_wake(self, seconds: float, *, woken_by_release: bool) -> None:
         """Sleep ``seconds``, or less if a release reconciles tokens (an estimate's debt forgiven)."""
@@ -247,8 +310,14 @@ class RateLimiter:
         if completion_tokens is not None and self.completion is not None:
             self.completion.observe(completion_tokens)
         if self.tpm and actual_tokens is not None:
-            self._refill(self.clock.now())
+            now = self.clock.now()
+            self._refill(now)
             self._tok_level -= actual_tokens - permit.reserved_tokens
+            if self.window is not None and permit.sent is not None:
+                completion = completion_tokens or 0
+                self.window.correct(permit.sent, max(0, actual_tokens - completion), now)
+                if completion:
+                    self.window.add(now, completion)
         self._released.set()
 
     # ---- adapting ----------------------------------------------------------------------
