@@ -133,6 +133,7 @@ class Simulator:
             self.stats["peak_in_flight"] = max(self.stats["peak_in_flight"], self.stats["in_flight"])
             since = time.monotonic() - self.started
             self.stats["admitted_per_s"][int(since)] += 1
+            self.stats["tokens_per_s"][int(since)] += prompt_tokens  # counted as the TPM limit counts: the prompt now
             self.stats["admitted"] += 1
             if self.stats["admitted_first_s"] is None:
                 self.stats["admitted_first_s"] = since
@@ -174,7 +175,6 @@ class Simulator:
             self.stats["completion_tokens"] += completion_tokens
             self.stats["cached_tokens"] += cached
             self.stats["per_key"][key]["tokens"] += prompt_tokens + completion_tokens
-            self.stats["tokens_per_s"][int(time.monotonic() - self.started)] += prompt_tokens + completion_tokens
             cid = "chatcmpl-" + hashlib.blake2b(rid.encode(), digest_size=12).hexdigest()[:24]
             if req.stream:
                 return await stream(self, request, key, rid, cid, model, reasoning, content, tool_calls, finish, usage,
@@ -216,6 +216,8 @@ class Simulator:
             if admitted:
                 self.stats["in_flight"] -= 1
                 self.limits.done(key, completion_tokens)  # type: ignore[arg-type]
+                if completion_tokens:  # ... and the completion when it is answered
+                    self.stats["tokens_per_s"][int(time.monotonic() - self.started)] += completion_tokens
 
     # ---- pieces ----------------------------------------------------------------------------
     def _auth(self, request: web.Request) -> str:
