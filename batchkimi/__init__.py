@@ -23,6 +23,7 @@ from .version import __version__
 # middle: input -> request -> execution (policy and http on the way) -> output.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "events", "kimi", "tokens", "stats", "exit_codes", "files", "version"),  # the foundation: pure, no I/O
+    ("storage",),  # URLs of object stores, and the local copies worked on (fsspec)
     ("config",),  # the job: what to read, send and write
     ("policy",),  # decisions with no I/O: retry, disposition, rate limits, budget, rerun
     ("input", "output", "http"),  # the edges: reading rows, writing results, one HTTP attempt

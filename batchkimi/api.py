@@ -41,6 +41,7 @@ from .kimi import completion_range
 from .policy.ratelimit import CompletionEstimate, Limiter
 from .scoring.grader import grade_pending, known_grades
 from .scoring.score import score_output
+from .storage.remote import output_copy
 
 __all__ = ["RowEngine", "Summary", "dry_run", "run", "run_async"]
 INVALID_SHOWN = 50  # rows named one by one in a dry run's report
@@ -164,7 +165,8 @@ async def _score(job: Job, summary: Summary, api_key: str, base_url: str, ca_pem
     specs = specs_of(job.extract, job.score, job.tools)
     if specs.empty:
         return
-    out = Path(summary.output)
+    remote = output_copy(summary.output)
+    out = remote.local if remote is not None else Path(summary.output)
     try:
         grades = None
         if specs.score is not None and specs.score.method == "model" and not (
@@ -174,6 +176,8 @@ async def _score(job: Job, summary: Summary, api_key: str, base_url: str, ca_pem
             summary.notes.append(f"model grader: {graded['graded_now']} answers graded now, {graded['answers']} in all")
             grades = await asyncio.to_thread(known_grades, out)
         summary.scores = await asyncio.to_thread(score_output, out, specs, grades)
+        if remote is not None:
+            await asyncio.to_thread(remote.push)
     except Exception as exc:  # noqa: BLE001 - the results stand; their scores can be made again
         summary.notes.append(f"scoring failed ({type(exc).__name__}: {exc}); run `batchkimi score {out}` to try again")
 

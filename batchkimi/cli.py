@@ -79,7 +79,7 @@ def run(job_file: Path | None, dry_run: bool, quiet: bool, overwrite: bool, json
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("folder")
 @_option("output", required=True)
 @_option("prompt_template", help="What to ask about each file, e.g. 'Describe this image in one sentence.' ({id} is "
                                  "its path); required unless --job sets prompt_template.")
@@ -89,7 +89,7 @@ def run(job_file: Path | None, dry_run: bool, quiet: bool, overwrite: bool, json
 @click.option("--dry-run", is_flag=True, help="Walk the folder, check every file, show the first request; send nothing.")
 @_QUIET
 @_JSON_SUMMARY
-def caption(folder: Path, job_file: Path | None, dry_run: bool, quiet: bool, overwrite: bool, json_summary: bool,
+def caption(folder: str, job_file: Path | None, dry_run: bool, quiet: bool, overwrite: bool, json_summary: bool,
             **flags: Any) -> None:
     """Caption every image and video under FOLDER (recursively; the type comes from each
     file's bytes). Rerun the same command to send only new and changed files."""

@@ -16,7 +16,23 @@ from .config import Job, load_job, resolve_api_key
 from .errors import JobError
 
 
-def _output(output: Path) -> Path:
+class _Output(click.ParamType):
+    """A run's output: a local folder that exists, or the URL of one on object storage."""
+
+    name = "output"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from .storage.location import is_url
+
+        if isinstance(value, str) and is_url(value):
+            return value
+        return click.Path(file_okay=False, exists=True, path_type=Path).convert(value, param, ctx)
+
+
+OUTPUT = _Output()
+
+
+def _output(output: Path | str) -> Path:
     """OUTPUT, checked to be a batchkimi output (one line saying why not)."""
     from .output.sink import check_output
 
@@ -55,13 +71,14 @@ def _destination(path: Path) -> Path:
 
 
 @click.command()
-@click.argument("output", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("output", type=OUTPUT)
 @click.option("--head", type=int, default=5, show_default=True, help="Rows to show.")
-def show(output: Path, head: int) -> None:
+def show(output: Path | str, head: int) -> None:
     """Counts by status, the first rows and the failed rows of a run's OUTPUT directory."""
     from .output.sink import read_results
 
-    df = read_results(_output(output))
+    output = _output(output)
+    df = read_results(output)
     click.echo(f"{len(df)} rows" + _unfinished(output))
     if len(df):
         click.echo(df["status"].value_counts().to_string())
@@ -94,10 +111,10 @@ def _job_for(output: Path, job_file: Path | None) -> Job:
 
 
 @click.command()
-@click.argument("output", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("output", type=OUTPUT)
 @click.option("--job", "job_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Take [extract] and [score] from this job file instead of the run's own.")
-def score(output: Path, job_file: Path | None) -> None:
+def score(output: Path | str, job_file: Path | None) -> None:
     """Extract and score OUTPUT's answers again (after changing a scorer). Nothing is sent,
     except, for a model-graded score, the grading requests of answers not graded yet."""
     import asyncio
@@ -108,6 +125,9 @@ def score(output: Path, job_file: Path | None) -> None:
     from .scoring.score import score_output
     from .stats import accuracy_text
 
+    if isinstance(output, str):
+        raise _Fail(f"{output}: scoring writes into the output; score a remote output by running its job again "
+                    "(a run scores what it finished) or score a local copy")
     try:
         job = _job_for(output, job_file)
         specs = specs_of(job.extract, job.score, job.tools)
@@ -133,16 +153,16 @@ def score(output: Path, job_file: Path | None) -> None:
 
 
 @click.command()
-@click.argument("output", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("output", type=OUTPUT)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write one self-contained page with plots (and a contact sheet for images).")
-def report(output: Path, as_json: bool, html_file: Path | None) -> None:
+def report(output: Path | str, as_json: bool, html_file: Path | None) -> None:
     """Status, errors, finish reasons, tokens, cost, latency, retries and accuracy of OUTPUT."""
     from .report.report import report as make_report
     from .report.report import report_lines
 
-    _output(output)
+    output = _output(output)
     if html_file is not None:
         _destination(html_file)
         try:
@@ -155,7 +175,7 @@ def report(output: Path, as_json: bool, html_file: Path | None) -> None:
 
 
 @click.command()
-@click.argument("runs", nargs=-1, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("runs", nargs=-1, type=OUTPUT)
 @click.option("--latest", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Compare the two newest runs under this folder (e.g. runs/nightly): by the date in their names, else by creation.")
 @click.option("--max-accuracy-drop", type=float, help="Fail (exit 5) if accuracy falls by more than this (0.02 = 2 points).")
@@ -188,8 +208,7 @@ def compare(runs: tuple[Path, ...], latest: Path | None, max_accuracy_drop: floa
             raise _Fail(str(exc)) from None
     if len(runs) != 2:
         raise click.UsageError("compare needs two run outputs (BEFORE AFTER), or --latest FOLDER")
-    for run in runs:
-        _output(run)
+    runs = tuple(_output(run) for run in runs)
     try:
         c = make_compare(runs[0], runs[1], show=show_rows)
         verdicts = gates(c, max_accuracy_drop=max_accuracy_drop, max_error_rate_rise=max_error_rate_rise,
@@ -242,15 +261,15 @@ def trend(folder: Path, last: int, as_json: bool, html_file: Path | None) -> Non
 
 
 @click.command()
-@click.argument("output", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("output", type=OUTPUT)
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "openai-batch"]), default="jsonl", show_default=True,
               help="JSON Lines, CSV, or OpenAI Batch API output lines.")
 @click.option("--output", "dest", type=click.Path(dir_okay=False, path_type=Path), help="Write here (default: stdout).")
-def export(output: Path, fmt: str, dest: Path | None) -> None:
+def export(output: Path | str, fmt: str, dest: Path | None) -> None:
     """Write OUTPUT's rows (with their scores) as JSONL, CSV or OpenAI Batch output, streamed."""
     from .report.export import export as do_export
 
-    _output(output)
+    output = _output(output)
     if dest is None:
         n = do_export(output, fmt, sys.stdout.buffer)
         sys.stdout.buffer.flush()

@@ -24,6 +24,7 @@ from typing import Any
 from .. import kimi
 from ..errors import ConfigError, MissingKeyError
 from ..kimi import CONTEXT_LIMIT_TOKENS, DEFAULT_PRICES, FIXED_PARAMS
+from ..storage.location import filesystem, is_url, redact
 from .job import Job
 from .settings import SETTINGS
 from .specs import specs_of
@@ -67,8 +68,11 @@ def _local(key: str, value: Any, where: str) -> Any:
             raise ConfigError(f"{key} = {value!r} ({where}): a file:// URL on another host ({host}) cannot be read here")
         return urllib.parse.unquote("/" + local)
     if slashes == "//":
-        raise ConfigError(f"{key} = {value!r} ({where}): {scheme}:// is object storage or a remote location, which "
-                          "batchkimi does not read or write yet: copy the data to a local or mounted path first")
+        if key in ("input", "output"):
+            filesystem(value)  # a scheme no filesystem reaches is one line now, naming what to install
+            return value
+        raise ConfigError(f"{key} = {redact(value)!r} ({where}): {key} must be a local path; a {scheme}:// URL is "
+                          "read for input and output only")
     raise ConfigError(f"{key} = {value!r} ({where}) looks like a {scheme}:// URL with a slash missing; for a local "
                       f"path of that name write ./{value}")
 
@@ -89,7 +93,7 @@ def load_job(path: Path | None = None, overrides: Mapping[str, Any] | None = Non
         for key, value in raw.items():
             values[key] = _local(key, _coerce(key, value, where), where) if key in _PATH_KEYS else _coerce(key, value, where)
         for key in _PATH_KEYS:
-            if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
+            if isinstance(values.get(key), str) and not is_url(values[key]) and not Path(values[key]).is_absolute():
                 values[key] = os.path.normpath(base / values[key])
     env_base = os.environ.get("BATCHKIMI_BASE_URL")
     if env_base and "base_url" not in values:

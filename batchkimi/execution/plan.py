@@ -33,6 +33,8 @@ from ..output import parts
 from ..output.parts import ResumeState
 from ..output.sink import Sink
 from ..output.spend import output_spend
+from ..storage.location import is_url
+from ..storage.remote import fetch_input
 from .resume import check_resume, refuse_foreign_output
 
 
@@ -58,15 +60,21 @@ class Plan:
     spent: tuple[float, int, int]  # the output's spend before this run: usd, tokens, last part counted
 
 
-def input_format(job: Job) -> str:
+def input_path(job: Job) -> Path:
+    """The job's input as a local path: a URL's objects are fetched into a local copy first
+    (again only when they changed)."""
     if not job.input:
         raise ConfigError("no input: set 'input' in the job file or pass --input")
-    return detect_format(Path(job.input), job.input_format)
+    return fetch_input(job.input) if is_url(job.input) else Path(job.input)
+
+
+def input_format(job: Job) -> str:
+    return detect_format(input_path(job), job.input_format)
 
 
 def media_settings(job: Job, *, folder: bool) -> MediaSettings:
     """The job's media settings; a folder's index names each file in ``image`` or ``video``."""
-    media = settings_for(job, Path(job.input or "."))
+    media = settings_for(job, input_path(job) if job.input else Path("."))
     return dataclasses.replace(media, image_columns=("image",), video_columns=("video",)) if folder else media
 
 
@@ -76,7 +84,7 @@ def open_folder(job: Job, index: Path, old: list[dict[str, Any]]) -> tuple[Path,
     assert job.input
     if not job.prompt_template:
         raise ConfigError("a folder of images and videos needs a prompt: set prompt_template (or pass --prompt)")
-    folder = scan_folder(Path(job.input), old, tuple(job.include), tuple(job.exclude))
+    folder = scan_folder(input_path(job), old, tuple(job.include), tuple(job.exclude))
     write_index(index, folder.entries)
     scan = scan_input(index, "jsonl", "id") if folder.entries else InputScan(0, "", True, 0, 0)
     return index, scan, folder
@@ -85,7 +93,7 @@ def open_folder(job: Job, index: Path, old: list[dict[str, Any]]) -> tuple[Path,
 def open_input(job: Job, manifest: dict[str, Any] | None) -> tuple[Path, str, InputScan]:
     """The input's path, format and scan (from the manifest when the file is unchanged)."""
     fmt = input_format(job)
-    path = Path(job.input or "")
+    path = input_path(job)
     scan: InputScan | None = None
     if manifest:
         old = manifest.get("input", {})
@@ -185,13 +193,14 @@ async def open_plan(job: Job, sink: Sink, *, overwrite: bool = False) -> Plan:
     """Open the input and the output for a run (the output's lock held from here on: the caller
     unlocks it), and decide what it sends."""
     out = sink.dir
-    refuse_foreign_output(out)
+    if sink.remote is None:  # a remote output's store is checked when its lock is taken (Sink.prepare)
+        refuse_foreign_output(out)
     manifest = None if overwrite else sink.read_manifest()
     folder: FolderScan | None = None
     history: dict[str, Any] | None = None
     try:
         if input_format(job) == "folder":
-            check_resume(manifest, job, None, out)
+            check_resume(manifest, job, None, out, shown=sink.location)
             sink.prepare(overwrite=overwrite)  # the index is the output's: lock first
             old = await asyncio.to_thread(read_index, out / INDEX)
             path, scan, folder = await asyncio.to_thread(open_folder, job, out / INDEX, old)
@@ -199,7 +208,7 @@ async def open_plan(job: Job, sink: Sink, *, overwrite: bool = False) -> Plan:
             del old  # a line per file: not kept for the run
         else:
             path, fmt, scan = open_input(job, manifest)
-            grew = check_resume(manifest, job, scan, out, path, fmt)
+            grew = check_resume(manifest, job, scan, out, path, fmt, shown=sink.location)
             sink.prepare(overwrite=overwrite)
             if manifest is None or grew:  # what a later run needs to tell a grown input from a changed one
                 history = await asyncio.to_thread(remember, out, path, fmt, scan)
@@ -219,7 +228,7 @@ async def open_plan(job: Job, sink: Sink, *, overwrite: bool = False) -> Plan:
 def dry_plan(job: Job) -> Iterator[Plan]:
     """The plan a run would make, for ``--dry-run``: nothing is written (a folder's index goes to
     a temporary folder, parts are read, never compacted)."""
-    sink = Sink(Path(job.output), job.keep_columns) if job.output else None
+    sink = Sink(job.output, job.keep_columns) if job.output else None
     if sink is not None:
         refuse_foreign_output(sink.dir)
     manifest = sink.read_manifest() if sink is not None and sink.dir.exists() else None

@@ -35,17 +35,18 @@ def refuse_foreign_output(out: Path) -> None:
 
 
 def check_resume(manifest: dict[str, Any] | None, job: Job, scan: InputScan | None, out: Path,
-                 path: Path | None = None, fmt: str | None = None) -> bool:
+                 path: Path | None = None, fmt: str | None = None, *, shown: str | None = None) -> bool:
     """Refuse to resume over results of another input (``scan`` None: a folder, whose index
     carries its own history) or of other requests. True when the input grew since (rows
     appended, files added: see :mod:`batchkimi.input.history`), which resumes."""
     if not manifest:
         return False
-    fresh = f"Use a new --output, or pass --overwrite to delete {out} and start fresh."
+    name = shown or str(out)  # a remote output is named by its URL, not by its local copy
+    fresh = f"Use a new --output, or pass --overwrite to delete {name} and start fresh."
     was_folder = manifest.get("input", {}).get("format") == "folder"
     if was_folder != (scan is None):
         kind = "a folder of images and videos" if was_folder else "a dataset file"
-        raise OutputError(f"{out} holds the results of {kind}. {fresh}")
+        raise OutputError(f"{name} holds the results of {kind}. {fresh}")
     old_input = manifest.get("input", {})
     grew = False
     if scan is not None and old_input.get("fingerprint") != scan.fingerprint:
@@ -55,7 +56,7 @@ def check_resume(manifest: dict[str, Any] | None, job: Job, scan: InputScan | No
         elif path is not None and fmt is not None:
             why = first_change(out, path, fmt, old_input, scan)
         if why is not None or path is None:
-            raise OutputError(f"the input changed since {out} was written: {why or 'its fingerprint differs'}. "
+            raise OutputError(f"the input changed since {name} was written: {why or 'its fingerprint differs'}. "
                               f"Rows that only follow the old ones resume; changed rows do not. {fresh}")
         grew = True
     old = dict(manifest.get("request_settings", {}))
@@ -72,7 +73,7 @@ def check_resume(manifest: dict[str, Any] | None, job: Job, scan: InputScan | No
         why = ""
         if "base_url" in changed and "simulator" in (str(old.get("base_url")), str(new.get("base_url"))):
             why = " Answers from the simulator never pass for real ones (or the other way round)."
-        raise OutputError(f"{out} was made by a job that sends different requests or sends them elsewhere ({diff}).{why} {fresh}")
+        raise OutputError(f"{name} was made by a job that sends different requests or sends them elsewhere ({diff}).{why} {fresh}")
     return grew
 
 

@@ -26,7 +26,6 @@ import signal
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any, Protocol
 
 from ..config import Job, job_notices
@@ -74,14 +73,14 @@ class Run:
         self.overwrite = overwrite
         self.install_signal_handlers = install_signal_handlers
         self.external_stop = stop
-        self.sink = Sink(Path(job.output), job.keep_columns, job.rows_per_part)
+        self.sink = Sink(job.output, job.keep_columns, job.rows_per_part)
         self.started = time.monotonic()
         self.stopping = False
         self.error: BaseException | None = None  # raised after the run wrote what it could
         self.fatal: str | None = None
         self.signals = 0
         self.closed = False  # the executor is done: the writer may finish
-        self.summary = Summary(str(self.sink.dir), 0, 0)
+        self.summary = Summary(self.sink.location, 0, 0)
         self.gate = BudgetGate(0.0, 0, job.price_table, job.model)
         self.budget_lines = LineBudgetNotes(job, self.hook)
         self.results: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(2 * job.concurrency, 1024))
@@ -139,7 +138,7 @@ class Run:
             usd, tokens, self.counted_through = plan.spent
             self.gate = BudgetGate(job.max_cost_usd, job.max_total_tokens, job.price_table, job.model, usd, tokens)
             unsendable = plan.limit - plan.already - plan.to_send
-            self.summary = Summary(str(sink.dir), plan.limit - unsendable, plan.already)
+            self.summary = Summary(sink.location, plan.limit - unsendable, plan.already)
             if plan.folder is not None:
                 self.summary.notes = plan.folder.lines()
                 plan.folder.entries = []  # the index is on disk; a dict per file is not kept for the run

@@ -33,6 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import OutputError
+from ..storage.location import is_url
+from ..storage.remote import ObjectLock, RemoteFolder, copy_dir, open_remote
 from . import parts
 from .journal import Journal, encode_rows, write_all
 from .parts import ResumeState
@@ -47,9 +49,20 @@ LOCK = ".lock"
 
 
 class Sink:
-    def __init__(self, out_dir: Path, keep_columns: Iterable[str] = (), rows_per_part: int = 10000,
-                 bytes_per_part: int = 2 << 20) -> None:
-        self.dir = Path(out_dir)
+    """``out_dir``: a local folder, or the URL of one on object storage, worked on in a local
+    copy (:mod:`batchkimi.storage.remote`) whose parts, manifest and scores are pushed as
+    whole objects the moment they are written; the journal stays in the local copy."""
+
+    def __init__(self, out_dir: Path | str, keep_columns: Iterable[str] = (), rows_per_part: int = 10000,
+                 bytes_per_part: int = 2 << 20, storage: dict[str, Any] | None = None) -> None:
+        self.url = str(out_dir) if is_url(str(out_dir)) else None
+        self.remote: RemoteFolder | None = None
+        self._object_lock: ObjectLock | None = None
+        if self.url is not None:
+            self.remote = RemoteFolder(self.url, copy_dir(self.url, "output"), storage)
+            self.dir = self.remote.local
+        else:
+            self.dir = Path(out_dir)
         self.keep_columns = tuple(keep_columns)
         self.schema = result_schema(self.keep_columns)
         self.rows_per_part = rows_per_part
@@ -62,14 +75,29 @@ class Sink:
         self._lock_fh: Any = None
 
     # ---- manifest ----------------------------------------------------------------------
+    @property
+    def location(self) -> str:
+        """Where the output is, as the user named it (a URL, or the local folder)."""
+        return self.url or str(self.dir)
+
+    def publish(self) -> None:
+        """Push what changed in a remote output's local copy (nothing for a local output)."""
+        if self.remote is None:
+            return
+        if self._object_lock is not None and self._object_lock.lost:
+            raise OutputError(f"another run took over the lock of {self.location}: this run stops writing there")
+        self.remote.push()
+
     def read_manifest(self) -> dict[str, Any] | None:
         path = self.dir / MANIFEST
-        if not path.exists():
-            return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            if self.remote is not None and self._object_lock is None:  # not opened yet: the store's, not the copy's
+                data = self.remote.read(MANIFEST)
+                return None if data is None else json.loads(data)
+            return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
         except (OSError, ValueError) as exc:
-            raise OutputError(f"{path} is unreadable ({exc}); move the output away or use --overwrite") from None
+            raise OutputError(f"{self.location}/{MANIFEST} is unreadable ({exc}); move the output away or use "
+                              "--overwrite") from None
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         path = self.dir / MANIFEST
@@ -85,6 +113,7 @@ class Sink:
             os.replace(tmp, path)
         except OSError as exc:
             raise self._os_error(exc, "write the manifest") from exc
+        self.publish()
 
     # ---- opening -----------------------------------------------------------------------
     def prepare(self, *, overwrite: bool = False) -> None:
@@ -97,6 +126,8 @@ class Sink:
             raise self._os_error(exc, "create the output directory") from exc
         self._lock()
         try:
+            if self.remote is not None:
+                self._object_lock = open_remote(self.remote, overwrite=overwrite, ours=is_output_listing)
             if overwrite:
                 self._empty()
             self.journal.dir.mkdir(exist_ok=True)
@@ -113,6 +144,7 @@ class Sink:
                 seg.unlink()
             parts.conform(self.dir, self.schema)
             self._seq = max(seqs, default=0)
+            self.publish()
         except OSError as exc:
             self.unlock()
             raise self._os_error(exc, "open the output") from exc
@@ -151,6 +183,9 @@ class Sink:
         self._lock_fh = fh
 
     def unlock(self) -> None:
+        lock, self._object_lock = self._object_lock, None
+        if lock is not None:
+            lock.release()
         fh, self._lock_fh = self._lock_fh, None
         if fh is not None:
             fcntl.flock(fh, fcntl.LOCK_UN)
@@ -163,6 +198,8 @@ class Sink:
             self.state = parts.compact(self.dir, total_rows, rewrite=rewrite)
         except OSError as exc:
             raise self._os_error(exc, "compact the parts") from exc
+        if rewrite:
+            self.publish()
         return self.state
 
     def positions_with_status(self, statuses: Iterable[str], below: int | None = None) -> np.ndarray:
@@ -215,6 +252,7 @@ class Sink:
             return
         if rows:
             self._segment_to_part(seg, seq)
+            self.publish()  # the part is on the store before its journal segment goes
         seg.unlink(missing_ok=True)
         pa.default_memory_pool().release_unused()  # give conversion buffers back to the OS
 
@@ -230,6 +268,7 @@ class Sink:
             parts.write_table_atomic(parts.conform_table(table, self.schema), path)
         except OSError as exc:
             raise self._os_error(exc, f"write {path.name}") from exc
+        self.publish()
 
     def _segment_to_part(self, seg: Path, seq: int) -> None:
         table = parts.segment_to_table(seg, self.schema)
@@ -249,9 +288,14 @@ class Sink:
         else:
             why = exc.strerror or str(exc)
         return OutputError(
-            f"cannot {doing} in {self.dir}: {why}. Results already written stay valid; "
+            f"cannot {doing} in {self.location}: {why}. Results already written stay valid; "
             "fix this and run the same command to resume."
         )
+
+
+def is_output_listing(names: Iterable[str]) -> bool:
+    """Whether a folder's object names are a batchkimi output's (a manifest, or parts)."""
+    return any(n == MANIFEST or parts.PART.match(n) for n in names)
 
 
 def is_output(path: Path) -> bool:
@@ -260,7 +304,16 @@ def is_output(path: Path) -> bool:
 
 
 def check_output(output: str | os.PathLike[str]) -> Path:
-    """``output`` as a Path, or an OutputError saying why it is no batchkimi output."""
+    """``output`` as a Path, or an OutputError saying why it is no batchkimi output. A URL's
+    objects are fetched into a local copy first (only those that changed since the last look);
+    rows still in a remote writer's journal appear when it pushes its next part."""
+    if is_url(str(output)):
+        remote = RemoteFolder(str(output), copy_dir(str(output), "read"))
+        remote.pull()
+        if not is_output(remote.local):
+            raise OutputError(f"{remote.url} is not a batchkimi output (it holds no {MANIFEST} and no part-*.parquet): "
+                              "give the output folder of a batchkimi run")
+        return remote.local
     path = Path(output)
     if not path.is_dir():
         raise OutputError(f"{path} is not a folder: give the output folder of a batchkimi run")
