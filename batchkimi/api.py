@@ -41,6 +41,7 @@ from .kimi import completion_range
 from .policy.ratelimit import CompletionEstimate, Limiter
 from .scoring.grader import grade_pending, known_grades
 from .scoring.score import score_output
+from .storage.location import is_url
 from .storage.remote import output_copy
 
 __all__ = ["RowEngine", "Summary", "dry_run", "run", "run_async"]
@@ -264,6 +265,6 @@ def run(job: Job, **kwargs: Any) -> Summary:
     key = kwargs.pop("api_key", None) or resolve_api_key(job)
     # Ray's workers do not run in this directory: every path they see is absolute.
     job = job.replace(**{k: str(Path(v).expanduser().resolve()) for k in ("input", "output", "media_root", "ca_file")
-                         if (v := getattr(job, k))})
+                         if (v := getattr(job, k)) and not is_url(v)})
     with ray_session(job), asyncio.Runner(loop_factory=loop_factory(job.event_loop)) as runner:
         return runner.run(_run(job, key, lambda url, pem: RayExecutor(key, base_url=url, ca_pem=pem), **kwargs))

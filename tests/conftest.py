@@ -134,3 +134,4 @@ def stream_reply(raw: bytes) -> Callable[[web.Request], Any]:
         return resp
 
     return handler
+from .s3_server import s3, s3_server  # noqa: E402,F401 - fixtures: a loopback S3 server and a fresh bucket

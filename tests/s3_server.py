@@ -7,14 +7,19 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from moto.server import DomainDispatcherApplication, create_backend_app
-from werkzeug.serving import make_server
+import pytest
 
 
 class S3Server:
     def __init__(self) -> None:
+        from moto.server import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
+
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         app = DomainDispatcherApplication(create_backend_app)
         self.methods: collections.Counter[str] = collections.Counter()
@@ -47,3 +52,35 @@ class S3Server:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[Any]:
+    pytest.importorskip("moto")
+    pytest.importorskip("s3fs")
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3(s3_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A fresh bucket, credentials and endpoint in the environment, a cache of local copies of
+    this test's own; ``s3.bucket``, ``s3.env`` (for subprocesses), ``s3.fs``."""
+    import boto3
+    import s3fs
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": s3_server.url, "BATCHKIMI_CACHE_DIR": str(tmp_path / "cache")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()
+    bucket = f"bk-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server.url).create_bucket(Bucket=bucket)
+    s3_server.bucket, s3_server.env = bucket, env
+    s3_server.fs = s3fs.S3FileSystem()
+    s3_server.reset()
+    yield s3_server
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -11,8 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,38 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "sample_data" / "media" / "images"
 ROWS = 240
 CONCURRENCY = 6
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[Any]:
-    from .s3_server import S3Server
-
-    server = S3Server()
-    yield server
-    server.stop()
-
-
-@pytest.fixture()
-def s3(s3_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """A fresh bucket, credentials and endpoint in the environment, a cache of local copies of
-    this test's own; ``s3.bucket``, ``s3.env`` (for subprocesses), ``s3.fs``."""
-    import boto3
-    import s3fs
-
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": s3_server.url, "BATCHKIMI_CACHE_DIR": str(tmp_path / "cache")}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(k, raising=False)
-    s3fs.S3FileSystem.clear_instance_cache()
-    bucket = f"bk-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server.url).create_bucket(Bucket=bucket)
-    s3_server.bucket, s3_server.env = bucket, env
-    s3_server.fs = s3fs.S3FileSystem()
-    s3_server.reset()
-    yield s3_server
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def put_rows(s3: Any, key: str, n: int) -> str:

@@ -41,6 +41,7 @@ from ..input.blocks import jsonl_block_rows, jsonl_blocks, parquet_block_rows, p
 from ..output.results import invalid_row
 from ..policy.breaker import FailureBreaker
 from ..policy.budget import BudgetGate, Reservation
+from ..storage.location import is_url
 from .ray_limiter import LeasedLimiter, limit_actor, limit_name
 from .row import AccountWaiting, RowAbandoned, RowEngine, policy_of, sent_max_tokens, timeouts_of
 from .rows import kept_values, prepare_row, tokens_of
@@ -128,7 +129,8 @@ class BlockWorker:
         if desc["kind"] == "parquet":
             rows = parquet_block_rows(desc["file"], desc["first_in_file"], desc["start"], desc["stop"])
         else:
-            rows = jsonl_block_rows(Path(desc["path"]), desc["offset"], desc["lines"], desc["start"], desc["stop"])
+            rows = jsonl_block_rows(Path(desc["path"]), desc["offset"], desc["lines"], desc["start"], desc["stop"],
+                                    url=desc.get("url"), end=desc.get("end"))
         skip = set(desc["skip"])
         out = []
         for row in rows:
@@ -244,12 +246,22 @@ class RayExecutor:
         assert plan is not None
         done, limit, n = plan.done, plan.limit, job.ray_block_rows
         blocks: list[dict[str, Any]] = []
+        # an input in a store: the actors read each block from it (no disk shared with this one)
+        remote = job.input if job.input and is_url(job.input) else None
+
+        def where(file: Path) -> str:
+            if remote is None:
+                return str(Path(file).resolve())
+            rel = Path(file).relative_to(plan.path).as_posix() if Path(plan.path).is_dir() else ""
+            return f"{remote.rstrip('/')}/{rel}" if rel else remote
+
         if plan.fmt == "parquet":
-            cuts: Any = ({"kind": "parquet", "file": str(Path(f).resolve()), "first_in_file": first, "start": a, "stop": b}
+            cuts: Any = ({"kind": "parquet", "file": where(Path(f)), "first_in_file": first, "start": a, "stop": b}
                          for f, first, a, b in parquet_blocks(plan.path, n, limit))
         else:
-            cuts = ({"kind": "jsonl", "path": str(Path(plan.path).resolve()), "offset": off, "lines": lines,
-                     "start": a, "stop": b} for off, lines, a, b in jsonl_blocks(plan.path, n, limit))
+            cuts = ({"kind": "jsonl", "path": str(Path(plan.path).resolve()), "url": remote, "offset": off,
+                     "lines": lines, "start": a, "stop": b, "end": end}
+                    for off, lines, a, b, end in jsonl_blocks(plan.path, n, limit))
         for desc in cuts:
             a, b = desc["start"], desc["stop"]
             flags = done[a:b]

@@ -8,24 +8,34 @@ one file. Rows are numbered as :mod:`batchkimi.input.reader` numbers them.
 from __future__ import annotations
 
 import functools
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..errors import DatasetError
+from ..storage.location import filesystem, is_url
 from .reader import BOM, SourceRow, iter_jsonl, parquet_file, parquet_files, reading
 
 
-def jsonl_block_rows(path: Path, offset: int, lines: int, start: int, stop: int) -> Iterator[SourceRow]:
-    """The rows of one :func:`jsonl_blocks` block."""
-    return iter_jsonl(path, stop_after=stop, start=(offset, lines, start))
+def jsonl_block_rows(path: Path, offset: int, lines: int, start: int, stop: int, *, url: str | None = None,
+                     end: int | None = None) -> Iterator[SourceRow]:
+    """The rows of one :func:`jsonl_blocks` block; read from the object at ``url`` when given
+    (one ranged read of the block's bytes, ``offset`` to ``end``), else from ``path``."""
+    if url is None or end is None:
+        return iter_jsonl(path, stop_after=stop, start=(offset, lines, start))
+    fs, key = filesystem(url)
+    with reading(path, f"bytes {offset}-{end}"):
+        data = fs.cat_file(key, start=offset, end=end)  # one ranged GET: the block's bytes, nothing around them
+    return iter_jsonl(path, stop_after=stop, start=(0, lines, start), opener=functools.partial(io.BytesIO, data))
 
 
-def jsonl_blocks(path: Path, block_rows: int, limit: int) -> Iterator[tuple[int, int, int, int]]:
-    """(byte offset, lines before, first row, row after the last) of each run of ``block_rows``
-    rows below ``limit``, counted as the reader counts them: a block can be read alone with
-    :func:`jsonl_block_rows`."""
+def jsonl_blocks(path: Path, block_rows: int, limit: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(byte offset, lines before, first row, row after the last, byte offset after the last)
+    of each run of ``block_rows`` rows below ``limit``, counted as the reader counts them: a
+    block can be read alone with :func:`jsonl_block_rows`."""
     if path.name.lower().endswith(".gz"):
         raise DatasetError(f"{path} is compressed: a block cannot be read without everything before it. "
                            "Decompress it (gunzip -k) or convert it to Parquet for a Ray run")
@@ -42,10 +52,10 @@ def jsonl_blocks(path: Path, block_rows: int, limit: int) -> Iterator[tuple[int,
             offset += len(raw)
             lineno += 1
             if begin is not None and (pos - begin[2] >= block_rows or pos >= limit):
-                yield (*begin, pos)
+                yield (*begin, pos, offset)
                 begin = None
     if begin is not None:
-        yield (*begin, pos)
+        yield (*begin, pos, offset)
 
 
 def parquet_blocks(path: Path, block_rows: int, limit: int) -> Iterator[tuple[str, int, int, int]]:
@@ -67,17 +77,29 @@ def parquet_blocks(path: Path, block_rows: int, limit: int) -> Iterator[tuple[st
 
 
 @functools.lru_cache(maxsize=1)
+def _parquet(file: str) -> pq.ParquetFile:
+    """A local file, or an object in a store (its footer read once per worker, its row groups
+    read as ranges)."""
+    if is_url(file):
+        fs, key = filesystem(file)
+        with reading(Path(key), "its footer"):
+            return pq.ParquetFile(fs.open(key, "rb"))
+    return parquet_file(Path(file))
+
+
+@functools.lru_cache(maxsize=1)
 def _row_group(file: str, group: int) -> pa.Table:
     """One row group, kept until the next is read: a row group of a million rows holds thousands
     of blocks, and the blocks a worker gets come in order, so it reads each group once, not once
     a block."""
-    return parquet_file(Path(file)).read_row_group(group)
+    return _parquet(file).read_row_group(group)
 
 
 def parquet_block_rows(file: str, first: int, start: int, stop: int) -> Iterator[SourceRow]:
-    """The rows of one :func:`parquet_blocks` block, numbered as :func:`_iter_parquet` does."""
-    path = Path(file)
-    meta = parquet_file(path).metadata
+    """The rows of one :func:`parquet_blocks` block, numbered as :func:`_iter_parquet` does;
+    ``file`` may be the URL of an object."""
+    path = Path(file.split("://", 1)[-1])
+    meta = _parquet(file).metadata
     at = 0
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows

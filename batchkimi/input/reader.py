@@ -22,7 +22,7 @@ import hashlib
 import io
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,11 +119,12 @@ def parquet_files(path: Path) -> list[Path]:
 
 
 def iter_jsonl(path: Path, stop_after: int | None = None, skip_until: int = 0,
-                start: tuple[int, int, int] = (0, 0, 0)) -> Iterator[SourceRow]:
-    """``start``: (byte offset, lines before it, rows before it), from :func:`jsonl_blocks`."""
+                start: tuple[int, int, int] = (0, 0, 0), opener: Callable[[], Any] | None = None) -> Iterator[SourceRow]:
+    """``start``: (byte offset, lines before it, rows before it), from :func:`jsonl_blocks`;
+    ``opener``: opens the bytes (an object in a store) instead of ``path``, which names them."""
     offset, lineno, pos = start
     name = path.name
-    with reading(path, "the start"), open_bytes(path) as fh:
+    with reading(path, "the start"), (opener() if opener is not None else open_bytes(path)) as fh:
         if offset:
             fh.seek(offset)
         lines = iter(fh)
