@@ -19,10 +19,12 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -507,14 +509,18 @@ def paced_429s(n: int, faulted: int, concurrency: int, latency_s: float) -> list
              verdict(statistics.median(ratios) <= 2.0))]
 
 
-def budget_use(n: int, budgets: list[float], max_tokens: int, concurrency: int, reasoning_words: int) -> list[Row]:
+def budget_use(n: int, budgets: list[float], max_tokens: int, concurrency: int, reasoning_words: int,
+               kimi_shape: bool = False) -> list[Row]:
     """A cost budget on a thinking-length dataset: never passed (the simulator's own count of
     the tokens it served, at kimi-k2.6's list prices, is the independent bill), and how much of
-    it the run gets to use."""
+    it the run gets to use. ``kimi_shape``: the simulator's heavy-tailed Kimi lengths (time run
+    50x faster) instead of answers of about ``reasoning_words``."""
     data = write_prompts(WORK / f"prompts_{n}.jsonl", n)
     rows: list[Row] = []
+    settings: dict[str, Any] = ({"shape": "kimi", "speed": 50} if kimi_shape else
+                                {"reasoning_words": reasoning_words, "answer_words": 40, "latency_ms": 200})
     for budget in budgets:
-        with SimProcess(reasoning_words=reasoning_words, answer_words=40, latency_ms=200) as sim:
+        with SimProcess(**settings) as sim:
             r = run_scenario("budget_client.py", sim.base_url, str(data), str(WORK / "out_budget"), str(budget),
                              str(max_tokens), str(concurrency))
             st = sim.stats()
@@ -523,7 +529,7 @@ def budget_use(n: int, budgets: list[float], max_tokens: int, concurrency: int, 
         per = billed / max(1, st["requests"])
         worst = max_tokens * 4.00 / 1e6  # a request's worst case: its whole max_tokens
         roomy = budget >= 10 * worst  # a ceiling must stop a worst case short of the budget
-        rows.append(("14. a cost budget", f"${budget:g} budget ({budget / worst:.1f} worst cases of ${worst:.3f}), "
+        rows.append(("14. a cost budget" + (", Kimi's heavy-tailed lengths" if kimi_shape else ""), f"${budget:g} budget ({budget / worst:.1f} worst cases of ${worst:.3f}), "
                      f"max_tokens {max_tokens:,}, C={concurrency}, answers of about "
                      f"{st['completion_tokens'] // max(1, st['requests']):,} completion tokens (${per:.4f} a request)",
                      f"**{billed / budget:.1%}** of the budget billed by the server (${billed:.4f}; batchkimi counted "
@@ -531,6 +537,39 @@ def budget_use(n: int, budgets: list[float], max_tokens: int, concurrency: int, 
                      "never over" + ("; >= 90% used" if roomy else " (too small a budget to use 90% of)"),
                      verdict(billed <= budget + 1e-9 and (billed / budget >= 0.9 or not roomy))))
     return rows
+
+
+def storage(n: int) -> list[Row]:
+    """The same job, input and output local or in a bucket on the loopback S3 server (moto, in
+    its own process): throughput, the client's peak memory, objects written per 1,000 rows."""
+    data = write_prompts(WORK / f"prompts_{n}.jsonl", n)
+    server = subprocess.Popen([sys.executable, str(HERE / "s3_serve.py")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        endpoint = server.stdout.readline().strip()  # type: ignore[union-attr]
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
+                     region_name="us-east-1").create_bucket(Bucket="bench-storage")
+        with SimProcess(latency_ms=0) as sim:
+            local = run_scenario("storage_client.py", sim.base_url, str(data), "local")
+            remote = run_scenario("storage_client.py", sim.base_url, str(data), "s3", endpoint, "bench-storage")
+        server.stdin.write("counts\n")  # type: ignore[union-attr]
+        server.stdin.flush()  # type: ignore[union-attr]
+        counts = json.loads(server.stdout.readline())  # type: ignore[union-attr]
+    finally:
+        server.kill()
+    name = f"17. data in a bucket ({n:,} rows, C=64)"
+    puts = counts.get("PUT", 0) - 2  # the bucket, and the input's upload
+    return [
+        (name, "rows a second, input and output on the loopback S3 server",
+         f"**{remote['rows_per_s']:.0f}** = **{remote['rows_per_s'] / local['rows_per_s']:.2f}x** local ({local['rows_per_s']:.0f})",
+         "local paths, same run", ""),
+        (name, "the client's peak memory", f"**{remote['peak_rss_mb']:.0f} MB** (local {local['peak_rss_mb']:.0f} MB)", "local paths", ""),
+        (name, "objects written per 1,000 rows", f"**{puts / n * 1000:.2f}** PUTs ({puts} in all, the lock's heartbeats "
+         f"included; {remote['objects']} objects at the end); GETs {counts.get('GET', 0)}, HEADs {counts.get('HEAD', 0)}",
+         "", ""),
+    ]
 
 
 def startup(repeats: int = 9) -> list[Row]:
@@ -573,7 +612,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes and shorter rate runs")
     ap.add_argument("--only", default="overhead,loops,tls,waiting,chunks,streams,memory,media,scoring,resume,overload,"
-                    "paced,budget,startup,rate,long,ray")
+                    "paced,budget,budget-long,startup,rate,long,ray,storage")
     ap.add_argument("--repeats", type=int, default=None, help="runs of each speed figure (default 3; --quick 2)")
     ap.add_argument("--rate-repeats", type=int, default=None, help="runs of each rate-accuracy scenario (default 5; --quick 1)")
     ap.add_argument("--output", default=str(HERE / "RESULTS.md"))
@@ -600,6 +639,8 @@ def main() -> None:
         "paced": lambda: paced_429s(1000, 59, 50, 0.25),
         "startup": lambda: startup(),
         "budget": lambda: budget_use(2000, [0.2, 2.0, 10.0] if q else [0.2, 2.0, 10.0, 25.0], 32768, 32, 2500),
+        "budget-long": lambda: budget_use(2000, [0.2, 2.0, 10.0], 32768, 32, 0, kimi_shape=True),
+        "storage": lambda: storage(20_000 if q else 100_000),
     }
     rows: list[Row] = []
     for name in args.only.split(","):

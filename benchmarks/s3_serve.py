@@ -1,0 +1,16 @@
+"""The tests' loopback S3 server (moto) in its own process, for benchmarks: prints its URL, then
+the requests it served by method (JSON) for each line read on stdin."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.s3_server import S3Server  # noqa: E402
+
+server = S3Server()
+print(server.url, flush=True)
+for _ in sys.stdin:
+    print(json.dumps(dict(server.methods)), flush=True)
