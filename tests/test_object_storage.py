@@ -197,3 +197,15 @@ def test_credentials_written_into_a_url_never_appear_in_an_error() -> None:
     with pytest.raises(ConfigError) as info:
         load_job(None, {"input": "foo://AKIDSECRET:hunter2@bucket/x.jsonl", "output": "out"})
     assert "hunter2" not in str(info.value) and "AKIDSECRET" not in str(info.value)
+
+
+def test_an_object_whose_key_climbs_out_of_the_folder_is_never_fetched(tmp_path: Path, s3: Any, simulator: Any) -> None:
+    """A key is any string: ``photos/../../x`` must not write outside the local copy, nor be sent."""
+    h = simulator()
+    s3.fs.put_file(str(IMAGES / "circle.png"), f"{s3.bucket}/photos/circle.png")
+    s3.fs.pipe_file(f"{s3.bucket}/photos/../../escaped.png", (IMAGES / "square.jpg").read_bytes())
+    r = CliRunner().invoke(cli, ["caption", f"s3://{s3.bucket}/photos", "--output", str(tmp_path / "out"), "--prompt",
+                                 "Describe this image.", "--base-url", h.base_url, "--quiet", "--no-thinking"])
+    assert r.exit_code == 0, r.output
+    assert sorted(read_results(tmp_path / "out")["id"]) == ["circle.png"]
+    assert not list((tmp_path / "cache").rglob("escaped.png"))

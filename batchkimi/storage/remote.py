@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -34,6 +35,8 @@ from typing import Any
 
 from ..errors import ConfigError, JobError, OutputError
 from .location import filesystem, redact
+
+log = logging.getLogger("batchkimi")
 
 LOCK = ".lock"
 STATE = ".remote.json"  # in the local copy: what the store held when this copy last matched it
@@ -154,7 +157,13 @@ class RemoteFolder:
         self._state = self._load_state()
         remote = self.listing()
         local = self._local_files()
-        for name, info in remote.items():
+        root = self.local.resolve()
+        for name, info in list(remote.items()):
+            if not (root / name).resolve().is_relative_to(root) or "\\" in name:
+                # a key like "photos/../../x" would land outside the copy: never written, never read
+                log.warning("batchkimi: skipping %s in %s: its name leads outside the folder", name, redact(self.url))
+                del remote[name]
+                continue
             ident = _identity(info)
             st = local.get(name)
             known = self._state.get(name)
