@@ -209,3 +209,19 @@ def test_an_object_whose_key_climbs_out_of_the_folder_is_never_fetched(tmp_path:
     assert r.exit_code == 0, r.output
     assert sorted(read_results(tmp_path / "out")["id"]) == ["circle.png"]
     assert not list((tmp_path / "cache").rglob("escaped.png"))
+
+
+def test_the_demo_runs_from_a_bucket_into_a_bucket_and_scores_there(tmp_path: Path, s3: Any) -> None:
+    """The shipped demo (its failures on purpose, its scoring) with its dataset and output in a bucket."""
+    s3.fs.put_file(str(ROOT / "sample_data" / "reviews.jsonl"), f"{s3.bucket}/data/reviews.jsonl")
+    url = f"s3://{s3.bucket}/runs/demo"
+    job = load_job(ROOT / "jobs" / "demo.toml", {"input": f"s3://{s3.bucket}/data/reviews.jsonl", "output": url})
+    summary = batchkimi.run(job, api_key=TEST_KEY)
+    assert summary.exit_code == 3 and summary.output == url  # the demo's rows that fail on purpose
+    local = batchkimi.run(load_job(ROOT / "jobs" / "demo.toml", {"output": str(tmp_path / "demo")}), api_key=TEST_KEY)
+    assert summary.final_status == local.final_status
+    s3.fs.invalidate_cache()
+    assert s3.fs.exists(f"{s3.bucket}/runs/demo/_scores.parquet")  # scored after the run, then pushed
+    remote, here = read_results(url), read_results(tmp_path / "demo")
+    assert list(remote["status"]) == list(here["status"])
+    assert remote["score"].fillna(-1).tolist() == here["score"].fillna(-1).tolist()  # unscored rows alike too
