@@ -1,5 +1,5 @@
 """The tests' loopback S3 server (moto) in its own process, for benchmarks: prints its URL, then
-the requests it served by method (JSON) for each line read on stdin."""
+for each line read on stdin the requests it served by method, and the GETs by path (JSON)."""
 
 from __future__ import annotations
 
@@ -13,4 +13,5 @@ from tests.s3_server import S3Server  # noqa: E402
 server = S3Server()
 print(server.url, flush=True)
 for _ in sys.stdin:
-    print(json.dumps(dict(server.methods)), flush=True)
+    gets = {path: n for (method, path), n in server.objects.items() if method == "GET"}
+    print(json.dumps({**server.methods, "gets": gets}), flush=True)
