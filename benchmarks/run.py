@@ -696,7 +696,7 @@ def main() -> None:
         "overload": lambda: overload(5000 if q else 5000, 200, 0.3, 0.005),
         "rate": lambda: rate(90 if q else 180, rate_repeats),
         "long": lambda: long_outputs(240, 200_000),
-        "long-steady": lambda: long_outputs_steady(900, 300, 200_000),
+        "long-steady": lambda: long_outputs_steady(1800, 600, 200_000),
         "ray": lambda: ray_scaling(1000 if q else 3000, 300),
         "paced": lambda: paced_429s(1000, 59, 50, 0.25),
         "startup": lambda: startup(),

@@ -17,12 +17,15 @@ then. The clock is injected (:class:`Clock`), so the limiter is tested without r
   simulator does; TokenHub's way is not published), refuses a request only while that minute
   is full. The limiter keeps the same count (prompts when sent, completions when they come
   back, over a minute and a second: the second covers the trip to the server) and holds a
-  request while it is full. The bucket then reserves the mean and may run ahead, holding
-  ``_WINDOW_BURST_S`` of its rate, since the mirror, not the bucket, keeps the server's minute
-  under the limit: long answers land minutes after they were sent, in bursts no reservation
-  foresees, and a bucket that could not catch up after such a burst left the limit half
-  used. ``window=False`` (Ray's cluster-wide lease, which sees no answers) keeps the bucket
-  alone, holding a quarter second.
+  request while it is full. The bucket then reserves the mean and may run ahead, since the
+  mirror, not the bucket, keeps the server's minute under the limit: long answers land
+  minutes after they were sent, in bursts no reservation foresees, and while such a burst
+  fills the minute the bucket must keep what it could not send, to send it when the minute
+  empties, or the limit is left partly unused (85% of it, with a bucket of 5 s, on Kimi's
+  heavy-tailed thinking answers). It holds twice the mean time a request takes (the lag
+  between sending tokens and the server counting them), at least ``_WINDOW_BURST_S`` and at
+  most ``_WINDOW_BURST_MAX_S``; a rate-limit 429 empties it. ``window=False`` (Ray's
+  cluster-wide lease, which sees no answers) keeps the bucket alone, holding a quarter second.
 - **Rate-limit 429s** pause every worker together (:meth:`RateLimiter.cool_down`), and cut
   the rate and concurrency by ``decrease_factor`` (at most once per cool-down); the share then
   climbs back linearly, ``recovery_per_s`` of the configured rate each second (AIMD). The cut
@@ -51,7 +54,8 @@ from typing import Any, Protocol
 
 _EPS = 1e-6  # refills land a hair short of whole units in floating point
 _BURST_S = 0.25  # a bucket holds this many seconds of its rate: bursts stay within the headroom
-_WINDOW_BURST_S = 5.0  # ... or this many, when the mirrored minute guards the server's (see above)
+_WINDOW_BURST_S = 5.0  # ... or at least this many, when the mirrored minute guards the server's (see above)
+_WINDOW_BURST_MAX_S = 120.0
 WINDOW_S = 61.0  # the server's sliding minute, and a second for the trip: its count ends later
 
 
@@ -195,7 +199,7 @@ class RateLimiter:
         self._req_level = min(1.0, self._req_capacity)  # one request may go at once
         self._tok_level = 0.0  # tokens start empty: no burst at second zero
         self.window = TokenWindow() if window and tpm else None
-        self._tok_burst_s = _WINDOW_BURST_S if self.window is not None else _BURST_S
+        self.latency_s = 0.0  # the mean time a request takes (a moving mean), for the bucket's size
         self._cool_until = now
         self._last_decrease = -1e18
         self.in_flight = 0
@@ -228,7 +232,10 @@ class RateLimiter:
 
     @property
     def _tok_capacity(self) -> float:
-        return self.tpm / 60 * self.headroom * self._tok_burst_s
+        if self.window is None:
+            return self.tpm / 60 * self.headroom * _BURST_S
+        burst = min(_WINDOW_BURST_MAX_S, max(_WINDOW_BURST_S, 2 * self.latency_s))
+        return self.tpm / 60 * self.headroom * burst
 
     @property
     def concurrency_cap(self) -> int:
@@ -314,6 +321,7 @@ class RateLimiter:
             self._refill(now)
             self._tok_level -= actual_tokens - permit.reserved_tokens
             if self.window is not None and permit.sent is not None:
+                self.latency_s += (now - permit.sent[0] - self.latency_s) * 0.05
                 completion = completion_tokens or 0
                 self.window.correct(permit.sent, max(0, actual_tokens - completion), now)
                 if completion:
