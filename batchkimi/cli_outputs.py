@@ -176,7 +176,7 @@ def report(output: Path | str, as_json: bool, html_file: Path | None) -> None:
 
 @click.command()
 @click.argument("runs", nargs=-1, type=OUTPUT)
-@click.option("--latest", type=click.Path(file_okay=False, exists=True, path_type=Path),
+@click.option("--latest", type=OUTPUT,
               help="Compare the two newest runs under this folder (e.g. runs/nightly): by the date in their names, else by creation.")
 @click.option("--max-accuracy-drop", type=float, help="Fail (exit 5) if accuracy falls by more than this (0.02 = 2 points).")
 @click.option("--max-error-rate-rise", type=float, help="Fail (exit 5) if the share of failed rows rises by more than this.")
@@ -190,7 +190,7 @@ def report(output: Path | str, as_json: bool, html_file: Path | None) -> None:
               help="Also write a page: the figures, the gates and the flipped rows with both answers.")
 @click.option("--show", "show_rows", type=click.IntRange(min=0), default=20, show_default=True,
               help="Flipped rows listed each way (in the JSON and the page).")
-def compare(runs: tuple[Path, ...], latest: Path | None, max_accuracy_drop: float | None,
+def compare(runs: tuple[Path | str, ...], latest: Path | str | None, max_accuracy_drop: float | None,
             max_error_rate_rise: float | None, significant: bool, as_json: bool, markdown_file: Path | None,
             junit_file: Path | None, html_file: Path | None, show_rows: int) -> None:
     """Compare two runs (BEFORE AFTER): aggregates, rows whose score flipped, and whether it is a
@@ -237,12 +237,12 @@ def compare(runs: tuple[Path, ...], latest: Path | None, max_accuracy_drop: floa
 
 
 @click.command()
-@click.argument("folder", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("folder", type=OUTPUT)
 @click.option("--last", type=click.IntRange(min=1), default=7, show_default=True, help="How many of the newest runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the trend as JSON.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a page: accuracy with its interval and the error rate over the runs, and the table.")
-def trend(folder: Path, last: int, as_json: bool, html_file: Path | None) -> None:
+def trend(folder: Path | str, last: int, as_json: bool, html_file: Path | None) -> None:
     """The last runs under FOLDER (a nightly job's output folder): accuracy with its 95% interval,
     error rate, median latency and cost, oldest first; a partial run, or one that ran something
     other than the newest, is marked."""

@@ -225,3 +225,21 @@ def test_the_demo_runs_from_a_bucket_into_a_bucket_and_scores_there(tmp_path: Pa
     remote, here = read_results(url), read_results(tmp_path / "demo")
     assert list(remote["status"]) == list(here["status"])
     assert remote["score"].fillna(-1).tolist() == here["score"].fillna(-1).tolist()  # unscored rows alike too
+
+
+def test_a_nightly_folder_in_a_bucket_is_compared_and_trended(tmp_path: Path, s3: Any, simulator: Any) -> None:
+    """`compare --latest` and `trend` on a bucket's folder of nightly runs, named by their night."""
+    h = simulator()
+    source = put_rows(s3, "data/reviews.jsonl", 20)
+    for night in ("2026-12-05", "2026-12-04", "2026-12-06"):  # written out of order: the names sort them
+        job = load_job(None, {"input": source, "output": f"s3://{s3.bucket}/runs/nightly/{night}", "base_url": h.base_url,
+                              "prompt_template": "Label: {text}"})
+        assert batchkimi.run(job, api_key=TEST_KEY).exit_code == 0
+    folder = f"s3://{s3.bucket}/runs/nightly"
+    r = CliRunner().invoke(cli, ["trend", folder, "--json"])
+    assert r.exit_code == 0, r.output
+    assert [run["run"] for run in json.loads(r.stdout)["runs"]] == ["2026-12-04", "2026-12-05", "2026-12-06"]
+    r = CliRunner().invoke(cli, ["compare", "--latest", folder, "--json"])
+    assert r.exit_code == 0, r.output
+    c = json.loads(r.stdout)
+    assert "2026-12-05" in json.dumps(c["before"]) and "2026-12-06" in json.dumps(c["after"])

@@ -22,7 +22,9 @@ import numpy as np
 
 from ..errors import JobError
 from ..output.results import kept_column_name
-from ..output.sink import read_results
+from ..output.sink import check_output, read_results
+from ..storage.location import is_url
+from ..storage.remote import runs_under
 from .report import _headline, expected_rows, output_manifest, provenance
 
 
@@ -246,25 +248,33 @@ def junit(c: dict[str, Any], verdicts: list[dict[str, Any]]) -> bytes:
 _DATE = re.compile(r"(\d{4}-\d{2}-\d{2})")
 
 
-def runs_in(folder: str | Path) -> list[Path]:
-    """The run outputs under ``folder``, oldest first: by the date in their folder's name when
-    every one has one (an output path with ``{date}``: a backfilled night sorts by its night),
-    else by their manifest's creation time."""
-    found = []
-    for p in Path(folder).iterdir():
-        m = output_manifest(p) if p.is_dir() else {}
-        if m:
-            found.append((p, str(m.get("created", ""))))
-    dated = [(_DATE.search(p.name), p, created) for p, created in found]
+def run_name(run: Path | str) -> str:
+    return run.name if isinstance(run, Path) else run.rstrip("/").rsplit("/", 1)[-1]
+
+
+def runs_in(folder: str | Path) -> list[Path | str]:
+    """The run outputs under ``folder`` (a local folder, or a folder's URL: the runs' URLs are
+    returned), oldest first: by the date in their folder's name when every one has one (an
+    output path with ``{date}``: a backfilled night sorts by its night), else by their
+    manifest's creation time."""
+    found: list[tuple[Path | str, str]] = []
+    if is_url(str(folder)):
+        found = [(url, str(m.get("created", ""))) for url, m in runs_under(str(folder))]
+    else:
+        for p in Path(folder).iterdir():
+            m = output_manifest(p) if p.is_dir() else {}
+            if m:
+                found.append((p, str(m.get("created", ""))))
+    dated = [(_DATE.search(run_name(p)), p, created) for p, created in found]
     if found and all(d is not None for d, _, _ in dated):
-        def night(item: tuple[Any, Path, str]) -> tuple[datetime.date, str]:
+        def night(item: tuple[Any, Path | str, str]) -> tuple[datetime.date, str]:
             return datetime.date.fromisoformat(item[0].group(1)), item[2]
 
         return [p for _, p, _ in sorted(dated, key=night)]
-    return [p for p, _ in sorted(found, key=lambda x: (x[1], x[0].name))]
+    return [p for p, _ in sorted(found, key=lambda x: (x[1], run_name(x[0])))]
 
 
-def latest_two(folder: str | Path) -> tuple[Path, Path]:
+def latest_two(folder: str | Path) -> tuple[Path | str, Path | str]:
     """The two most recent run outputs under ``folder`` (see :func:`runs_in`)."""
     runs = runs_in(folder)
     if len(runs) < 2:
@@ -278,9 +288,9 @@ def trend(folder: str | Path, last: int = 7) -> dict[str, Any]:
     runs = runs_in(folder)[-last:]
     if not runs:
         raise CannotCompare(f"{folder} holds no run output")
-    summaries = [_read(p)[2] for p in runs]
+    summaries = [_read(p if isinstance(p, Path) else check_output(p))[2] for p in runs]
     newest = summaries[-1]["provenance"]
-    rows = [{"run": p.name, "path": str(p), **{k: v for k, v in s.items() if k != "provenance"},
+    rows = [{"run": run_name(p), "path": str(p), **{k: v for k, v in s.items() if k != "provenance"},
              "created": s["provenance"]["created"], "mismatches": mismatches(s["provenance"], newest)}
             for p, s in zip(runs, summaries, strict=True)]
     return {"folder": str(folder), "runs": rows}

@@ -302,6 +302,33 @@ class ObjectLock:
                 self.folder.fs.rm_file(self.path)
 
 
+def runs_under(url: str) -> list[tuple[str, dict[str, Any]]]:
+    """The run outputs directly under the folder at ``url`` (a nightly job's): each one's URL and
+    manifest (one read each; folders without a readable manifest are no run)."""
+    fs, root = filesystem(url)
+    try:
+        with store_errors(url, "list"):
+            fs.invalidate_cache(root)
+            entries = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        if entry.get("type") != "directory":
+            continue
+        key = str(entry["name"]).rstrip("/")
+        name = key.rsplit("/", 1)[-1]
+        try:
+            with store_errors(url, f"read the manifest of {name} in"):
+                data = fs.cat_file(f"{key}/_manifest.json")
+            manifest = json.loads(data)
+        except (FileNotFoundError, ValueError):
+            continue
+        if isinstance(manifest, dict):
+            found.append((f"{url.rstrip('/')}/{name}", manifest))
+    return found
+
+
 def open_remote(folder: RemoteFolder, *, overwrite: bool, ours: Callable[[Iterable[str]], bool]) -> ObjectLock:
     """A writer's start on a remote output: refuse a non-empty folder that ``ours`` does not
     recognise (never written into or emptied), take the lock, empty it (``overwrite``) and
