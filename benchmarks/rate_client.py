@@ -1,7 +1,9 @@
 """Rate accuracy (the rate-limit issue): batchkimi against a simulator enforcing a limit, with
 realistic latency, for a few minutes; the server's own counts say what was achieved.
 
-python rate_client.py rpm|tpm|tpm-long LIMIT SECONDS
+python rate_client.py rpm|tpm|tpm-long LIMIT SECONDS [SKIP_S]
+
+SKIP_S: the seconds left out before the share is measured (60: after the first minute).
 
 ``tpm-long``: the TPM limit bound by long outputs: the simulator's Kimi shape (heavy-tailed
 thinking answers, 1.5 s to the first token, 60 tokens a second), thinking on, max_tokens 32,768.
@@ -20,7 +22,7 @@ import batchkimi
 import batchkimi.api  # noqa: F401 - the package's names load when first used: load the engine before any clock starts
 
 
-def main(kind: str, limit: int, seconds: int) -> None:
+def main(kind: str, limit: int, seconds: int, skip: int = 60) -> None:
     if kind == "rpm":
         sim_settings = {"rpm": limit, "latency_ms": 1500, "reasoning_words": 40, "answer_words": 30}
         per_s = limit / 60
@@ -53,7 +55,7 @@ def main(kind: str, limit: int, seconds: int) -> None:
     admitted = {int(k): v for k, v in stats["admitted_per_s"].items()}
     tokens = {int(k): v for k, v in stats["tokens_per_s"].items()}
     end = max(admitted) if admitted else 0
-    window = [s for s in range(60, end)]  # after the first minute, until the last full second
+    window = [s for s in range(skip, end)]  # after the first minute (or skip), until the last full second
     if kind == "rpm":
         achieved = sum(admitted.get(s, 0) for s in window) / max(1, len(window)) / per_s
     else:
@@ -71,4 +73,4 @@ def main(kind: str, limit: int, seconds: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *(int(a) for a in sys.argv[4:5]))
