@@ -243,3 +243,20 @@ def test_a_nightly_folder_in_a_bucket_is_compared_and_trended(tmp_path: Path, s3
     assert r.exit_code == 0, r.output
     c = json.loads(r.stdout)
     assert "2026-12-05" in json.dumps(c["before"]) and "2026-12-06" in json.dumps(c["after"])
+
+
+def test_an_output_deleted_from_its_bucket_starts_afresh_not_from_this_machines_old_journal(
+        tmp_path: Path, s3: Any, simulator: Any) -> None:
+    """The local copy keeps a killed run's journal; if the output is then deleted from the bucket
+    (a fresh start), that journal's rows must not come back into the new output."""
+    h = simulator()
+    job = load_job(job_file(tmp_path, s3, h.base_url, rows=10))
+    assert batchkimi.run(job).exit_code == 0
+    copy = next((tmp_path / "cache" / "output").iterdir())
+    journal = copy / "_journal"
+    journal.mkdir(exist_ok=True)
+    (journal / "seg-000099.jsonl").write_text(json.dumps({"id": "ghost", "row": 5, "status": "ok"}) + "\n")
+    s3.fs.rm(f"{s3.bucket}/runs/labels", recursive=True)
+    assert batchkimi.run(job).exit_code == 0
+    df = read_results(job.output)
+    assert sorted(df["id"]) == sorted(f"id-{i}" for i in range(10)) and h.simulator.stats_json()["requests"] == 20

@@ -210,6 +210,20 @@ class RemoteFolder:
             del self._state[name]
         self._save_state()
 
+    def forget_local(self) -> None:
+        """Empty the local copy (its ``.lock``, which the writer holds, stays)."""
+        import shutil
+
+        if self.local.is_dir():
+            for path in self.local.iterdir():
+                if path.name == LOCK:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        self._state = {}
+
     def clear(self) -> None:
         """Delete every object of the folder but the lock (``--overwrite``)."""
         for name in self.listing():
@@ -342,6 +356,8 @@ def open_remote(folder: RemoteFolder, *, overwrite: bool, ours: Callable[[Iterab
     try:
         if overwrite:
             folder.clear()
+        if overwrite or not held:  # a new output: what the local copy holds (a journal) is of one deleted since
+            folder.forget_local()
         folder.pull()
     except BaseException:
         lock.release()
