@@ -166,7 +166,7 @@ async def _score(job: Job, summary: Summary, api_key: str, base_url: str, ca_pem
     specs = specs_of(job.extract, job.score, job.tools)
     if specs.empty:
         return
-    remote = output_copy(summary.output)
+    remote = output_copy(summary.output, dict(job.storage))
     out = remote.local if remote is not None else Path(summary.output)
     try:
         grades = None

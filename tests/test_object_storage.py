@@ -260,3 +260,22 @@ def test_an_output_deleted_from_its_bucket_starts_afresh_not_from_this_machines_
     assert batchkimi.run(job).exit_code == 0
     df = read_results(job.output)
     assert sorted(df["id"]) == sorted(f"id-{i}" for i in range(10)) and h.simulator.stats_json()["requests"] == 20
+
+
+def test_a_storage_table_reaches_the_store_and_no_secret_of_it_is_written(
+        tmp_path: Path, s3: Any, simulator: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`[storage]` options go to the store's filesystem (here the endpoint, with the environment's
+    taken away); the manifest records them with any secret's value hidden."""
+    h = simulator()
+    path = job_file(tmp_path, s3, h.base_url, rows=5)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    path.write_text(path.read_text() + f'[storage]\nendpoint_url = "{s3.url}"\nsecret = "testing"\nkey = "testing"\n')
+    job = load_job(path)
+    assert batchkimi.run(job).exit_code == 0
+    data = s3.fs.cat_file(f"{s3.bucket}/runs/labels/_manifest.json")
+    manifest = json.loads(data)
+    assert manifest["job"]["storage"] == {"endpoint_url": s3.url, "secret": "***", "key": "***"}
+    assert b"testing" not in data

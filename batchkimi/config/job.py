@@ -120,6 +120,8 @@ class Job:
     flush_interval_s: float = 30.0
     prices: Mapping[str, tuple[float, float, float]] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     simulator: Mapping[str, Any] = field(default_factory=dict)
+    # an object store's filesystem options (fsspec's: s3fs's endpoint_url, profile, anon, ...); {} = its defaults
+    storage: Mapping[str, Any] = field(default_factory=dict)
     # after the requests (see batchkimi.scoring.score): never part of what is sent
     extract: Mapping[str, Any] = field(default_factory=dict)
     score: Mapping[str, Any] = field(default_factory=dict)
@@ -188,6 +190,7 @@ class Job:
             out[key] = list(getattr(self, key))
         out["tools"] = list(self.tools) if self.tools is not None else None
         out["prices"] = {k: list(v) for k, v in self.prices.items()}
+        out["storage"] = _hide_secrets(self.storage)
         return out
 
     def request_settings(self, input_format: str | None = None) -> dict[str, Any]:
@@ -212,3 +215,16 @@ class Job:
         if input_format is not None:
             out["input_format"] = input_format
         return out
+
+
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "sas", "signature")
+
+
+def _hide_secrets(value: Any) -> Any:
+    """``[storage]`` options as plain data with the value of any key that may hold a secret
+    (``key``, ``secret``, ``token``, ``password``...) replaced by ``***``."""
+    if isinstance(value, Mapping):
+        return {k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) else _hide_secrets(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_hide_secrets(v) for v in value]
+    return value

@@ -85,6 +85,8 @@ _DECLARED = [
             flag=True),
     Setting("rows_per_part", "output", "rows per Parquet part at most"),
     Setting("flush_interval_s", "output", "seconds before the journal becomes a part, at most"),
+    Setting("storage", "output", "options for an object store's filesystem (fsspec's: endpoint_url, profile, anon, "
+            "client_kwargs...), for input and output URLs; a key's value that may be a secret is never written out"),
     # endpoint
     Setting("base_url", "endpoint", "any OpenAI-compatible URL; 'simulator' starts the built-in simulator for the run",
             flag=True),

@@ -65,7 +65,7 @@ def input_path(job: Job) -> Path:
     (again only when they changed)."""
     if not job.input:
         raise ConfigError("no input: set 'input' in the job file or pass --input")
-    return fetch_input(job.input) if is_url(job.input) else Path(job.input)
+    return fetch_input(job.input, dict(job.storage)) if is_url(job.input) else Path(job.input)
 
 
 def input_format(job: Job) -> str:
@@ -228,7 +228,7 @@ async def open_plan(job: Job, sink: Sink, *, overwrite: bool = False) -> Plan:
 def dry_plan(job: Job) -> Iterator[Plan]:
     """The plan a run would make, for ``--dry-run``: nothing is written (a folder's index goes to
     a temporary folder, parts are read, never compacted)."""
-    sink = Sink(job.output, job.keep_columns) if job.output else None
+    sink = Sink(job.output, job.keep_columns, storage=dict(job.storage)) if job.output else None
     if sink is not None:
         refuse_foreign_output(sink.dir)
     manifest = sink.read_manifest() if sink is not None and sink.dir.exists() else None

@@ -127,10 +127,10 @@ class BlockWorker:
     def _read(self, desc: dict[str, Any]) -> list[tuple[Any, str, Any, dict[str, Any]]]:
         """The block's rows not yet done, prepared (in a thread: it reads files)."""
         if desc["kind"] == "parquet":
-            rows = parquet_block_rows(desc["file"], desc["first_in_file"], desc["start"], desc["stop"])
+            rows = parquet_block_rows(desc["file"], desc["first_in_file"], desc["start"], desc["stop"], dict(self.job.storage))
         else:
             rows = jsonl_block_rows(Path(desc["path"]), desc["offset"], desc["lines"], desc["start"], desc["stop"],
-                                    url=desc.get("url"), end=desc.get("end"))
+                                    url=desc.get("url"), end=desc.get("end"), options=dict(self.job.storage))
         skip = set(desc["skip"])
         out = []
         for row in rows:

@@ -73,7 +73,7 @@ class Run:
         self.overwrite = overwrite
         self.install_signal_handlers = install_signal_handlers
         self.external_stop = stop
-        self.sink = Sink(job.output, job.keep_columns, job.rows_per_part)
+        self.sink = Sink(job.output, job.keep_columns, job.rows_per_part, storage=dict(job.storage))
         self.started = time.monotonic()
         self.stopping = False
         self.error: BaseException | None = None  # raised after the run wrote what it could

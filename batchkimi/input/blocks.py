@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,12 +23,12 @@ from .reader import BOM, SourceRow, iter_jsonl, parquet_file, parquet_files, rea
 
 
 def jsonl_block_rows(path: Path, offset: int, lines: int, start: int, stop: int, *, url: str | None = None,
-                     end: int | None = None) -> Iterator[SourceRow]:
+                     end: int | None = None, options: dict[str, Any] | None = None) -> Iterator[SourceRow]:
     """The rows of one :func:`jsonl_blocks` block; read from the object at ``url`` when given
     (one ranged read of the block's bytes, ``offset`` to ``end``), else from ``path``."""
     if url is None or end is None:
         return iter_jsonl(path, stop_after=stop, start=(offset, lines, start))
-    fs, key = filesystem(url)
+    fs, key = filesystem(url, options)
     with reading(path, f"bytes {offset}-{end}"):
         data = fs.cat_file(key, start=offset, end=end)  # one ranged GET: the block's bytes, nothing around them
     return iter_jsonl(path, stop_after=stop, start=(0, lines, start), opener=functools.partial(io.BytesIO, data))
@@ -77,35 +79,37 @@ def parquet_blocks(path: Path, block_rows: int, limit: int) -> Iterator[tuple[st
 
 
 @functools.lru_cache(maxsize=1)
-def _parquet(file: str) -> pq.ParquetFile:
+def _parquet(file: str, options: str = "{}") -> pq.ParquetFile:
     """A local file, or an object in a store (its footer read once per worker, its row groups
-    read as ranges)."""
+    read as ranges); ``options``: the store's, as JSON (a cache key)."""
     if is_url(file):
-        fs, key = filesystem(file)
+        fs, key = filesystem(file, json.loads(options))
         with reading(Path(key), "its footer"):
             return pq.ParquetFile(fs.open(key, "rb"))
     return parquet_file(Path(file))
 
 
 @functools.lru_cache(maxsize=1)
-def _row_group(file: str, group: int) -> pa.Table:
+def _row_group(file: str, group: int, options: str = "{}") -> pa.Table:
     """One row group, kept until the next is read: a row group of a million rows holds thousands
     of blocks, and the blocks a worker gets come in order, so it reads each group once, not once
     a block."""
-    return _parquet(file).read_row_group(group)
+    return _parquet(file, options).read_row_group(group)
 
 
-def parquet_block_rows(file: str, first: int, start: int, stop: int) -> Iterator[SourceRow]:
+def parquet_block_rows(file: str, first: int, start: int, stop: int,
+                       options: dict[str, Any] | None = None) -> Iterator[SourceRow]:
     """The rows of one :func:`parquet_blocks` block, numbered as :func:`_iter_parquet` does;
-    ``file`` may be the URL of an object."""
+    ``file`` may be the URL of an object (``options``: its store's)."""
     path = Path(file.split("://", 1)[-1])
-    meta = _parquet(file).metadata
+    key = json.dumps(options or {}, sort_keys=True, default=str)
+    meta = _parquet(file, key).metadata
     at = 0
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows
         if at + n > first:
             with reading(path, f"row {first}"):
-                records = _row_group(file, g).slice(first - at, stop - start).to_pylist()
+                records = _row_group(file, g, key).slice(first - at, stop - start).to_pylist()
             for i, record in enumerate(records):
                 yield SourceRow(start + i, f"row {first + i} of {path.name}", record)
             return

@@ -375,12 +375,12 @@ def _alive(pid: object) -> bool:
     return True
 
 
-def output_copy(output: str) -> RemoteFolder | None:
+def output_copy(output: str, options: dict[str, Any] | None = None) -> RemoteFolder | None:
     """The writer's copy of a remote output (None for a local one): what a run left there is
     scored or graded in it, then pushed."""
     from .location import is_url
 
-    return RemoteFolder(output, copy_dir(output, "output")) if is_url(output) else None
+    return RemoteFolder(output, copy_dir(output, "output"), options) if is_url(output) else None
 
 
 def fetch_input(url: str, options: dict[str, Any] | None = None) -> Path:
