@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 
 from ..errors import OutputError
 from ..storage.location import is_url
-from ..storage.remote import ObjectLock, RemoteFolder, copy_dir, open_remote
+from ..storage.lock import ObjectLock, open_remote
+from ..storage.remote import RemoteFolder, copy_dir
 from . import parts
 from .journal import Journal, encode_rows, write_all
 from .parts import ResumeState
