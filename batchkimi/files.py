@@ -1,9 +1,11 @@
-"""Files that survive a crash: a folder's entry made durable after a rename."""
+"""Files that survive a crash: a folder's entry made durable after a rename; a folder emptied
+but for the file a writer holds."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 
@@ -15,3 +17,15 @@ def fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def empty_folder(path: Path, keep: str) -> None:
+    """Delete everything in ``path`` but the entry named ``keep`` (a lock held); a symbolic link
+    is removed, never followed."""
+    for entry in path.iterdir():
+        if entry.name == keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

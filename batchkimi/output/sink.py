@@ -23,7 +23,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import OutputError
+from ..files import empty_folder
 from ..storage.location import is_url
 from ..storage.lock import ObjectLock, open_remote
 from ..storage.remote import RemoteFolder, copy_dir
@@ -155,13 +155,7 @@ class Sink:
 
     def _empty(self) -> None:
         """``--overwrite``: delete everything but the lock we hold."""
-        for path in self.dir.iterdir():
-            if path.name == LOCK:
-                continue
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+        empty_folder(self.dir, LOCK)
 
     def _lock(self) -> None:
         """One writer per output: a second run on the same directory is refused, not interleaved.

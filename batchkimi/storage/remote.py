@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, JobError, OutputError
+from ..files import empty_folder
 from .location import filesystem, redact
 
 log = logging.getLogger("batchkimi")
@@ -206,16 +207,8 @@ class RemoteFolder:
 
     def forget_local(self) -> None:
         """Empty the local copy (its ``.lock``, which the writer holds, stays)."""
-        import shutil
-
         if self.local.is_dir():
-            for path in self.local.iterdir():
-                if path.name == LOCK:
-                    continue
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
+            empty_folder(self.local, LOCK)
         self._state = {}
 
     def clear(self) -> None:
