@@ -76,6 +76,8 @@ def test_a_labelling_job_on_a_bucket_runs_is_read_back_and_a_rerun_fetches_nothi
     # every object written once, as a whole: one PUT per part, the manifest a few times (start, end)
     assert s3.count("PUT", ".parquet") == sum(1 for n in names if n.endswith(".parquet"))
 
+    dry = batchkimi.dry_run(job)  # reads a copy of the bucket's output, writes nothing there
+    assert dry.already_done == 60 and dry.total_rows == 60 and not dry.status.get("to_send")
     s3.reset()
     again = batchkimi.run(job)
     assert again.exit_code == 0 and h.simulator.stats_json()["requests"] == 60  # nothing sent again

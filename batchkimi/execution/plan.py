@@ -31,7 +31,7 @@ from ..input.media import MediaSettings, settings_for
 from ..input.reader import InputScan, columns_seen, detect_format, scan_input
 from ..output import parts
 from ..output.parts import ResumeState
-from ..output.sink import Sink
+from ..output.sink import Sink, check_output
 from ..output.spend import output_spend
 from ..storage.location import is_url
 from ..storage.remote import fetch_input
@@ -229,6 +229,9 @@ def dry_plan(job: Job) -> Iterator[Plan]:
     """The plan a run would make, for ``--dry-run``: nothing is written (a folder's index goes to
     a temporary folder, parts are read, never compacted)."""
     sink = Sink(job.output, job.keep_columns, storage=dict(job.storage)) if job.output else None
+    shown = sink.location if sink is not None else None
+    if sink is not None and sink.remote is not None:  # read a copy of what the store holds; write nothing there
+        sink = Sink(check_output(sink.location), job.keep_columns) if sink.read_manifest() is not None else None
     if sink is not None:
         refuse_foreign_output(sink.dir)
     manifest = sink.read_manifest() if sink is not None and sink.dir.exists() else None
@@ -236,14 +239,14 @@ def dry_plan(job: Job) -> Iterator[Plan]:
         folder: FolderScan | None = None
         if input_format(job) == "folder":
             if sink is not None and manifest:
-                check_resume(manifest, job, None, sink.dir)
+                check_resume(manifest, job, None, sink.dir, shown=shown)
             old = read_index(sink.dir / INDEX) if sink is not None and manifest else []
             path, scan, folder = open_folder(job, Path(tmp) / INDEX, old)
             fmt = "jsonl"
         else:
             path, fmt, scan = open_input(job, manifest)
             if sink is not None and manifest:
-                check_resume(manifest, job, scan, sink.dir, path, fmt)
+                check_resume(manifest, job, scan, sink.dir, path, fmt, shown=shown)
         state = (sink.compact(scan.rows * job.samples, rewrite=False) if sink is not None and manifest
                  else ResumeState(np.zeros(scan.rows * job.samples, dtype=bool)))
         decided = _decide(job, state, scan, folder, sink.dir if sink is not None and manifest else Path(tmp))
