@@ -281,3 +281,12 @@ def test_a_storage_table_reaches_the_store_and_no_secret_of_it_is_written(
     manifest = json.loads(data)
     assert manifest["job"]["storage"] == {"endpoint_url": s3.url, "secret": "***", "key": "***"}
     assert b"testing" not in data
+
+
+def test_the_manifest_records_a_url_and_storage_options_without_their_secrets() -> None:
+    """What a run writes of its job (the manifest's `job`) is what public_dict gives."""
+    job = batchkimi.Job(input="s3://AKID:hunter2@bucket/x.jsonl?X-Amz-Signature=abc", output="s3://bucket/out",
+                        storage={"client_kwargs": {"aws_secret_access_key": "hunter2"}, "anon": False})
+    public = json.dumps(job.public_dict())
+    assert "hunter2" not in public and "X-Amz-Signature" not in public and "AKID" not in public
+    assert job.public_dict()["storage"] == {"client_kwargs": {"aws_secret_access_key": "***"}, "anon": False}

@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import kimi
 from ..kimi import DEFAULT_PRICES, THINKING_DEFAULT_MAX_TOKENS
+from ..storage.location import is_url, redact
 
 DEFAULT_BASE_URL = "https://tokenhub-intl.tencentcloudmaas.com/v1"
 SIMULATOR = "simulator"
@@ -191,6 +192,9 @@ class Job:
         out["tools"] = list(self.tools) if self.tools is not None else None
         out["prices"] = {k: list(v) for k, v in self.prices.items()}
         out["storage"] = _hide_secrets(self.storage)
+        for key in ("input", "output"):  # a URL's user:password@ or ?signature= is a secret too
+            if isinstance(out.get(key), str) and is_url(out[key]):
+                out[key] = redact(out[key])
         return out
 
     def request_settings(self, input_format: str | None = None) -> dict[str, Any]:
