@@ -455,7 +455,7 @@ def long_outputs(seconds: int, limit: int) -> list[Row]:
         (name, "share of requests answered 429",
          f"**{long['share_429'] * 100:.1f}%** ({long['rate_limited']} of {long['requests']}; short answers: "
          f"{short['share_429'] * 100:.1f}%)", "target <= 1%", verdict(long["share_429"] <= 0.01)),
-        (name, "rows lost (answered 200 but not written ok)", f"**{long['rows_lost']}** (short answers: {short['rows_lost']})",
+        (name, "rows lost (answered 200, no row written from it)", f"**{long['rows_lost']}** (short answers: {short['rows_lost']})",
          "target 0", verdict(long["rows_lost"] == 0 and short["rows_lost"] == 0)),
     ]
 
