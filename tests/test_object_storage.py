@@ -290,3 +290,14 @@ def test_the_manifest_records_a_url_and_storage_options_without_their_secrets() 
     public = json.dumps(job.public_dict())
     assert "hunter2" not in public and "X-Amz-Signature" not in public and "AKID" not in public
     assert job.public_dict()["storage"] == {"client_kwargs": {"aws_secret_access_key": "***"}, "anon": False}
+
+
+def test_one_bucket_folder_spelled_with_or_without_its_slash_has_one_local_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A killed run's journal lives in the local copy: the same output spelled `s3://b/out/` on
+    the rerun must find it."""
+    from batchkimi.storage.remote import copy_dir
+
+    monkeypatch.setenv("BATCHKIMI_CACHE_DIR", str(tmp_path))
+    assert copy_dir("s3://bucket/runs/out/", "output") == copy_dir("s3://bucket/runs/out", "output")
+    assert copy_dir("s3://bucket/runs/out", "output") != copy_dir("s3://bucket/runs/out2", "output")

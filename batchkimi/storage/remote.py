@@ -69,7 +69,9 @@ def cache_root() -> Path:
 
 def copy_dir(url: str, purpose: str) -> Path:
     """The local copy of ``url`` for ``purpose`` (``output``: a writer's; ``read``: a reader's;
-    ``input``: a fetched dataset): readable names, and a hash so two URLs never share one."""
+    ``input``: a fetched dataset): readable names, and a hash so two URLs never share one (and
+    two spellings of one folder, with and without its trailing slash, do)."""
+    url = url.rstrip("/")
     plain = re.sub(r"[^A-Za-z0-9._-]+", "_", redact(url).split("://", 1)[-1]).strip("_")[-80:]
     digest = hashlib.sha256(url.encode()).hexdigest()[:12]
     return cache_root() / purpose / f"{plain}-{digest}"
