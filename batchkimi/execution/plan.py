@@ -62,38 +62,32 @@ class Plan:
 
 def input_path(job: Job) -> Path:
     """The job's input as a local path: a URL's objects are fetched into a local copy first
-    (again only when they changed)."""
+    (again only when they changed). Called once per plan: the path is handed on."""
     if not job.input:
         raise ConfigError("no input: set 'input' in the job file or pass --input")
     return fetch_input(job.input, dict(job.storage)) if is_url(job.input) else Path(job.input)
 
 
-def input_format(job: Job) -> str:
-    return detect_format(input_path(job), job.input_format)
-
-
-def media_settings(job: Job, *, folder: bool) -> MediaSettings:
-    """The job's media settings; a folder's index names each file in ``image`` or ``video``."""
-    media = settings_for(job, input_path(job) if job.input else Path("."))
+def media_settings(job: Job, source: Path, *, folder: bool) -> MediaSettings:
+    """The job's media settings (``source``: the input's local path); a folder's index names
+    each file in ``image`` or ``video``."""
+    media = settings_for(job, source)
     return dataclasses.replace(media, image_columns=("image",), video_columns=("video",)) if folder else media
 
 
-def open_folder(job: Job, index: Path, old: list[dict[str, Any]]) -> tuple[Path, InputScan, FolderScan]:
-    """Walk the input folder against the previous index ``old``, write the new one to ``index``
-    and scan it as the job's input."""
-    assert job.input
+def open_folder(job: Job, source: Path, index: Path, old: list[dict[str, Any]]) -> tuple[Path, InputScan, FolderScan]:
+    """Walk the input folder ``source`` against the previous index ``old``, write the new one to
+    ``index`` and scan it as the job's input."""
     if not job.prompt_template:
         raise ConfigError("a folder of images and videos needs a prompt: set prompt_template (or pass --prompt)")
-    folder = scan_folder(input_path(job), old, tuple(job.include), tuple(job.exclude))
+    folder = scan_folder(source, old, tuple(job.include), tuple(job.exclude))
     write_index(index, folder.entries)
     scan = scan_input(index, "jsonl", "id") if folder.entries else InputScan(0, "", True, 0, 0)
     return index, scan, folder
 
 
-def open_input(job: Job, manifest: dict[str, Any] | None) -> tuple[Path, str, InputScan]:
+def open_input(job: Job, path: Path, fmt: str, manifest: dict[str, Any] | None) -> tuple[Path, str, InputScan]:
     """The input's path, format and scan (from the manifest when the file is unchanged)."""
-    fmt = input_format(job)
-    path = input_path(job)
     scan: InputScan | None = None
     if manifest:
         old = manifest.get("input", {})
@@ -199,15 +193,17 @@ async def open_plan(job: Job, sink: Sink, *, overwrite: bool = False) -> Plan:
     folder: FolderScan | None = None
     history: dict[str, Any] | None = None
     try:
-        if input_format(job) == "folder":
+        source = await asyncio.to_thread(input_path, job)
+        fmt = detect_format(source, job.input_format)
+        if fmt == "folder":
             check_resume(manifest, job, None, out, shown=sink.location)
             sink.prepare(overwrite=overwrite)  # the index is the output's: lock first
             old = await asyncio.to_thread(read_index, out / INDEX)
-            path, scan, folder = await asyncio.to_thread(open_folder, job, out / INDEX, old)
+            path, scan, folder = await asyncio.to_thread(open_folder, job, source, out / INDEX, old)
             fmt = "jsonl"
             del old  # a line per file: not kept for the run
         else:
-            path, fmt, scan = open_input(job, manifest)
+            path, fmt, scan = open_input(job, source, fmt, manifest)
             grew = check_resume(manifest, job, scan, out, path, fmt, shown=sink.location)
             sink.prepare(overwrite=overwrite)
             if manifest is None or grew:  # what a later run needs to tell a grown input from a changed one
@@ -220,7 +216,7 @@ async def open_plan(job: Job, sink: Sink, *, overwrite: bool = False) -> Plan:
     except BaseException:
         sink.unlock()
         raise
-    return Plan(job, path, fmt, scan, media_settings(job, folder=folder is not None), folder, manifest=manifest,
+    return Plan(job, path, fmt, scan, media_settings(job, source, folder=folder is not None), folder, manifest=manifest,
                 history=history, spent=spent, **decided)
 
 
@@ -237,18 +233,20 @@ def dry_plan(job: Job) -> Iterator[Plan]:
     manifest = sink.read_manifest() if sink is not None and sink.dir.exists() else None
     with tempfile.TemporaryDirectory(prefix="batchkimi-dry-run-") as tmp:
         folder: FolderScan | None = None
-        if input_format(job) == "folder":
+        source = input_path(job)
+        fmt = detect_format(source, job.input_format)
+        if fmt == "folder":
             if sink is not None and manifest:
                 check_resume(manifest, job, None, sink.dir, shown=shown)
             old = read_index(sink.dir / INDEX) if sink is not None and manifest else []
-            path, scan, folder = open_folder(job, Path(tmp) / INDEX, old)
+            path, scan, folder = open_folder(job, source, Path(tmp) / INDEX, old)
             fmt = "jsonl"
         else:
-            path, fmt, scan = open_input(job, manifest)
+            path, fmt, scan = open_input(job, source, fmt, manifest)
             if sink is not None and manifest:
                 check_resume(manifest, job, scan, sink.dir, path, fmt, shown=shown)
         state = (sink.compact(scan.rows * job.samples, rewrite=False) if sink is not None and manifest
                  else ResumeState(np.zeros(scan.rows * job.samples, dtype=bool)))
         decided = _decide(job, state, scan, folder, sink.dir if sink is not None and manifest else Path(tmp))
-        yield Plan(job, path, fmt, scan, media_settings(job, folder=folder is not None), folder, manifest=manifest,
+        yield Plan(job, path, fmt, scan, media_settings(job, source, folder=folder is not None), folder, manifest=manifest,
                    history=None, spent=(0.0, 0, 0), **decided)

@@ -48,7 +48,6 @@ class ObjectLock:
             if "PreconditionFailed" in str(exc) or "412" in str(exc):
                 return False
             raise OutputError(describe(self.folder.url, "create the lock on", exc)) from None
-        self.folder.puts += 1
         return True
 
     def _holder(self) -> dict[str, Any] | None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import ConfigError, JobError, OutputError
 from ..files import empty_folder
-from .location import filesystem, redact
+from .location import filesystem, is_url, redact
 
 log = logging.getLogger("batchkimi")
 
@@ -90,7 +90,6 @@ class RemoteFolder:
         self.url = url
         self.fs, self.root = filesystem(url, options)
         self.local = Path(local)
-        self.gets = self.puts = self.deletes = 0
         self._state: dict[str, Any] = {}
 
     # ---- the store ---------------------------------------------------------------------
@@ -118,11 +117,7 @@ class RemoteFolder:
                 data = self.fs.cat_file(self.key(name))
         except FileNotFoundError:
             return None
-        self.gets += 1
         return bytes(data)
-
-    def exists(self) -> bool:
-        return bool(self.listing())
 
     # ---- the local copy ----------------------------------------------------------------
     def _load_state(self) -> dict[str, Any]:
@@ -171,7 +166,6 @@ class RemoteFolder:
             tmp = target.with_name(f".{target.name}.tmp")
             with store_errors(self.url, f"download {name} from"):
                 self.fs.get_file(self.key(name), str(tmp))
-            self.gets += 1
             os.replace(tmp, target)
             st2 = target.stat()
             self._state[name] = {"remote": ident, "local": [st2.st_size, st2.st_mtime_ns]}
@@ -195,7 +189,6 @@ class RemoteFolder:
             with store_errors(self.url, f"upload {name} to"):
                 self.fs.put_file(str(self.local / name), self.key(name))
                 info = self.fs.info(self.key(name))
-            self.puts += 1
             self._state[name] = {"remote": _identity(info), "local": [st.st_size, st.st_mtime_ns]}
         for name in sorted(set(self._state) - set(local)):
             try:
@@ -203,7 +196,6 @@ class RemoteFolder:
                     self.fs.rm_file(self.key(name))
             except FileNotFoundError:
                 pass
-            self.deletes += 1
             del self._state[name]
         self._save_state()
 
@@ -218,7 +210,6 @@ class RemoteFolder:
         for name in self.listing():
             with contextlib.suppress(FileNotFoundError), store_errors(self.url, f"delete {name} from"):
                 self.fs.rm_file(self.key(name))
-                self.deletes += 1
         self._state = {}
 
 
@@ -252,8 +243,6 @@ def runs_under(url: str) -> list[tuple[str, dict[str, Any]]]:
 def output_copy(output: str, options: dict[str, Any] | None = None) -> RemoteFolder | None:
     """The writer's copy of a remote output (None for a local one): what a run left there is
     scored or graded in it, then pushed."""
-    from .location import is_url
-
     return RemoteFolder(output, copy_dir(output, "output"), options) if is_url(output) else None
 
 
